@@ -1,0 +1,72 @@
+"""Checkpoints: DeepSpeed state plus every rank's reader cursor, RNG state, the step and the MLflow run id."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("polyfid.checkpoint")
+KEEP = 2  # checkpoints kept on disk
+
+
+def _gather(obj: Any) -> list[Any]:
+    if dist.is_available() and dist.is_initialized():
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> str | None:
+    """The tag DeepSpeed wrote last, or None."""
+    p = Path(ckpt_dir) / "latest"
+    if not p.exists():
+        return None
+    tag = p.read_text().strip()
+    return tag if (Path(ckpt_dir) / tag).is_dir() else None
+
+
+def save_checkpoint(engine, ckpt_dir: str | Path, step: int, reader, run_id: str | None, rank: int) -> str:
+    """Collective: every rank must call it. Keeps the newest KEEP checkpoints."""
+    ckpt_dir = Path(ckpt_dir)
+    state = {"reader": reader.state_dict(), "rng": torch.get_rng_state()}
+    states = _gather(state)
+    tag = f"step_{step:08d}"
+    client = {
+        "step": step,
+        "world_size": len(states),
+        "readers": [s["reader"] for s in states],
+        "rng": [s["rng"] for s in states],
+        "mlflow_run_id": run_id,
+    }
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        tags = sorted(p.name for p in ckpt_dir.glob("step_*") if p.is_dir())
+        for old in tags[:-KEEP]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    return tag
+
+
+def load_checkpoint(engine, ckpt_dir: str | Path, reader, rank: int, world: int) -> dict[str, Any]:
+    """Restore the engine and this rank's reader cursor and RNG; returns the client state."""
+    path, client = engine.load_checkpoint(str(ckpt_dir))
+    if path is None or client is None:
+        raise RuntimeError(f"could not load the checkpoint in {ckpt_dir}")
+    if client.get("world_size") == world:
+        reader.load_state_dict(client["readers"][rank])
+        torch.set_rng_state(client["rng"][rank])
+    else:
+        log.warning(
+            "checkpoint in %s was written by %s workers, this run has %d: the data stream restarts its epoch plan",
+            ckpt_dir,
+            client.get("world_size"),
+            world,
+        )
+    return client

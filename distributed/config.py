@@ -1,0 +1,298 @@
+"""Typed run configuration: dataclasses loaded from YAML recipes with `--set key=value` overrides.
+
+A config error names the key and the allowed keys or values. The resolved config is saved with every
+run (`<output>/config.yaml`) and inside every model package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from polyfid.models.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is not allowed."""
+
+
+def _choice(section: str, key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{section}.{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the training and validation data live and how batches are built."""
+
+    train: list[str] = dataclasses.field(default_factory=list)  # store paths or URLs, one per dataset
+    valid: list[str] = dataclasses.field(default_factory=list)
+    atom_budget: int = 1024  # at most this many atoms per batch on each rank
+    shuffle_buffer: int = 2048  # structures held for shuffling
+    prefetch: int = 2  # batches read ahead in a background thread
+
+    def __post_init__(self) -> None:
+        for name in ("train", "valid"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                setattr(self, name, [s for s in v.split(",") if s])
+        if self.atom_budget < 1:
+            raise ConfigError(f"data.atom_budget must be positive, got {self.atom_budget}")
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """The multi-fidelity loss: RMSE+MAE of energies (per atom) and forces, weighted per fidelity."""
+
+    kind: str = "rmse+mae"  # rmse+mae | mse | mae
+    energy_weight: float = 1.0
+    forces_weight: float = 1.0
+    per_atom_energy: bool = True  # compare energies divided by the atom count
+    fidelity_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # name -> factor on both terms
+
+    def __post_init__(self) -> None:
+        _choice("loss", "kind", self.kind, ("rmse+mae", "mse", "mae"))
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """How training runs: workers, steps, optimiser, precision, checkpoints."""
+
+    mode: str = "multifidelity"  # multifidelity | reptile
+    workers: int = 2
+    cpus_per_worker: float = 0.5  # Ray resources per worker; 0.5 avoids deadlocks on 2-core machines
+    use_gpu: bool | None = None  # None: use a GPU when torch sees one
+    address: str | None = None  # None: start a local Ray cluster; "auto" or HOST:PORT joins one
+    steps: int = 300
+    lr: float = 2e-3
+    lr_final_factor: float = 0.05  # cosine decay to lr * this
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 10.0
+    grad_accum: int = 1
+    zero_stage: int = 1
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    seed: int = 0
+    log_every: int = 10
+    valid_every: int = 100
+    checkpoint_every: int = 100
+    max_failures: int = 0  # Ray Train restarts of the worker group from the latest checkpoint
+
+    def __post_init__(self) -> None:
+        _choice("trainer", "mode", self.mode, ("multifidelity", "reptile"))
+        _choice("trainer", "zero_stage", self.zero_stage, (0, 1, 2))
+        _choice("trainer", "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        if self.workers < 1:
+            raise ConfigError(f"trainer.workers must be at least 1, got {self.workers}")
+        if self.steps < 1:
+            raise ConfigError(f"trainer.steps must be at least 1, got {self.steps}")
+
+
+@dataclasses.dataclass
+class TrackingConfig:
+    """MLflow tracking: where, under which experiment, and which registered model name."""
+
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"  # relative sqlite paths are resolved against the working directory
+    experiment: str = "polyfid"
+    run_name: str | None = None
+    register_as: str | None = "polyfid"  # registered model name; None: do not register
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Fine-tuning: where from, which head, what to freeze."""
+
+    source: str | None = None  # package path, runs:/ID/package or models:/NAME/VERSION
+    head: str | None = None  # fidelity to train; a new name adds a head initialised from the closest one
+    freeze: str = "none"  # none | backbone
+    refit_references: bool = True  # least-squares reference energies of the head on the target first
+
+    def __post_init__(self) -> None:
+        _choice("finetune", "freeze", self.freeze, ("none", "backbone"))
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """A whole run. Sections map one to one onto the YAML recipe."""
+
+    name: str = "polyfid"
+    output: str = "runs/polyfid"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        return _from_dict(cls, d, "")
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, v: Any) -> None:
+            if isinstance(v, dict) and v and all(isinstance(k, str) for k in v) and not prefix.endswith("weights"):
+                for k, x in v.items():
+                    walk(f"{prefix}.{k}" if prefix else k, x)
+            else:
+                out[prefix] = v
+
+        walk("", self.to_dict())
+        return out
+
+    def resolve_paths(self, base: str | os.PathLike | None = None) -> "RunConfig":
+        """Make local paths absolute (Ray workers run elsewhere) and sqlite URIs absolute."""
+        base = Path(base or os.getcwd())
+
+        def absol(p: str) -> str:
+            return p if "://" in p else str((base / p).resolve())
+
+        self.output = absol(self.output)
+        self.data.train = [absol(p) for p in self.data.train]
+        self.data.valid = [absol(p) for p in self.data.valid]
+        if self.finetune.source and ":/" not in self.finetune.source:
+            self.finetune.source = absol(self.finetune.source)
+        self.tracking.uri = resolve_tracking_uri(self.tracking.uri, base)
+        return self
+
+
+def resolve_tracking_uri(uri: str, base: str | os.PathLike | None = None) -> str:
+    """`sqlite:///rel.db` -> `sqlite:////abs/rel.db`; other URIs unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((Path(base or os.getcwd()) / uri[len(prefix):]).resolve())
+    return uri
+
+
+def _to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_dict(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {', '.join((where + '.' if where else '') + k for k in unknown)}; "
+            f"allowed: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for k, v in d.items():
+        t = hints[k]
+        key = f"{where}.{k}" if where else k
+        if dataclasses.is_dataclass(t):
+            kwargs[k] = _from_dict(t, v or {}, key) if not isinstance(v, t) else v
+        else:
+            kwargs[k] = _coerce(t, v, key)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+def _coerce(t: Any, v: Any, key: str) -> Any:
+    origin = typing.get_origin(t)
+    args = typing.get_args(t)
+    if v is None:
+        return None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, v, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}={v!r} does not match {t}")
+    if origin is list:
+        if isinstance(v, str):
+            v = [s for s in v.split(",") if s]
+        return [_coerce(args[0], x, key) for x in v] if args else list(v)
+    if origin is dict:
+        if not isinstance(v, dict):
+            raise ConfigError(f"{key} must be a mapping, got {v!r}")
+        return {str(k): _coerce(args[1], x, key) for k, x in v.items()} if args else dict(v)
+    if t is bool:
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, str) and v.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return v.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}={v!r} must be true or false")
+    if t in (int, float):
+        if isinstance(v, bool):
+            raise ConfigError(f"{key}={v!r} must be a number")
+        try:
+            out = t(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={v!r} must be {'an integer' if t is int else 'a number'}") from None
+        if t is int and isinstance(v, float) and v != out:
+            raise ConfigError(f"{key}={v!r} must be an integer")
+        return out
+    if t is str:
+        if isinstance(v, (dict, list)):
+            raise ConfigError(f"{key} must be a string, got {v!r}")
+        return str(v)
+    return v
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` strings to a nested dict; values are parsed as YAML scalars."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = d
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        if isinstance(value, str) and "," in value and parts[-1] in ("train", "valid"):
+            value = [s for s in value.split(",") if s]
+        node[parts[-1]] = value
+    return d
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML recipe (optional), apply overrides, validate."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        d = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(d, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+    d = apply_overrides(d, overrides or [])
+    return RunConfig.from_dict(d)
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return p

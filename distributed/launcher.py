@@ -1,0 +1,150 @@
+"""The driver: resolve the config, open the MLflow run, run Ray Train workers, register the package."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from polyfid.data_shards.store import Store
+from polyfid.distributed.config import ConfigError, RunConfig, save_config
+from polyfid.distributed.engine import ensure_extension_cache
+from polyfid.distributed.steps import get_step_function
+from polyfid.distributed.tracking import Tracker, download_package
+
+log = logging.getLogger("polyfid.launcher")
+
+
+def _check_stores(cfg: RunConfig) -> None:
+    """Open every store now, so that a wrong path fails before any worker starts."""
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give at least one store (data.train=PATH[,PATH...])")
+    for p in cfg.data.train + cfg.data.valid:
+        Store.open(p)
+
+
+def _fetch_parent(cfg: RunConfig) -> str | None:
+    """If the fine-tuning source is an MLflow URI, download it; returns the original URI."""
+    src = cfg.finetune.source
+    if not src:
+        return None
+    if src.startswith(("runs:/", "models:/")):
+        local = download_package(src, cfg.tracking.uri, Path(cfg.output) / "parent")
+        cfg.finetune.source = str(local)
+        return src
+    if not (Path(src) / "polyfid.json").exists():
+        raise ConfigError(f"finetune.source={src} is not a package folder (no polyfid.json) nor an MLflow URI")
+    return src
+
+
+def _init_ray(cfg: RunConfig) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if ray.is_initialized():
+        return
+    if cfg.trainer.address:
+        ray.init(address=cfg.trainer.address, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=max(2, os.cpu_count() or 2),
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}},
+        )
+
+
+def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
+    """Run pretraining or fine-tuning (cfg.finetune.source set) on Ray Train workers; returns a summary."""
+    ensure_extension_cache()
+    cfg.resolve_paths()
+    get_step_function(cfg.trainer.mode)  # fail now for a mode without a step function
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    parent_uri = _fetch_parent(cfg)
+    _check_stores(cfg)
+    save_config(cfg, out / "config.yaml")  # before anything runs
+
+    # One MLflow run per output folder: a rerun of the same command continues it.
+    run_file = out / "mlflow_run.json"
+    tracker = Tracker(cfg.tracking.uri, enabled=cfg.tracking.enabled)
+    if run_file.exists():
+        tracker.run_id = json.loads(run_file.read_text()).get("run_id")
+    else:
+        tags = {"polyfid.mode": cfg.trainer.mode, "polyfid.kind": "finetune" if parent_uri else "pretrain"}
+        if parent_uri:
+            tags["polyfid.parent"] = parent_uri
+            if parent_uri.startswith("runs:/"):
+                tags["mlflow.parentRunId"] = parent_uri.split("/")[1]
+        tracker.start(cfg.tracking.experiment, cfg.tracking.run_name or cfg.name, tags)
+        if tracker.run_id:
+            run_file.write_text(json.dumps({"run_id": tracker.run_id}))
+        tracker.log_params(cfg.flat())
+    tracker.log_artifact(out / "config.yaml")
+
+    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    _init_ray(cfg)
+    import torch
+
+    use_gpu = torch.cuda.is_available() if cfg.trainer.use_gpu is None else cfg.trainer.use_gpu
+    resources = {"CPU": cfg.trainer.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={"run": cfg.to_dict(), "mlflow_run_id": tracker.run_id},
+        scaling_config=ScalingConfig(num_workers=cfg.trainer.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RayRunConfig(
+            name=f"{cfg.name}-{int(time.time())}",
+            storage_path=str(out / "ray"),
+            failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+        ),
+    )
+    t0 = time.perf_counter()
+    try:
+        trainer.fit()
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    finally:
+        if shutdown_ray and not cfg.trainer.address:
+            import ray
+
+            ray.shutdown()
+    wall = time.perf_counter() - t0
+
+    package = out / "package"
+    if not (package / "polyfid.json").exists():
+        tracker.end("FAILED")
+        raise RuntimeError(f"training finished but wrote no package at {package}; see the worker logs above")
+    tracker.log_artifact(package, "package")
+    version = tracker.register(cfg.tracking.register_as) if cfg.tracking.register_as else None
+    tracker.log_metrics({"train_wall_s": wall}, cfg.trainer.steps)
+    tracker.end()
+    summary = {
+        "package": str(package),
+        "mlflow_run_id": tracker.run_id,
+        "tracking_uri": cfg.tracking.uri,
+        "registered_model": cfg.tracking.register_as if version else None,
+        "model_version": version,
+        "wall_s": wall,
+        "parent": parent_uri,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _worker_entry(config: dict[str, Any]) -> None:
+    """Ray Train entry; imported lazily on the worker so the driver stays light."""
+    import logging as _logging
+
+    _logging.basicConfig(level=_logging.WARNING, format="%(name)s: %(message)s")
+    from polyfid.distributed.worker import train_loop_per_worker
+
+    train_loop_per_worker(config)

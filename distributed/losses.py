@@ -1,0 +1,117 @@
+"""The masked multi-fidelity loss, normalised over the global batch.
+
+For every fidelity k there is an energy term and, where labels exist, a force term. Each term is a mean
+over all labels in the *global* batch (all ranks), not a mean of per-rank means: the sums of errors and
+the label counts are all-reduced in one call. The value each rank backpropagates is a surrogate whose
+gradients, summed over ranks, equal the gradient of the global loss; DeepSpeed averages gradients over
+ranks, so the surrogate is multiplied by the world size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from polyfid.distributed.config import LossConfig
+
+EPS = 1e-12
+
+
+@dataclasses.dataclass
+class Targets:
+    """Labels of one batch as tensors, NaN replaced by 0 and a mask beside them."""
+
+    energy: torch.Tensor  # [S, F]
+    energy_mask: torch.Tensor  # [S, F] float 0/1
+    forces: torch.Tensor  # [A, F, 3]
+    forces_mask: torch.Tensor  # [A, F] float 0/1
+    n_atoms: torch.Tensor  # [S] float
+
+    @classmethod
+    def from_batch(cls, batch: dict, dtype: torch.dtype, device: torch.device | str) -> "Targets":
+        e = torch.as_tensor(batch["energy"], dtype=torch.float64)
+        f = torch.as_tensor(batch["forces"], dtype=torch.float64)
+        fmask = ~torch.isnan(f).any(dim=-1)
+        return cls(
+            energy=torch.nan_to_num(e, nan=0.0).to(device=device, dtype=dtype),
+            energy_mask=(~torch.isnan(e)).to(device=device, dtype=dtype),
+            forces=torch.nan_to_num(f, nan=0.0).to(device=device, dtype=dtype),
+            forces_mask=fmask.to(device=device, dtype=dtype),
+            n_atoms=torch.as_tensor(batch["n_atoms"]).to(device=device, dtype=dtype),
+        )
+
+    def force_heads(self) -> list[int]:
+        """Fidelities that have at least one force label in this (local) batch."""
+        return [int(k) for k in torch.nonzero(self.forces_mask.sum(0) > 0).flatten()]
+
+
+def _world() -> tuple[bool, int]:
+    on = dist.is_available() and dist.is_initialized()
+    return on, dist.get_world_size() if on else 1
+
+
+def error_sums(pred: dict[str, torch.Tensor], t: Targets, per_atom_energy: bool) -> torch.Tensor:
+    """Per-fidelity [F, 2, 3] sums: (energy, forces) x (squared error, absolute error, count). Graph kept."""
+    de = pred["energy"] - t.energy
+    if per_atom_energy:
+        de = de / t.n_atoms[:, None]
+    de = de * t.energy_mask
+    rows = [torch.stack([(de**2).sum(0), de.abs().sum(0), t.energy_mask.sum(0)], dim=-1)]
+    if "forces" in pred:
+        df = (pred["forces"] - t.forces) * t.forces_mask[..., None]  # [A, F, 3]
+        count = t.forces_mask.sum(0) * 3.0
+        rows.append(torch.stack([(df**2).sum((0, 2)), df.abs().sum((0, 2)), count], dim=-1))
+    else:
+        rows.append(torch.zeros_like(rows[0]))
+    return torch.stack(rows, dim=1)
+
+
+def multifidelity_loss(
+    pred: dict[str, torch.Tensor],
+    targets: Targets,
+    cfg: LossConfig,
+    fidelity_names: Sequence[str],
+    reduce: bool = True,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Return (surrogate to backpropagate, metrics of the global batch).
+
+    metrics hold `loss`, and for each fidelity `loss/<k>`, `energy_rmse/<k>`, `forces_rmse/<k>` ...
+    """
+    local = error_sums(pred, targets, cfg.per_atom_energy)  # [F, 2, 3]
+    glob = local.detach().clone()
+    on, world = _world()
+    if reduce and on:
+        dist.all_reduce(glob)  # one all-reduce per step for all fidelities and terms
+    else:
+        world = 1
+    sse_l, sae_l = local[..., 0], local[..., 1]
+    sse_g, sae_g, n_g = glob[..., 0], glob[..., 1], glob[..., 2]
+    n = n_g.clamp(min=1.0)
+    has = (n_g > 0).to(local.dtype)
+    rmse_g = torch.sqrt(sse_g / n + EPS)
+    # Surrogates: d/dθ sqrt(SSE/N) = dSSE / (2 N sqrt(SSE/N)); the global SSE is a constant here.
+    if cfg.kind == "rmse+mae":
+        term = sse_l / (2.0 * n * rmse_g) + sae_l / n
+        value = rmse_g + sae_g / n
+    elif cfg.kind == "mse":
+        term, value = sse_l / n, sse_g / n
+    else:
+        term, value = sae_l / n, sae_g / n
+    w = torch.tensor([cfg.energy_weight, cfg.forces_weight], dtype=local.dtype, device=local.device)
+    fw = torch.tensor(
+        [cfg.fidelity_weights.get(name, 1.0) for name in fidelity_names], dtype=local.dtype, device=local.device
+    )
+    weights = fw[:, None] * w[None, :] * has
+    surrogate = (term * weights).sum() * world
+    per_fid = (value * weights).sum(dim=1)
+    metrics: dict[str, float] = {"loss": float(per_fid.sum())}
+    for k, name in enumerate(fidelity_names):
+        metrics[f"loss/{name}"] = float(per_fid[k])
+        for j, what in enumerate(("energy", "forces")):
+            if n_g[k, j] > 0:
+                metrics[f"{what}_rmse/{name}"] = float(torch.sqrt(sse_g[k, j] / n_g[k, j]))
+                metrics[f"{what}_mae/{name}"] = float(sae_g[k, j] / n_g[k, j])
+    return surrogate, metrics

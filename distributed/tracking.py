@@ -1,0 +1,128 @@
+"""MLflow tracking from rank 0. A tracking outage warns and training goes on; it never crashes a run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+log = logging.getLogger("polyfid.tracking")
+
+
+class Tracker:
+    """A thin, failure-tolerant wrapper over MlflowClient for one run."""
+
+    def __init__(self, uri: str, run_id: str | None = None, enabled: bool = True) -> None:
+        self.uri = uri
+        self.run_id = run_id
+        self.enabled = enabled
+        self._client = None
+        self._warned = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def start(self, experiment: str, run_name: str | None = None, tags: Mapping[str, str] | None = None) -> str | None:
+        """Create the experiment if needed and open a run; returns its id (None when tracking is off)."""
+        if not self.enabled:
+            return None
+
+        def _start():
+            exp = self.client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            run = self.client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
+            return run.info.run_id
+
+        self.run_id = self._guard("start a run", _start)
+        return self.run_id
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.run_id:
+            self._guard("end the run", lambda: self.client.set_terminated(self.run_id, status=status))
+
+    # -- logging -----------------------------------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._call("log params", lambda: self.client.log_batch(self.run_id, params=items[i : i + 100]))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(_key(k), float(v), now, int(step)) for k, v in metrics.items() if v == v]
+        self._call("log metrics", lambda: self.client.log_batch(self.run_id, metrics=items))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self._call("set a tag", lambda: self.client.set_tag(self.run_id, k, str(v)))
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        fn = self.client.log_artifacts if p.is_dir() else self.client.log_artifact
+        self._call(f"upload {p.name}", lambda: fn(self.run_id, str(p), artifact_path))
+
+    def register(self, name: str, artifact_path: str = "package") -> str | None:
+        """Register the run's package artifact as a new version of model `name`; returns the version."""
+
+        def _reg():
+            from mlflow.exceptions import MlflowException
+
+            try:
+                self.client.create_registered_model(name)
+            except MlflowException:
+                pass  # exists already
+            source = f"runs:/{self.run_id}/{artifact_path}"
+            mv = self.client.create_model_version(name, source=source, run_id=self.run_id)
+            return mv.version
+
+        return self._call(f"register model {name}", _reg)
+
+    # -- failure tolerance -------------------------------------------------------------------------
+    def _call(self, what: str, fn):
+        if not self.enabled or not self.run_id:
+            return None
+        return self._guard(what, fn)
+
+    def _guard(self, what: str, fn):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
+            if not self._warned:
+                msg = f"MLflow tracking at {self.uri} failed to {what} ({type(e).__name__}: {e}); training goes on"
+                warnings.warn(msg, RuntimeWarning, stacklevel=3)
+                log.warning(msg)
+                self._warned = True
+            return None
+
+
+def _key(k: str) -> str:
+    """MLflow metric names allow [A-Za-z0-9_./- ]; replace anything else."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in k)
+
+
+def download_package(uri: str, tracking_uri: str, dst: str | os.PathLike) -> Path:
+    """Fetch a package from `runs:/ID/package` or `models:/NAME/VERSION` into dst; returns its folder."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    if not (local / "polyfid.json").exists() and (local / "package" / "polyfid.json").exists():
+        local = local / "package"
+    if not (local / "polyfid.json").exists():
+        raise FileNotFoundError(f"{uri} does not hold a polyfid package (no polyfid.json in {local})")
+    return local

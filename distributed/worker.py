@@ -1,0 +1,222 @@
+"""The training loop that runs on every Ray Train worker: reader -> graph -> engine -> checkpoint -> package.
+
+It reads top to bottom; the step itself is pluggable (steps.py). torch.distributed is already initialised
+by Ray Train (gloo on CPU, NCCL on GPU) when this runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from polyfid.data_shards.reader import ShardReader
+from polyfid.data_shards.store import Store
+from polyfid.distributed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from polyfid.distributed.config import RunConfig
+from polyfid.distributed.engine import build_engine, compute_dtype, resolve_device
+from polyfid.distributed.evaluate import evaluate_batches
+from polyfid.distributed.finetune import prepare_finetune_model
+from polyfid.distributed.steps import StepContext, get_step_function
+from polyfid.distributed.tracking import Tracker
+from polyfid.models.package import save_package
+from polyfid.models.potential import Potential
+
+log = logging.getLogger("polyfid.worker")
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def merged_references(stores: list[Store]) -> dict[str, dict[int, float]]:
+    """Reference energies per fidelity, taken from the first store that has that fidelity."""
+    refs: dict[str, dict[int, float]] = {}
+    for s in stores:
+        for fid, table in s.reference_energies.items():
+            refs.setdefault(fid, {int(z): float(e) for z, e in table.items()})
+    return refs
+
+
+def build_model(cfg: RunConfig, stores: list[Store]) -> Potential:
+    """A fresh model for pretraining, or the parent package (with its head set up) for fine-tuning."""
+    torch.manual_seed(cfg.trainer.seed)
+    if cfg.finetune.source:
+        return prepare_finetune_model(cfg, stores)
+    fids = {f.name: f for s in stores for f in s.fidelities}
+    fidelities = sorted(fids.values(), key=lambda f: (f.rank, f.name))
+    elements = sorted({int(z) for s in stores for z in s.elements})
+    return Potential(cfg.model, elements, fidelities, merged_references(stores))
+
+
+def make_progress(total: int, initial: int, rank: int):
+    """A progress bar on rank 0: Ray's bar under Ray (shown by the driver), else tqdm."""
+    if rank != 0:
+        return None
+    try:
+        import ray
+
+        if ray.is_initialized():
+            from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+            bar = ray_tqdm(total=total, desc="train")
+            bar.update(initial)
+            return bar
+    except Exception:  # noqa: BLE001 - a progress bar is never worth a crash
+        pass
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+
+
+def validate(model, cfg: RunConfig, valid: list[Store], fidelities: list[str], dtype, device, rank, world):
+    """Errors on the validation stores; every rank takes its share and the sums are all-reduced."""
+    reader = ShardReader(
+        valid,
+        ShardReader.Config(atom_budget=cfg.data.atom_budget, shuffle=False, loop=False, prefetch=0),
+        rank=rank,
+        world_size=world,
+        fidelities=fidelities,
+    )
+    stats = evaluate_batches(model, reader, fidelities, dtype=dtype, device=device)
+    stats.all_reduce()
+    return stats.results()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point for Ray Train workers (and for plain torch.distributed processes in tests)."""
+    cfg = RunConfig.from_dict(config["run"])
+    run_id: str | None = config.get("mlflow_run_id")
+    rank, world = rank_and_world()
+    device = resolve_device(cfg.trainer)
+    stores = [Store.open(p) for p in cfg.data.train]
+    valid = [Store.open(p) for p in cfg.data.valid]
+
+    model = build_model(cfg, stores)
+    fidelities = list(model.fidelity_names)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, precision = build_engine(model, cfg.trainer, device, params=trainable)
+    dtype = compute_dtype(precision)
+
+    reader = ShardReader(
+        stores,
+        ShardReader.Config(
+            atom_budget=cfg.data.atom_budget,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            seed=cfg.trainer.seed,
+            loop=True,
+            prefetch=cfg.data.prefetch,
+        ),
+        rank=rank,
+        world_size=world,
+        fidelities=fidelities,
+    )
+    ckpt_dir = Path(cfg.output) / "checkpoints"
+    step = 0
+    if latest_checkpoint(ckpt_dir) is not None:
+        state = load_checkpoint(engine, ckpt_dir, reader, rank, world)
+        step = int(state["step"])
+        log.warning("rank %d resumed from %s at step %d", rank, ckpt_dir, step)
+
+    tracker = Tracker(cfg.tracking.uri, run_id, enabled=cfg.tracking.enabled and rank == 0)
+    step_fn = get_step_function(cfg.trainer.mode)
+    ctx = StepContext(engine, cfg.loss, fidelities, cfg.model.cutoff, dtype, device)
+    bar = make_progress(cfg.trainer.steps, step, rank)
+    batches = iter(reader)
+    window = {"atoms": 0.0, "wait": 0.0, "time": 0.0, "steps": 0}
+    while step < cfg.trainer.steps:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        t1 = time.perf_counter()
+        metrics = step_fn(batch, ctx)
+        t2 = time.perf_counter()
+        step += 1
+        window["atoms"] += float(batch["n_atoms"].sum())
+        window["wait"] += t1 - t0
+        window["time"] += t2 - t0
+        window["steps"] += 1
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.trainer.log_every == 0 or step == cfg.trainer.steps:
+            metrics.update(throughput(window, engine))
+            window = {"atoms": 0.0, "wait": 0.0, "time": 0.0, "steps": 0}
+            if rank == 0:
+                tracker.log_metrics(metrics, step)
+                if bar is not None and hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", atoms_s=f"{metrics['atoms_per_s']:.0f}")
+        if valid and (step % cfg.trainer.valid_every == 0 or step == cfg.trainer.steps):
+            res = validate(engine.module, cfg, valid, fidelities, dtype, device, rank, world)
+            if rank == 0:
+                tracker.log_metrics(flatten_valid(res), step)
+                log.warning("step %d validation: %s", step, short(res))
+        if step % cfg.trainer.checkpoint_every == 0 or step == cfg.trainer.steps:
+            save_checkpoint(engine, ckpt_dir, step, reader, run_id, rank)
+
+    if bar is not None:
+        bar.close()
+    if rank == 0:
+        write_package(engine.module, cfg, stores, run_id)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def throughput(window: dict[str, float], engine) -> dict[str, float]:
+    """Global atoms/s, step time, data-wait fraction and learning rate over the last window."""
+    t = torch.tensor([window["atoms"], window["wait"], window["time"]], dtype=torch.float64)
+    per_worker = window["atoms"] / max(window["time"], 1e-9)
+    world = 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        world = dist.get_world_size()
+    wall = float(t[2]) / world  # mean wall time of the window over ranks
+    return {
+        "atoms_per_s": float(t[0]) / max(wall, 1e-9),
+        "atoms_per_s_worker0": per_worker,
+        "step_time_s": wall / max(window["steps"], 1),
+        "data_wait_fraction": float(t[1]) / max(float(t[2]), 1e-9),
+        "lr": float(engine.get_lr()[0]) if hasattr(engine, "get_lr") else float("nan"),
+    }
+
+
+def flatten_valid(res: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"valid/{k}/{fid}": v for fid, r in res.items() for k, v in r.items() if k != "n_structures"}
+
+
+def short(res: dict[str, dict[str, float]]) -> str:
+    return "; ".join(
+        f"{fid} E {r.get('energy_mae', float('nan')) * 1000:.1f} meV F {r.get('forces_mae', float('nan')) * 1000:.1f} meV/Å"
+        for fid, r in res.items()
+    )
+
+
+def write_package(module: torch.nn.Module, cfg: RunConfig, stores: list[Store], run_id: str | None) -> Path:
+    """Save the trained model (in float32) as a package with lineage, at <output>/package."""
+    import copy
+
+    import polyfid
+
+    model = copy.deepcopy(module).float().cpu()
+    lineage = {
+        "stores": [{"path": s.path if isinstance(s.path, str) else str(s.path), "fingerprint": s.fingerprint} for s in stores],
+        "mlflow_run_id": run_id,
+        "tracking_uri": cfg.tracking.uri,
+        "polyfid_version": polyfid.__version__,
+        "parent": cfg.finetune.source,
+        "mode": cfg.trainer.mode,
+        "steps": cfg.trainer.steps,
+    }
+    if cfg.finetune.source:
+        parent_meta = getattr(module, "package_metadata", {}) or {}
+        lineage["parent_lineage"] = parent_meta.get("lineage")
+    out = Path(cfg.output) / "package"
+    save_package(out, model, lineage=lineage, extra={"config": cfg.to_dict()})
+    return out
+
+

@@ -1,0 +1,217 @@
+"""The `polyfid` command: ingest, pretrain, finetune, evaluate, ui, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+RECIPES = Path(__file__).parent / "recipes"
+
+
+def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"polyfid: {what} expects FIDELITY=KEY, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def cmd_ingest(a: argparse.Namespace) -> int:
+    from polyfid.data_shards.ingest import ingest
+
+    ranks = {k: int(v) for k, v in _pairs(a.rank, "--rank").items()}
+    store = ingest(
+        a.inputs,
+        a.out,
+        dataset=a.dataset,
+        energy=_pairs(a.energy, "--energy"),
+        forces=_pairs(a.forces, "--forces"),
+        ranks=ranks,
+        energy_unit=a.energy_unit,
+        append=a.append,
+        shard_size=a.shard_size,
+        progress=not a.quiet,
+    )
+    fids = ", ".join(f"{f.name} (rank {f.rank})" for f in store.fidelities)
+    print(f"{a.out}: {store.n_structures} structures, {store.n_atoms} atoms, {len(store.shards)} shards; fidelities {fids}")
+    return 0
+
+
+def _run_config(a: argparse.Namespace, extra: list[str]):
+    from polyfid.distributed.config import load_config
+
+    return load_config(a.config, extra + (a.set or []))
+
+
+def cmd_pretrain(a: argparse.Namespace) -> int:
+    from polyfid.distributed.launcher import run_training
+
+    extra = [f"trainer.address={a.address}"] if a.address else []
+    summary = run_training(_run_config(a, extra))
+    _print_summary(summary)
+    return 0
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from polyfid.distributed.launcher import run_training
+
+    if a.config is None:
+        a.config = str(RECIPES / "finetune.yaml")
+    extra = [f"finetune.source={a.source}", f"data.train={a.data}"]
+    if a.valid:
+        extra.append(f"data.valid={a.valid}")
+    if a.head:
+        extra.append(f"finetune.head={a.head}")
+    cfg = _run_config(a, extra)
+    out = Path(a.out)
+    if out.name == "package":  # --out names the package folder; the run lives beside it
+        cfg.output = str(out.parent)
+    else:
+        cfg.output = str(out)
+    summary = run_training(cfg)
+    if out.name == "package" and Path(summary["package"]) != out.resolve():
+        shutil.copytree(summary["package"], out, dirs_exist_ok=True)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(s: dict) -> None:
+    print(f"package: {s['package']}")
+    if s.get("mlflow_run_id"):
+        print(f"MLflow run: {s['mlflow_run_id']}  (runs:/{s['mlflow_run_id']}/package)")
+    if s.get("model_version"):
+        print(f"registered: models:/{s['registered_model']}/{s['model_version']}")
+    print(f"training wall time: {s['wall_s']:.1f} s")
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from polyfid.distributed.evaluate import evaluate_batches, format_table, parity_plots, write_json
+    from polyfid.data_shards.reader import iter_all
+    from polyfid.data_shards.store import Store
+    from polyfid.models.package import load_package
+    from tqdm import tqdm
+
+    model_path = a.model
+    if a.model.startswith(("runs:/", "models:/")):
+        import tempfile
+
+        from polyfid.distributed.config import resolve_tracking_uri
+        from polyfid.distributed.tracking import download_package
+
+        model_path = str(download_package(a.model, resolve_tracking_uri(a.tracking_uri), tempfile.mkdtemp()))
+    model = load_package(model_path)
+    stores = [Store.open(p) for p in a.data.split(",")]
+    fids = [f.name for f in stores[0].fidelities] if len(stores) == 1 else None
+    fids = sorted({f.name for s in stores for f in s.fidelities}) if fids is None else fids
+    if a.fidelity:
+        if a.fidelity not in fids:
+            raise SystemExit(f"polyfid: --fidelity {a.fidelity} is not in {a.data} (has {', '.join(fids)})")
+        fids = [a.fidelity]
+    total = sum(s.n_structures for s in stores)
+    with tqdm(total=total, desc="evaluate", unit="structure", disable=a.quiet) as bar:
+        stats = evaluate_batches(model, iter_all(stores, fidelities=fids), fids, keep_points=bool(a.plots), progress=bar)
+    res = stats.results()
+    print(format_table(res, title=f"{a.model} on {a.data}"))
+    if a.json:
+        write_json(res, a.json)
+        print(f"wrote {a.json}")
+    if a.plots:
+        for p in parity_plots(stats, a.plots):
+            print(f"wrote {p}")
+    return 0
+
+
+def cmd_ui(a: argparse.Namespace) -> int:
+    from polyfid.distributed.config import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(a.tracking_uri)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    cmd = [mlflow, "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(a.port), "--workers", "1"]
+    print(f"MLflow dashboard for {uri} at http://127.0.0.1:{a.port} (Ctrl-C stops it)")
+    return subprocess.call(cmd, env=env)
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from polyfid.launch.demo import run_demo
+
+    run_demo(Path(a.workdir), steps=a.steps, workers=a.workers, overrides=a.set or [])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="polyfid", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("ingest", help="read extxyz / ASE db files into a zarr store")
+    s.add_argument("inputs", nargs="+", help="extxyz(.gz) or .db files; PATH@START:STOP takes a slice")
+    s.add_argument("--out", required=True, help="the store to create (or extend with --append)")
+    s.add_argument("--dataset", required=True, help="dataset name recorded for these structures")
+    s.add_argument("--energy", action="append", metavar="FIDELITY=INFO_KEY", help="energy label (repeatable)")
+    s.add_argument("--forces", action="append", metavar="FIDELITY=ARRAY_KEY", help="forces label (repeatable)")
+    s.add_argument("--rank", action="append", metavar="FIDELITY=N", help="fidelity rank; higher = more accurate")
+    s.add_argument("--energy-unit", default="eV", help="eV | hartree | kcal/mol | kJ/mol (default eV)")
+    s.add_argument("--append", action="store_true", help="add to an existing store")
+    s.add_argument("--shard-size", type=int, default=50_000, help="structures per shard (default 50000)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_ingest)
+
+    for name, help_ in (("pretrain", "pretrain on Ray Train + DeepSpeed"), ("finetune", "fine-tune a package")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--config", required=name == "pretrain", help="YAML recipe (see launch/recipes/)")
+        s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+        if name == "pretrain":
+            s.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT")
+            s.set_defaults(fn=cmd_pretrain)
+        else:
+            s.add_argument("--from", dest="source", required=True, help="package path, runs:/ID/package, models:/NAME/V")
+            s.add_argument("--data", required=True, help="target store(s), comma-separated")
+            s.add_argument("--valid", help="validation store(s)")
+            s.add_argument("--head", help="fidelity to fine-tune (new name: a new head)")
+            s.add_argument("--out", required=True, help="output package folder (the run lives beside it)")
+            s.set_defaults(fn=cmd_finetune)
+
+    s = sub.add_parser("evaluate", help="energy and force errors per fidelity")
+    s.add_argument("--model", required=True, help="package path, runs:/ID/package or models:/NAME/VERSION")
+    s.add_argument("--data", required=True, help="store(s), comma-separated")
+    s.add_argument("--fidelity", help="only this fidelity")
+    s.add_argument("--json", help="write the errors as JSON here")
+    s.add_argument("--plots", help="write parity plots (PNG) into this folder")
+    s.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("ui", help="serve the MLflow dashboard on 127.0.0.1")
+    s.add_argument("--port", type=int, default=5000)
+    s.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    s.set_defaults(fn=cmd_ui)
+
+    s = sub.add_parser("demo", help="the whole path on the embedded QM data")
+    s.add_argument("--workdir", default="runs/demo")
+    s.add_argument("--steps", type=int, default=None, help="pretraining steps (default from the recipe)")
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from polyfid.distributed.config import ConfigError
+
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as e:
+        print(f"polyfid: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
