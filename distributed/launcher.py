@@ -49,12 +49,13 @@ def _init_ray(cfg: RunConfig) -> None:
     if cfg.trainer.address:
         ray.init(address=cfg.trainer.address, log_to_driver=True)
     else:
-        ray.init(
-            num_cpus=max(2, os.cpu_count() or 2),
-            include_dashboard=False,
-            log_to_driver=True,
-            runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}},
-        )
+        env = {"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"], "PYTHONWARNINGS": "ignore::FutureWarning"}
+        if not cfg.trainer.use_gpu:
+            import torch
+
+            if not torch.cuda.is_available():
+                env["DS_ACCELERATOR"] = "cpu"  # says so once here instead of a warning on every worker
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), log_to_driver=True, runtime_env={"env_vars": env})
 
 
 def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:

@@ -40,7 +40,7 @@ class Tracker:
 
         def _start():
             exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment, artifact_location(self.uri))
             run = self.client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
             return run.info.run_id
 
@@ -107,6 +107,14 @@ class Tracker:
                 log.warning(msg)
                 self._warned = True
             return None
+
+
+def artifact_location(uri: str) -> str | None:
+    """For a sqlite store, keep artifacts in `mlartifacts/` beside the database, not in the working dir."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        return (Path(uri[len(prefix):]).resolve().parent / "mlartifacts").as_uri()
+    return None
 
 
 def _key(k: str) -> str:

@@ -1,0 +1,58 @@
+"""Real DeepSpeed on gloo: one step on 2 ranks equals one step on 1 rank with the same global batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import emt_frames
+from helpers import batch_from_frames, tiny_model
+from polyfid.data_shards.schema import concat_batches
+from polyfid.distributed.config import ConfigError, LossConfig, TrainerConfig
+from polyfid.distributed.engine import build_engine, resolve_precision
+from polyfid.distributed.losses import multifidelity_loss
+from polyfid.distributed.steps import StepContext, prepare
+
+
+def _one_step(rank, world, out, parts, stage):
+    from deepspeed.utils import safe_get_full_grad
+
+    model = tiny_model(seed=0)
+    cfg = TrainerConfig(workers=world, zero_stage=stage, lr=1e-3, warmup_steps=1, steps=10)
+    engine, precision = build_engine(model, cfg, torch.device("cpu"))
+    assert precision == "fp32"
+    batch = parts[rank] if world == 2 else concat_batches(parts)
+    ctx = StepContext(engine, LossConfig(), model.fidelity_names, model.config.cutoff, torch.float32, torch.device("cpu"))
+    graph, targets = prepare(batch, ctx)
+    pred = engine(graph, force_heads=targets.force_heads(), create_graph=True)
+    loss, metrics = multifidelity_loss(pred, targets, ctx.loss, ctx.fidelity_names)
+    engine.backward(loss)
+    grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+    engine.step()
+    params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    if rank == 0:
+        torch.save({"grads": grads, "params": params, "metrics": metrics}, f"{out}/w{world}.pt")
+
+
+@pytest.mark.parametrize("stage", [1])
+def test_two_ranks_equal_one_rank(tmp_path, stage):
+    from dist_utils import spawn
+
+    frames = emt_frames(12)
+    # Unequal label counts: rank 1 holds no force labels at all.
+    parts = [batch_from_frames(frames[:8], forces_for=("lo", "hi")), batch_from_frames(frames[8:], forces_for=())]
+    spawn(_one_step, 2, str(tmp_path), parts, stage, tmp=tmp_path)
+    spawn(_one_step, 1, str(tmp_path), parts, stage, tmp=tmp_path)
+    two, one = torch.load(tmp_path / "w2.pt"), torch.load(tmp_path / "w1.pt")
+    assert two["metrics"]["loss"] == pytest.approx(one["metrics"]["loss"], rel=1e-5)
+    for n in one["grads"]:
+        torch.testing.assert_close(two["grads"][n], one["grads"][n], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(two["params"][n], one["params"][n], rtol=1e-5, atol=1e-6)
+    moved = sum(float((one["params"][n] - tiny_model(seed=0).state_dict()[n]).abs().sum()) for n in one["params"])
+    assert moved > 0  # the step really updated the weights
+
+
+def test_fp16_is_refused_on_cpu():
+    with pytest.raises(ConfigError, match="fp16"):
+        resolve_precision(TrainerConfig(precision="fp16"), torch.device("cpu"))
+    assert resolve_precision(TrainerConfig(), torch.device("cpu")) == "fp32"
