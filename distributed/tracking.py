@@ -53,6 +53,8 @@ class Tracker:
 
     # -- logging -----------------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
+        if not (self.enabled and self.run_id):
+            return
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
@@ -60,6 +62,8 @@ class Tracker:
             self._call("log params", lambda: self.client.log_batch(self.run_id, params=items[i : i + 100]))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not (self.enabled and self.run_id):
+            return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

@@ -204,12 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from polyfid.data_shards.ingest import IngestError
+    from polyfid.data_shards.store import CorruptShardError
     from polyfid.distributed.config import ConfigError
 
     try:
         return int(args.fn(args) or 0)
     except ConfigError as e:
         print(f"polyfid: config error: {e}", file=sys.stderr)
+        return 2
+    except (IngestError, CorruptShardError, FileNotFoundError) as e:
+        if os.environ.get("POLYFID_DEBUG"):
+            raise
+        print(f"polyfid {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,53 @@
+"""CLI behaviour that needs no training: bad input is refused cleanly, and `polyfid ui` serves MLflow."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from dist_utils import free_port
+from polyfid.launch.cli import main
+
+
+def test_ingest_error_names_file_and_leaves_nothing(tmp_path, capsys):
+    bad = tmp_path / "bad.extxyz"
+    bad.write_text("3\nProperties=species:S:1:pos:R:3 energy=1.0\nH 0 0 0\nH 0 0 0.7\n")  # truncated frame
+    out = tmp_path / "s.zarr"
+    rc = main(["ingest", str(bad), "--out", str(out), "--dataset", "d", "--energy", "lo=energy", "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "bad.extxyz" in err
+    assert not out.exists()
+
+
+def test_pretrain_with_unknown_key_is_a_config_error(capsys):
+    rc = main(["pretrain", "--config", "launch/recipes/demo.yaml", "--set", "trainer.stepz=3"])
+    assert rc == 2
+    assert "trainer.stepz" in capsys.readouterr().err
+
+
+def test_ui_serves_the_dashboard(tmp_path):
+    port = free_port()
+    env = dict(os.environ)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "polyfid.launch.cli", "ui", "--port", str(port),
+         "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline, status = time.time() + 120, None
+        while time.time() < deadline and status is None:
+            try:
+                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+                time.sleep(1)
+        assert status == 200
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)

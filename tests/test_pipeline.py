@@ -1,0 +1,109 @@
+"""The spine, end to end through the CLI on real parts: zarr stores on disk, Ray Train with 2 workers each
+running a DeepSpeed engine (gloo), an MLflow sqlite store and registry, fine-tuning from a models:/ URI,
+evaluation to JSON, and the ASE calculator on the result. Data: slices of the embedded QM demo files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from polyfid.data_shards.demo import HIGH, LOW, demo_files
+from polyfid.launch.cli import main
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _ingest(out, spec, forces, dataset="ethanol"):
+    args = ["ingest", spec, "--out", str(out), "--dataset", dataset, "--quiet", "--shard-size", "8",
+            "--energy", f"{LOW}=energy_{LOW}", "--energy", f"{HIGH}=energy_{HIGH}",
+            "--rank", f"{LOW}=0", "--rank", f"{HIGH}=1"]
+    for f in forces:
+        args += ["--forces", f"{f}=forces_{f}"]
+    assert main(args) == 0
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Ingest, pretrain on 2 Ray workers, fine-tune from the registry; shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("spine")
+    files = {p.name.split(".")[0]: p for p in demo_files()}
+    eth, fa = files["ethanol"], files["formic_acid"]
+    _ingest(tmp / "train.zarr", f"{eth}@:40", forces=[LOW])  # S1: high-level energies only
+    _ingest(tmp / "valid.zarr", f"{eth}@-10:", forces=[LOW, HIGH])
+    _ingest(tmp / "target.zarr", f"{fa}@:16", forces=[HIGH], dataset="formic_acid")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    common = ["--set", f"tracking.uri={uri}", "--set", "model.width=16", "--set", "model.n_sensitivities=8"]
+    assert main(["pretrain", "--config", "launch/recipes/demo.yaml", "--set", f"data.train={tmp / 'train.zarr'}",
+                 "--set", f"data.valid={tmp / 'valid.zarr'}", "--set", "trainer.workers=2",
+                 "--set", "trainer.steps=12", "--set", "trainer.log_every=4", "--set", "trainer.valid_every=6",
+                 "--set", "trainer.checkpoint_every=6", "--set", f"output={tmp / 'pre'}",
+                 "--set", "tracking.register_as=spine-test"] + common) == 0
+    pre = json.loads((tmp / "pre" / "summary.json").read_text())
+    assert main(["finetune", "--from", f"models:/spine-test/{pre['model_version']}", "--data", str(tmp / "target.zarr"),
+                 "--out", str(tmp / "ft" / "package"), "--set", "trainer.steps=6"] + common) == 0
+    ft = json.loads((tmp / "ft" / "summary.json").read_text())
+    return {"tmp": tmp, "uri": uri, "pre": pre, "ft": ft}
+
+
+def test_pretrain_writes_package_and_mlflow_run(pipeline):
+    from mlflow.tracking import MlflowClient
+
+    tmp, pre = pipeline["tmp"], pipeline["pre"]
+    meta = json.loads((tmp / "pre" / "package" / "polyfid.json").read_text())
+    assert [f["name"] for f in meta["fidelities"]] == [LOW, HIGH]
+    assert meta["lineage"]["mlflow_run_id"] == pre["mlflow_run_id"]
+    assert meta["lineage"]["stores"][0]["fingerprint"]
+    assert (tmp / "pre" / "config.yaml").exists()
+    assert sorted(p.name for p in (tmp / "pre" / "checkpoints").glob("step_*")) == ["step_00000006", "step_00000012"]
+
+    client = MlflowClient(pipeline["uri"])
+    run = client.get_run(pre["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.workers"] == "2"
+    for key in (f"loss/{LOW}", f"loss/{HIGH}", f"valid/energy_mae/{HIGH}", f"valid/forces_mae/{HIGH}",
+                "atoms_per_s", "data_wait_fraction", "lr"):
+        assert key in run.data.metrics, key
+        assert math.isfinite(run.data.metrics[key])
+    history = client.get_metric_history(pre["mlflow_run_id"], "loss")
+    assert [m.step for m in history] == [4, 8, 12]
+    artifacts = {a.path for a in client.list_artifacts(pre["mlflow_run_id"], "package")}
+    assert {"package/model.safetensors", "package/polyfid.json"} <= artifacts
+    versions = client.search_model_versions("name='spine-test'")
+    assert [v.run_id for v in versions] == [pre["mlflow_run_id"]]
+
+
+def test_finetune_records_parent_and_registers(pipeline):
+    from mlflow.tracking import MlflowClient
+
+    tmp, pre, ft = pipeline["tmp"], pipeline["pre"], pipeline["ft"]
+    meta = json.loads((tmp / "ft" / "package" / "polyfid.json").read_text())
+    assert meta["lineage"]["parent"].startswith("models:/spine-test/")
+    assert meta["lineage"]["parent_lineage"]["mlflow_run_id"] == pre["mlflow_run_id"]
+    client = MlflowClient(pipeline["uri"])
+    assert client.get_run(ft["mlflow_run_id"]).data.tags["polyfid.parent"] == meta["lineage"]["parent"]
+    assert ft["model_version"] is not None
+
+
+def test_evaluate_json_and_calculator(pipeline, tmp_path):
+    import ase.io
+    import polyfid
+
+    tmp = pipeline["tmp"]
+    out = tmp_path / "errors.json"
+    assert main(["evaluate", "--model", str(tmp / "pre" / "package"), "--data", str(tmp / "valid.zarr"),
+                 "--json", str(out), "--quiet"]) == 0
+    res = json.loads(out.read_text())
+    assert set(res) == {LOW, HIGH}
+    for fid in (LOW, HIGH):
+        assert set(res[fid]) >= {"energy_mae", "energy_rmse", "forces_mae", "forces_rmse", "n_structures"}
+        assert res[fid]["n_structures"] == 10
+        assert 0 < res[fid]["energy_mae"] <= res[fid]["energy_rmse"]
+    atoms = ase.io.read(str([p for p in demo_files() if p.name.startswith("ethanol")][0]), index=0)
+    atoms.calc = polyfid.Calculator(tmp / "ft" / "package")
+    assert atoms.calc.fidelity == HIGH  # default: highest rank
+    e, f = atoms.get_potential_energy(), atoms.get_forces()
+    assert np.isfinite(e) and f.shape == (len(atoms), 3)
+
