@@ -1,0 +1,215 @@
+"""A polyfid store: a zarr v3 group of shards plus a manifest, opened read-only for training.
+
+Layout (see DESIGN.md, "The store"): root attrs["polyfid"] holds the manifest; shard k lives at
+`shards/<name>` with atomic_numbers[A] uint8, positions[A,3], offsets[S+1], cell[S,3,3], pbc[S,3],
+dataset[S] int16, structure_id[S] int64, energy/<fid>[S] float64 and forces/<fid>[A,3] float32.
+A label array that a shard does not have (all NaN, or a fidelity added later) reads as NaN.
+Writing lives in `writer.py` (`StoreWriter`, `Structure`, `write_structures`, re-exported here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from polyfid.data_shards.layout import BASE_ARRAYS, MANIFEST_KEY, SHARDS, Location, shard_checksum
+from polyfid.data_shards.schema import FORMAT_VERSION, Fidelity
+
+__all__ = ["CorruptShardError", "ShardInfo", "Store", "StoreWriter", "Structure", "write_structures"]
+
+
+class CorruptShardError(RuntimeError):
+    """A shard that cannot be decoded or whose checksum does not match the manifest."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    """One shard's manifest entry: its name, counts, checksum and which label arrays it holds."""
+
+    name: str
+    n_structures: int
+    n_atoms: int
+    checksum: str
+    energy: tuple[str, ...] = ()  # fidelities with an energy/<fid> array in this shard
+    forces: tuple[str, ...] = ()  # fidelities with a forces/<fid> array in this shard
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["energy"], d["forces"] = list(self.energy), list(self.forces)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ShardInfo":
+        return cls(name=str(d["name"]), n_structures=int(d["n_structures"]), n_atoms=int(d["n_atoms"]),
+                   checksum=str(d["checksum"]), energy=tuple(d.get("energy", ())),
+                   forces=tuple(d.get("forces", ())))
+
+
+class Store:
+    """Read access to a finished store: manifest properties and whole-shard reads with checksums."""
+
+    def __init__(self, location: Location, manifest: dict[str, Any]) -> None:
+        self._loc = location
+        self._manifest = manifest
+        self._root = location.open_group("r")
+        self._shards = [ShardInfo.from_dict(s) for s in manifest["shards"]]
+        self._fidelities = [Fidelity.from_dict(f) for f in manifest["fidelities"]]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Store":
+        """Open a local directory or an fsspec URL (file://, memory://, s3://…) holding a polyfid store."""
+        loc = Location(path)
+        manifest = read_manifest(loc)
+        if manifest is None:
+            raise ValueError(f"{loc.path} is not a polyfid store: no '{MANIFEST_KEY}' manifest in its root "
+                             "group (an interrupted first write leaves none; delete it and ingest again)")
+        version = int(manifest.get("format_version", -1))
+        if version > FORMAT_VERSION or version < 1:
+            raise ValueError(f"{loc.path}: store format version {version} is not supported "
+                             f"(this polyfid reads 1..{FORMAT_VERSION})")
+        return cls(loc, manifest)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickles as (path, manifest) so a store can be sent to Ray workers; they reopen it lazily.
+        return (_reopen, (self._loc.path, self._manifest))
+
+    # ---- manifest ---------------------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return self._loc.path
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self._manifest))
+
+    @property
+    def fidelities(self) -> list[Fidelity]:
+        return list(self._fidelities)
+
+    @property
+    def datasets(self) -> list[str]:
+        return list(self._manifest["datasets"])
+
+    @property
+    def elements(self) -> list[int]:
+        return [int(z) for z in self._manifest["elements"]]
+
+    @property
+    def reference_energies(self) -> dict[str, dict[int, float]]:
+        return {fid: {int(z): float(e) for z, e in refs.items()}
+                for fid, refs in self._manifest["reference_energies"].items()}
+
+    @property
+    def shards(self) -> list[ShardInfo]:
+        return list(self._shards)
+
+    @property
+    def n_structures(self) -> int:
+        return int(self._manifest["n_structures"])
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self._manifest["n_atoms"])
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the shard checksums and fidelities: names this exact content in model lineage."""
+        payload = json.dumps({"fidelities": [f.to_dict() for f in self._fidelities],
+                              "shards": [s.checksum for s in self._shards]}, sort_keys=True)
+        return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
+
+    def __repr__(self) -> str:
+        return (f"Store({self.path!r}, shards={len(self._shards)}, structures={self.n_structures}, "
+                f"fidelities={[f.name for f in self._fidelities]})")
+
+    # ---- reading ----------------------------------------------------------------------------------
+    def _corrupt(self, info: ShardInfo, why: str) -> CorruptShardError:
+        return CorruptShardError(f"store {self.path}: shard {info.name!r} is corrupt: {why}")
+
+    def _raw(self, k: int) -> dict[str, np.ndarray]:
+        """Every array shard k has, keyed as on disk ('energy/<fid>' …), as stored."""
+        info = self._shards[k]
+        keys = list(BASE_ARRAYS) + [f"energy/{f}" for f in info.energy] + [f"forces/{f}" for f in info.forces]
+        try:
+            group = self._root[f"{SHARDS}/{info.name}"]
+            return {key: np.asarray(group[key][...]) for key in keys}
+        except Exception as err:  # a missing or undecodable chunk, or missing metadata
+            raise self._corrupt(info, f"{type(err).__name__}: {err}") from err
+
+    def read_array(self, k: int, key: str) -> np.ndarray:
+        """One array of shard k, unverified (e.g. 'offsets' to plan without reading positions)."""
+        info = self._shards[k]
+        try:
+            return np.asarray(self._root[f"{SHARDS}/{info.name}/{key}"][...])
+        except Exception as err:
+            raise self._corrupt(info, f"cannot read {key!r}: {type(err).__name__}: {err}") from err
+
+    def read_shard(self, k: int, verify: bool = True, fill_missing: bool = True) -> dict[str, Any]:
+        """Arrays of shard k; 'energy' and 'forces' are {fid: array} over all store fidelities (NaN = missing).
+
+        With fill_missing=False, a fidelity whose array the shard lacks is left out instead of NaN-filled.
+        """
+        info = self._shards[k]
+        raw = self._raw(k)
+        if verify:
+            got = shard_checksum(raw)
+            if got != info.checksum:
+                raise self._corrupt(info, f"checksum {got} does not match the manifest's {info.checksum}")
+        s, a = info.n_structures, info.n_atoms
+        offsets = raw["offsets"]
+        if (offsets.shape != (s + 1,) or raw["atomic_numbers"].shape != (a,)
+                or (s and (int(offsets[0]) != 0 or int(offsets[-1]) != a))):
+            raise self._corrupt(info, f"array sizes do not match the manifest ({s} structures, {a} atoms)")
+        out: dict[str, Any] = {key: raw[key] for key in BASE_ARRAYS}
+        out["energy"] = {f.name: raw.get(f"energy/{f.name}", None) for f in self._fidelities}
+        out["forces"] = {f.name: raw.get(f"forces/{f.name}", None) for f in self._fidelities}
+        for kind, shape, dtype in (("energy", (s,), np.float64), ("forces", (a, 3), np.float32)):
+            for name, arr in list(out[kind].items()):
+                if arr is None and fill_missing:
+                    out[kind][name] = np.full(shape, np.nan, dtype=dtype)
+                elif arr is None:
+                    del out[kind][name]
+        return out
+
+    def verify(self) -> list[str]:
+        """Names of shards that cannot be read or whose checksum does not match (empty if all good)."""
+        bad = []
+        for k, info in enumerate(self._shards):
+            try:
+                self.read_shard(k, verify=True)
+            except CorruptShardError:
+                bad.append(info.name)
+        return bad
+
+
+def _reopen(path: str, manifest: dict[str, Any]) -> Store:
+    """Unpickle a Store without rereading its manifest."""
+    return Store(Location(path), manifest)
+
+
+def read_manifest(loc: Location) -> dict[str, Any] | None:
+    """The manifest at a location; None if there is a zarr group without one; raises if nothing is there."""
+    import zarr
+
+    if not loc.exists():
+        raise FileNotFoundError(f"{loc.path}: no such store (path does not exist)")
+    try:
+        root = loc.open_group("r")
+    except (FileNotFoundError, zarr.errors.BaseZarrError) as err:
+        raise ValueError(f"{loc.path} is not a polyfid store: no zarr v3 group at its root ({err})") from err
+    manifest = root.attrs.get(MANIFEST_KEY)
+    return None if manifest is None else dict(manifest)
+
+
+def __getattr__(name: str) -> Any:
+    # The writer imports this module, so it is re-exported lazily (PEP 562) to avoid an import cycle.
+    if name in ("StoreWriter", "Structure", "write_structures"):
+        from polyfid.data_shards import writer
+
+        return getattr(writer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

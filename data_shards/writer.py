@@ -1,0 +1,256 @@
+"""Writing a store: buffer structures into shards, write each under a temporary name, rename, manifest last.
+
+A crash leaves no visible half shard: readers see only the shards the manifest lists, and the manifest
+is written after every shard is in place. `append=True` adds shards (and new fidelities and datasets)
+without touching old ones, and refits the reference energies over all shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+import polyfid
+from polyfid.data_shards.layout import (ENERGY_DTYPE, FORCES_DTYPE, SHARDS, TMP_PREFIX, Location, chunk_rows,
+                                        compressor, shard_checksum)
+from polyfid.data_shards.refs import ReferenceAccumulator
+from polyfid.data_shards.schema import FORMAT_VERSION, Fidelity
+from polyfid.data_shards.store import ShardInfo, Store, read_manifest
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+()\-]*$")
+
+
+@dataclasses.dataclass
+class Structure:
+    """One structure to write: Z, R (Å), cell (Å; zeros for a molecule), pbc, and labels in eV, eV/Å."""
+
+    numbers: np.ndarray
+    positions: np.ndarray
+    cell: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((3, 3)))
+    pbc: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(3, dtype=bool))
+    energies: dict[str, float] = dataclasses.field(default_factory=dict)  # fid -> eV; absent = missing
+    forces: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # fid -> [n, 3] eV/Å
+
+
+def check_name(kind: str, name: str) -> str:
+    """Validate a name: any non-empty text for a dataset; for a fidelity (an array path), a safe subset."""
+    if kind == "dataset" and isinstance(name, str) and name.strip():
+        return name
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"invalid {kind} name {name!r}: use letters, digits and _ . + ( ) - "
+                         "(starting with a letter or digit)")
+    return name
+
+
+def _same_level(a: Fidelity, b: Fidelity) -> bool:
+    """Whether two fidelity records describe the same level of theory (the source unit may differ)."""
+    return dataclasses.replace(a, source_unit="") == dataclasses.replace(b, source_unit="")
+
+
+class StoreWriter:
+    """Writes structures into a new store, or appends shards to an existing one; use as a context manager."""
+
+    def __init__(self, path: str | os.PathLike, fidelities: Sequence[Fidelity], shard_size: int = 50_000,
+                 append: bool = False) -> None:
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self._loc = Location(path)
+        self.shard_size = int(shard_size)
+        old = None
+        if self._loc.exists() and not self._loc.is_empty_dir():
+            old = read_manifest(self._loc)
+            if old is None:
+                raise FileExistsError(f"{self._loc.path} exists but is not a polyfid store (or a first write "
+                                      "was interrupted); delete it or choose another path")
+            if not append:
+                raise FileExistsError(f"{self._loc.path} already holds a polyfid store; pass append=True "
+                                      "to add to it")
+        self._created = not self._loc.exists()
+        self._old = old
+        self._fids: dict[str, Fidelity] = {}
+        for f in (old or {}).get("fidelities", []):
+            self._fids[f["name"]] = Fidelity.from_dict(f)
+        for f in fidelities:
+            check_name("fidelity", f.name)
+            if f.name in self._fids and not _same_level(self._fids[f.name], f):
+                raise ValueError(f"{self._loc.path}: fidelity {f.name!r} is already in the store as "
+                                 f"{self._fids[f.name]}; the new description {f} differs")
+            self._fids.setdefault(f.name, f)
+        self._datasets: list[str] = list((old or {}).get("datasets", []))
+        self._shards: list[ShardInfo] = [ShardInfo.from_dict(s) for s in (old or {}).get("shards", [])]
+        self._n_old_shards = len(self._shards)
+        self._elements: set[int] = set((old or {}).get("elements", []))
+        self._provenance: list[dict[str, Any]] = list((old or {}).get("provenance", []))
+        self._next_id = int((old or {}).get("n_structures", 0))
+        self._refs = ReferenceAccumulator()
+        self._buffer: list[tuple[Structure, int]] = []
+        self._written: list[str] = []
+        self._tmps: list[str] = []
+        self._closed = False
+        self._root = self._loc.open_group("a")
+        self._shard_group = self._root.require_group(SHARDS)
+
+    # ---- adding -----------------------------------------------------------------------------------
+    @property
+    def fidelities(self) -> list[Fidelity]:
+        return list(self._fids.values())
+
+    def add(self, structures: Iterable[Structure], dataset: str) -> int:
+        """Buffer structures of one dataset, flushing full shards; returns how many were added."""
+        if self._closed:
+            raise RuntimeError("StoreWriter is closed")
+        check_name("dataset", dataset)
+        if dataset not in self._datasets:
+            self._datasets.append(dataset)
+        d = self._datasets.index(dataset)
+        n = 0
+        for s in structures:
+            self._check(s, n)
+            self._buffer.append((s, d))
+            n += 1
+            if len(self._buffer) >= self.shard_size:
+                self._flush()
+        return n
+
+    def add_provenance(self, record: Mapping[str, Any]) -> None:
+        """Record where a batch of structures came from (inputs, units, keys) in the manifest."""
+        self._provenance.append(dict(record))
+
+    def _check(self, s: Structure, i: int) -> None:
+        n = len(s.numbers)
+        if n == 0 or np.shape(s.positions) != (n, 3) or np.shape(s.cell) != (3, 3) or np.shape(s.pbc) != (3,):
+            raise ValueError(f"structure {i}: bad shapes (numbers {np.shape(s.numbers)}, positions "
+                             f"{np.shape(s.positions)}, cell {np.shape(s.cell)}, pbc {np.shape(s.pbc)})")
+        z = np.asarray(s.numbers)
+        if z.min() < 1 or z.max() > 118:
+            raise ValueError(f"structure {i}: atomic numbers must be in 1..118")
+        for fid, f in s.forces.items():
+            if np.shape(f) != (n, 3):
+                raise ValueError(f"structure {i}: forces[{fid!r}] has shape {np.shape(f)}, expected ({n}, 3)")
+        for fid in list(s.energies) + list(s.forces):
+            if fid not in self._fids:
+                raise ValueError(f"structure {i}: label for unknown fidelity {fid!r}; known: {list(self._fids)}")
+
+    # ---- shards -----------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        """Write the buffered structures as one shard (temporary name, then rename into place)."""
+        if not self._buffer:
+            return
+        items, self._buffer = self._buffer, []
+        structs = [s for s, _ in items]
+        counts = np.array([len(s.numbers) for s in structs], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        n_s, n_a = len(structs), int(offsets[-1])
+        arrays: dict[str, np.ndarray] = {
+            "atomic_numbers": np.concatenate([np.asarray(s.numbers) for s in structs]).astype(np.uint8),
+            "positions": np.concatenate([np.asarray(s.positions, dtype=np.float64) for s in structs]),
+            "offsets": offsets,
+            "cell": np.stack([np.asarray(s.cell, dtype=np.float64) for s in structs]),
+            "pbc": np.stack([np.asarray(s.pbc, dtype=bool) for s in structs]),
+            "dataset": np.array([d for _, d in items], dtype=np.int16),
+            "structure_id": self._next_id + np.arange(n_s, dtype=np.int64),
+        }
+        energy, forces = [], []
+        for fid in self._fids:
+            e = np.array([s.energies.get(fid, np.nan) for s in structs], dtype=ENERGY_DTYPE)
+            if np.isfinite(e).any():
+                arrays[f"energy/{fid}"] = e
+                energy.append(fid)
+            if any(fid in s.forces for s in structs):
+                f = np.full((n_a, 3), np.nan, dtype=FORCES_DTYPE)
+                for s, lo, hi in zip(structs, offsets[:-1], offsets[1:]):
+                    if fid in s.forces:
+                        f[lo:hi] = s.forces[fid]
+                arrays[f"forces/{fid}"] = f
+                forces.append(fid)
+        name = f"shard-{len(self._shards):06d}"
+        self._write_shard(name, arrays)
+        self._shards.append(ShardInfo(name, n_s, n_a, shard_checksum(arrays), tuple(energy), tuple(forces)))
+        self._next_id += n_s
+        self._elements.update(int(z) for z in np.unique(arrays["atomic_numbers"]))
+        self._refs.add_ragged(arrays["atomic_numbers"], offsets, {f: arrays[f"energy/{f}"] for f in energy})
+
+    def _write_shard(self, name: str, arrays: Mapping[str, np.ndarray]) -> None:
+        tmp = f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+        self._tmps.append(tmp)
+        group = self._shard_group.create_group(tmp)
+        for key, a in arrays.items():
+            chunks = (chunk_rows(a.shape, a.dtype.itemsize),) + a.shape[1:]
+            group.create_array(key, data=a, chunks=chunks, compressors=compressor())
+        if self._loc.exists(f"{SHARDS}/{name}"):  # an unlisted leftover of an interrupted append
+            self._loc.remove(f"{SHARDS}/{name}")
+        self._written.append(name)
+        self._loc.rename(f"{SHARDS}/{tmp}", f"{SHARDS}/{name}")
+
+    # ---- finishing --------------------------------------------------------------------------------
+    def close(self) -> Store:
+        """Flush, refit reference energies over all shards, write the manifest (last) and open the store."""
+        if self._closed:
+            return Store.open(self._loc.path)
+        self._flush()
+        if not self._shards:
+            self.abort()
+            raise ValueError(f"{self._loc.path}: no structures were added; nothing written")
+        if self._n_old_shards:
+            old = Store(self._loc, self._old)  # type: ignore[arg-type]
+            for k in range(self._n_old_shards):
+                info = self._shards[k]
+                self._refs.add_ragged(old.read_array(k, "atomic_numbers"), old.read_array(k, "offsets"),
+                                      {f: old.read_array(k, f"energy/{f}") for f in info.energy})
+        elements = sorted(self._elements)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "fidelities": [f.to_dict() for f in self._fids.values()],
+            "datasets": list(self._datasets),
+            "elements": elements,
+            "reference_energies": {fid: {str(z): e for z, e in refs.items()}
+                                   for fid, refs in self._refs.solve(self._fids, elements).items()},
+            "shards": [s.to_dict() for s in self._shards],
+            "n_structures": int(sum(s.n_structures for s in self._shards)),
+            "n_atoms": int(sum(s.n_atoms for s in self._shards)),
+            "created_by": f"polyfid {polyfid.__version__}",
+            "provenance": self._provenance,
+        }
+        self._root.attrs["polyfid"] = manifest
+        self._closed = True
+        return Store.open(self._loc.path)
+
+    def abort(self) -> None:
+        """Remove everything this writer wrote; an existing store is left as it was."""
+        self._closed = True
+        self._buffer = []
+        if self._created:
+            self._loc.remove()
+            return
+        for name in self._written + self._tmps:
+            self._loc.remove(f"{SHARDS}/{name}")
+        if self._old is None:  # was an empty directory: leave it empty
+            for name in self._loc.listdir(""):
+                self._loc.remove(name)
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()
+
+
+def write_structures(path: str | os.PathLike, structures: Iterable[Structure], fidelities: Sequence[Fidelity],
+                     dataset: str, shard_size: int = 50_000, append: bool = False) -> Store:
+    """Write structures of one dataset into a new store (or append to one); returns the opened store."""
+    writer = StoreWriter(path, fidelities, shard_size=shard_size, append=append)
+    try:
+        writer.add(structures, dataset)
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
