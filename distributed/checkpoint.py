@@ -10,6 +10,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from polyfid.data_shards.reader import ShardReader
+
 log = logging.getLogger("polyfid.checkpoint")
 KEEP = 2  # checkpoints kept on disk
 
@@ -40,7 +42,7 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, reader, run_id: str
     client = {
         "step": step,
         "world_size": len(states),
-        "readers": [s["reader"] for s in states],
+        "reader": ShardReader.gather_states([s["reader"] for s in states]),  # resumable on any world size
         "rng": [s["rng"] for s in states],
         "mlflow_run_id": run_id,
     }
@@ -59,12 +61,13 @@ def load_checkpoint(engine, ckpt_dir: str | Path, reader, rank: int, world: int)
     path, client = engine.load_checkpoint(str(ckpt_dir))
     if path is None or client is None:
         raise RuntimeError(f"could not load the checkpoint in {ckpt_dir}")
+    reader.load_state_dict(client["reader"])
     if client.get("world_size") == world:
-        reader.load_state_dict(client["readers"][rank])
         torch.set_rng_state(client["rng"][rank])
     else:
         log.warning(
-            "checkpoint in %s was written by %s workers, this run has %d: the data stream restarts its epoch plan",
+            "checkpoint in %s was written by %s workers, this run has %d: the rest of the epoch is re-planned "
+            "over the new workers, so no structure is lost or seen twice",
             ckpt_dir,
             client.get("world_size"),
             world,

@@ -1,0 +1,34 @@
+"""HIP-NN-family potentials with per-fidelity heads, the model package and the ASE calculator.
+
+This package never imports ray, deepspeed or mlflow.
+"""
+
+from __future__ import annotations
+
+from polyfid.models.config import ModelConfig
+from polyfid.models.graph import Graph, build_graph, graph_from_atoms
+from polyfid.models.invariants import invariant_count, invariant_names
+from polyfid.models.package import load_package, save_package
+from polyfid.models.potential import Potential
+
+__all__ = [
+    "ModelConfig",
+    "Potential",
+    "Graph",
+    "build_graph",
+    "graph_from_atoms",
+    "save_package",
+    "load_package",
+    "Calculator",
+    "invariant_count",
+    "invariant_names",
+]
+
+
+def __getattr__(name: str):
+    # The calculator pulls in ase.calculators; import it only when asked for.
+    if name == "Calculator":
+        from polyfid.models.calculator import Calculator
+
+        return Calculator
+    raise AttributeError(f"module 'polyfid.models' has no attribute {name!r}")

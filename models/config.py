@@ -1,0 +1,94 @@
+"""The architecture of a HIP-NN-family potential, as a typed, validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from polyfid.data_shards.schema import Fidelity
+    from polyfid.models.potential import Potential
+
+KINDS = ("hipnn", "hipnn_ts", "hiphop")
+ACTIVATIONS = ("silu", "softplus", "tanh", "gelu", "celu")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Architecture of the backbone; `build()` makes a Potential from it."""
+
+    kind: str = "hipnn_ts"
+    """Network family: "hipnn" (l=0), "hipnn_ts" (adds norms of l=1..l_max sums), "hiphop" (S2 invariants)."""
+    width: int = 64
+    """Features per atom in every layer."""
+    n_interactions: int = 2
+    """Number of interaction blocks (message-passing steps)."""
+    n_atom_layers: int = 2
+    """Atom layers after the species embedding and after each interaction."""
+    n_sensitivities: int = 16
+    """Number of inverse-distance Gaussian sensitivities."""
+    cutoff: float = 5.0
+    """Hard cutoff radius in Å; the cos² envelope reaches zero here."""
+    soft_min: float = 0.75
+    """Smallest sensitivity centre at initialisation, Å."""
+    soft_max: float = 4.5
+    """Largest sensitivity centre at initialisation, Å."""
+    l_max: int = 2
+    """Highest rank of the Cartesian direction tensors (hipnn_ts: 1..3, hiphop: 0..3; hipnn ignores it)."""
+    n_max: int = 4
+    """Most tensors multiplied in one invariant (hiphop only; 1..4)."""
+    activation: str = "silu"
+    """Nonlinearity of atom and interaction layers."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"ModelConfig.kind={self.kind!r} is not allowed; allowed values: {', '.join(KINDS)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"ModelConfig.activation={self.activation!r} is not allowed; allowed values: {', '.join(ACTIVATIONS)}"
+            )
+        for name in ("width", "n_interactions", "n_atom_layers", "n_sensitivities", "l_max", "n_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"ModelConfig.{name} must be an integer, got {value!r}")
+        for name in ("width", "n_interactions", "n_atom_layers", "n_sensitivities"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("cutoff", "soft_min", "soft_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive number, got {value!r}")
+            setattr(self, name, float(value))
+        if not self.soft_min < self.soft_max:
+            raise ValueError(f"ModelConfig.soft_min ({self.soft_min}) must be below soft_max ({self.soft_max})")
+        if self.kind == "hipnn_ts" and not 1 <= self.l_max <= 3:
+            raise ValueError(f"ModelConfig.l_max={self.l_max} is not allowed for hipnn_ts; allowed values: 1, 2, 3")
+        if self.kind == "hiphop":
+            if not 0 <= self.l_max <= 3:
+                raise ValueError(f"ModelConfig.l_max={self.l_max} is not allowed for hiphop; allowed values: 0..3")
+            if not 1 <= self.n_max <= 4:
+                raise ValueError(f"ModelConfig.n_max={self.n_max} is not allowed for hiphop; allowed values: 1..4")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON/YAML."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Inverse of to_dict; unknown keys are an error that names them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**dict(d))
+
+    def build(
+        self,
+        elements: Sequence[int],
+        fidelities: "Sequence[Fidelity]",
+        reference_energies: Mapping[str, Mapping[int, float]] | None = None,
+    ) -> "Potential":
+        """Make a freshly initialised Potential with this architecture."""
+        from polyfid.models.potential import Potential
+
+        return Potential(self, elements, fidelities, reference_energies)

@@ -1,0 +1,128 @@
+"""The model package: a folder with `model.safetensors` and `polyfid.json`. Loading never unpickles."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import uuid
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from polyfid.data_shards.schema import Fidelity
+from polyfid.models.config import ModelConfig
+from polyfid.models.potential import Potential
+
+FORMAT = "polyfid-package"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+METADATA_FILE = "polyfid.json"
+REQUIRED_KEYS = ("format", "format_version", "config", "elements", "fidelities", "reference_energies")
+
+
+def package_metadata(model: Potential, lineage: dict | None = None, extra: dict | None = None) -> dict[str, Any]:
+    """The contents of polyfid.json for `model`."""
+    from polyfid import __version__
+
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "polyfid_version": __version__,
+        "config": model.config.to_dict(),
+        "elements": list(model.elements),
+        "fidelities": [f.to_dict() for f in model.fidelities],
+        "reference_energies": {
+            name: {str(z): e for z, e in refs.items()} for name, refs in model.reference_energy_dict().items()
+        },
+        "lineage": dict(lineage or {}),
+        "extra": dict(extra or {}),
+    }
+
+
+def save_package(
+    path: str | os.PathLike, model: Potential, lineage: dict | None = None, extra: dict | None = None
+) -> pathlib.Path:
+    """Write `model` as a package folder at `path`, atomically; an existing package there is replaced."""
+    path = pathlib.Path(path)
+    if path.exists() and not _is_replaceable(path):
+        raise FileExistsError(f"{path} exists and is not a polyfid package; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = package_metadata(model, lineage, extra)
+    text = json.dumps(meta, indent=2, sort_keys=False)  # fails here, before anything is written, if not JSON-able
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (tmp / METADATA_FILE).write_text(text + "\n")
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _is_replaceable(path: pathlib.Path) -> bool:
+    """True for an existing package folder or an empty folder."""
+    return path.is_dir() and ((path / METADATA_FILE).is_file() or not any(path.iterdir()))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse and check a package's polyfid.json."""
+    file = pathlib.Path(path) / METADATA_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: {path} is not a polyfid package")
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file} must hold a JSON object")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"{file} lacks the key(s) {missing}")
+    if meta["format"] != FORMAT:
+        raise ValueError(f"{file}: format is {meta['format']!r}, expected {FORMAT!r}")
+    if not isinstance(meta["format_version"], int) or meta["format_version"] > FORMAT_VERSION:
+        raise ValueError(
+            f"{file}: format_version {meta['format_version']!r} is newer than this polyfid reads ({FORMAT_VERSION})"
+        )
+    return meta
+
+
+def load_package(path: str | os.PathLike, device: str | torch.device = "cpu") -> Potential:
+    """Load a package folder into a Potential (its parsed JSON at `.package_metadata`); other files are ignored."""
+    path = pathlib.Path(path)
+    meta = read_metadata(path)
+    weights_file = path / WEIGHTS_FILE
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{weights_file} not found: the package has no weights")
+    tensors = load_file(str(weights_file), device="cpu")  # safetensors: raw buffers, no pickle
+    file = path / METADATA_FILE
+    try:
+        config = ModelConfig.from_dict(meta["config"])
+        fidelities = [Fidelity.from_dict(f) for f in meta["fidelities"]]
+        refs = {name: {int(z): float(e) for z, e in m.items()} for name, m in meta["reference_energies"].items()}
+        model = Potential(config, meta["elements"], fidelities, refs)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise ValueError(f"{file} does not describe a valid model: {err}") from err
+    dtype = tensors.get("backbone.embed.weight", torch.empty(0)).dtype
+    if dtype.is_floating_point:
+        model.to(dtype)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{weights_file} does not match the architecture in {file}: {err}") from err
+    model.to(device)
+    model.eval()
+    model.package_metadata = meta
+    return model

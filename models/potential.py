@@ -1,0 +1,217 @@
+"""The potential: a HIP-NN backbone with one hierarchical energy head per fidelity; forces by autograd."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from polyfid.data_shards.schema import Fidelity
+from polyfid.models.config import ModelConfig
+from polyfid.models.graph import Graph
+from polyfid.models.hipnn import Backbone
+
+READOUT_INIT_STD = 0.01  # small, so that a fresh model's energies start near the reference energies
+
+
+class Potential(torch.nn.Module):
+    """Energies [S, F] in eV for every fidelity, and forces −∂E_k/∂R for the requested heads.
+
+    E_k(structure) = Σ_layers Σ_atoms readout_layer(h)[k] + Σ_atoms ref_k[Z]. Reference energies are a
+    float64 buffer [F, max_Z+1] that stays float64 when the model is cast, because bfloat16 cannot hold
+    a molecule's total energy to better than several eV.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        elements: Sequence[int],
+        fidelities: Sequence[Fidelity],
+        reference_energies: Mapping[str, Mapping[int, float]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.elements: list[int] = sorted({int(z) for z in elements})
+        if not self.elements or self.elements[0] < 1 or self.elements[-1] > 118:
+            raise ValueError(f"elements must be atomic numbers 1..118, got {list(elements)}")
+        self.fidelities: list[Fidelity] = list(fidelities)
+        if not self.fidelities:
+            raise ValueError("a Potential needs at least one fidelity")
+        names = [f.name for f in self.fidelities]
+        if len(set(names)) != len(names):
+            raise ValueError(f"fidelity names must be unique, got {names}")
+        max_z = self.elements[-1]
+        lookup = torch.full((max_z + 1,), -1, dtype=torch.int64)
+        lookup[self.elements] = torch.arange(len(self.elements))
+        self.register_buffer("species_index", lookup, persistent=False)
+        self.register_buffer("reference_energies", torch.zeros(len(names), max_z + 1, dtype=torch.float64))
+        self.backbone = Backbone(config, len(self.elements))
+        self.readouts = torch.nn.ModuleList(
+            self._new_readout(len(names)) for _ in range(config.n_interactions + 1)
+        )
+        for name, mapping in (reference_energies or {}).items():
+            self.set_reference_energies(name, mapping)
+
+    # ---- bookkeeping -----------------------------------------------------------------------------
+    @property
+    def fidelity_names(self) -> list[str]:
+        """Names of the heads, in column order."""
+        return [f.name for f in self.fidelities]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the weights."""
+        return self.backbone.embed.weight.dtype
+
+    @property
+    def energy_dtype(self) -> torch.dtype:
+        """Dtype of the returned energies and forces: float64 for a float64 model, else float32."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    def fidelity_index(self, name: str) -> int:
+        """Column of the head named `name`."""
+        names = self.fidelity_names
+        if name not in names:
+            raise KeyError(f"unknown fidelity {name!r}; this model has {names}")
+        return names.index(name)
+
+    def set_reference_energies(self, name: str, mapping: Mapping[int | str, float]) -> None:
+        """Set the per-element reference energies (eV) of one fidelity; elements left out keep theirs."""
+        k = self.fidelity_index(name)
+        with torch.no_grad():
+            for z, value in mapping.items():
+                z = int(z)
+                if z not in self.elements:
+                    raise ValueError(f"reference energy for atomic number {z}, which is not among the model's elements {self.elements}")
+                self.reference_energies[k, z] = float(value)
+
+    def reference_energy_dict(self) -> dict[str, dict[int, float]]:
+        """Reference energies as {fidelity: {Z: eV}} over the model's elements."""
+        ref = self.reference_energies.detach().cpu()
+        return {f: {z: float(ref[k, z]) for z in self.elements} for k, f in enumerate(self.fidelity_names)}
+
+    def _new_readout(self, n_out: int) -> torch.nn.Linear:
+        """A Linear(width → n_out) with small weights and zero bias."""
+        linear = torch.nn.Linear(self.config.width, n_out)
+        torch.nn.init.normal_(linear.weight, std=READOUT_INIT_STD)
+        torch.nn.init.zeros_(linear.bias)
+        return linear
+
+    def add_fidelity(self, fidelity: Fidelity, init_from: str | None = None) -> int:
+        """Append a head for `fidelity`, copying the readouts and references of `init_from` if given.
+
+        Returns its column. Optimisers built before this call do not see the new head's parameters.
+        """
+        if fidelity.name in self.fidelity_names:
+            raise ValueError(f"fidelity {fidelity.name!r} already has a head; heads: {self.fidelity_names}")
+        src = None if init_from is None else self.fidelity_index(init_from)
+        n_old = len(self.fidelities)
+        with torch.no_grad():
+            for n, old in enumerate(self.readouts):
+                new = self._new_readout(n_old + 1).to(device=old.weight.device, dtype=old.weight.dtype)
+                new.weight[:n_old] = old.weight
+                new.bias[:n_old] = old.bias
+                if src is not None:
+                    new.weight[n_old] = old.weight[src]
+                    new.bias[n_old] = old.bias[src]
+                new.weight.requires_grad_(old.weight.requires_grad)
+                new.bias.requires_grad_(old.bias.requires_grad)
+                self.readouts[n] = new
+            ref = self.reference_energies
+            row = ref[src] if src is not None else torch.zeros_like(ref[0])
+            self.reference_energies = torch.cat([ref, row.unsqueeze(0)], dim=0)
+        self.fidelities.append(fidelity)
+        return n_old
+
+    def backbone_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters shared by all fidelities (freeze these to fine-tune heads only)."""
+        return list(self.backbone.parameters())
+
+    def head_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters of the per-fidelity readouts."""
+        return list(self.readouts.parameters())
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # Keep the reference energies in float64 through .to(dtype), .half(), .bfloat16(); move devices only.
+        ref = self._buffers["reference_energies"]
+        out = super()._apply(fn, recurse)
+        moved = self._buffers["reference_energies"]
+        self._buffers["reference_energies"] = ref.to(device=moved.device, dtype=torch.float64)
+        return out
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def _species(self, z: torch.Tensor) -> torch.Tensor:
+        """Index of each atom's element in the model's element list; unknown elements raise."""
+        lookup = self.species_index
+        if z.numel() == 0:
+            return z
+        known = (z >= 0) & (z < lookup.numel())
+        idx = lookup[z.clamp(0, lookup.numel() - 1)]
+        bad = ~known | (idx < 0)
+        if bool(bad.any()):
+            unknown = sorted({int(x) for x in z[bad].tolist()})
+            raise ValueError(f"atomic number(s) {unknown} not among the model's elements {self.elements}")
+        return idx
+
+    def _check_heads(self, force_heads: Iterable[int] | None) -> list[int] | None:
+        """Validated, de-duplicated list of head columns that need forces."""
+        if force_heads is None:
+            return None
+        heads = sorted({int(k) for k in force_heads})
+        n = len(self.fidelities)
+        if any(not 0 <= k < n for k in heads):
+            raise IndexError(f"force_heads {heads} out of range for {n} fidelities {self.fidelity_names}")
+        return heads
+
+    def atom_energies(self, graph: Graph, pos: torch.Tensor) -> torch.Tensor:
+        """Per-atom energy contributions [A, F] without the reference energies."""
+        species = self._species(graph.z)
+        dtype = self.dtype
+        x = pos.to(dtype)
+        r_vec = x.index_select(0, graph.pair_j) - x.index_select(0, graph.pair_i) + graph.pair_shift.to(dtype)
+        pairs = self.backbone.pairs(r_vec, graph.pair_i, graph.pair_j)
+        onehot = torch.nn.functional.one_hot(species, len(self.elements)).to(dtype)
+        features = self.backbone(onehot, pairs)
+        total = self.readouts[0](features[0])
+        for readout, h in zip(self.readouts[1:], features[1:]):
+            total = total + readout(h)
+        return total
+
+    def forward(
+        self, graph: Graph, force_heads: Sequence[int] | None = None, create_graph: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """{"energy": [S, F] eV} and, if force_heads is given, {"forces": [A, F, 3] eV/Å} (zeros elsewhere)."""
+        heads = self._check_heads(force_heads)
+        grad_was_enabled = torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad_was_enabled or bool(heads)):
+            pos = graph.pos
+            if heads and not pos.requires_grad:
+                pos = pos.detach().requires_grad_(True)
+            acc = self.energy_dtype
+            e_atom = self.atom_energies(graph, pos).to(acc)
+            e_atom = e_atom + self.reference_energies[:, graph.z].T.to(acc)
+            energy = torch.zeros(graph.n_structures, e_atom.shape[1], dtype=acc, device=e_atom.device)
+            energy = energy.index_add(0, graph.batch, e_atom)
+            out = {"energy": energy}
+            if heads is not None:
+                out["forces"] = self._forces(energy, pos, heads, create_graph, keep=grad_was_enabled)
+        if not grad_was_enabled:
+            out = {k: v.detach() for k, v in out.items()}
+        return out
+
+    def _forces(
+        self, energy: torch.Tensor, pos: torch.Tensor, heads: list[int], create_graph: bool, keep: bool
+    ) -> torch.Tensor:
+        """−∂E_k/∂pos for k in heads, stacked to [A, F, 3]."""
+        zeros = torch.zeros(pos.shape[0], 3, dtype=energy.dtype, device=energy.device)
+        columns = {}
+        for n, k in enumerate(heads):
+            retain = create_graph or keep or n < len(heads) - 1
+            (grad,) = torch.autograd.grad(
+                energy[:, k].sum(), pos, create_graph=create_graph, retain_graph=retain, allow_unused=True
+            )
+            columns[k] = zeros if grad is None else -grad.to(energy.dtype)
+        return torch.stack([columns.get(k, zeros) for k in range(energy.shape[1])], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.config.kind}, elements={self.elements}, fidelities={self.fidelity_names}"
