@@ -37,6 +37,17 @@ def emt_frames(n: int, seed: int = 0, names=("CH4", "H2O", "NH3", "CH3OH")):
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest, and steadiest on a shared 2-core machine, on one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def frames():
     return emt_frames(24)

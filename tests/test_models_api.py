@@ -12,13 +12,7 @@ from polyfid.models import Calculator, ModelConfig, Potential, graph_from_atoms,
 from polyfid.models.testing import TEST_FIDELITIES, implemented_kinds, tiny_config, tiny_potential
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest, and steadiest on a shared 2-core machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _graph(model, systems=None, dtype=torch.float64):

@@ -15,13 +15,7 @@ from polyfid.models import Calculator, graph_from_atoms, load_package, save_pack
 from polyfid.models.testing import implemented_kinds, tiny_potential
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest, and steadiest on a shared 2-core machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _energies(model):

@@ -14,13 +14,7 @@ from polyfid.models.testing import energy_forces, finite_difference_error, imple
 KINDS = implemented_kinds()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest, and steadiest on a shared 2-core machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ethanol() -> Atoms:

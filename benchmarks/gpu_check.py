@@ -1,0 +1,108 @@
+"""GPU checks: bf16 multi-fidelity training through the worker loop on one GPU over NCCL, then training
+and inference atoms/s in fp32 and bf16 for each model kind.
+
+    python benchmarks/gpu_check.py --train TRAIN.zarr --valid VALID.zarr --out OUT [--steps 300]
+
+Ray and MLflow are not needed here: the worker loop runs in this process as rank 0 of a 1-rank NCCL group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def timed_steps(kind: str, precision: str, stores, batches, n_warm: int = 5) -> dict[str, float]:
+    """Training and inference atoms/s of a fresh model on fixed batches."""
+    from polyfid.distributed.config import LossConfig, TrainerConfig
+    from polyfid.distributed.engine import build_engine, compute_dtype
+    from polyfid.distributed.steps import StepContext, multifidelity_step, prepare
+    from polyfid.distributed.worker import merged_references
+    from polyfid.models.config import ModelConfig
+    from polyfid.models.potential import Potential
+
+    fids = sorted({f.name: f for s in stores for f in s.fidelities}.values(), key=lambda f: (f.rank, f.name))
+    elements = sorted({int(z) for s in stores for z in s.elements})
+    mcfg = ModelConfig(kind=kind, width=128, n_interactions=2, n_atom_layers=3, l_max=3 if kind == "hiphop" else 2)
+    model = Potential(mcfg, elements, fids, merged_references(stores))
+    device = torch.device("cuda")
+    engine, prec = build_engine(model, TrainerConfig(precision=precision, workers=1, steps=10**6), device)
+    dtype = compute_dtype(prec)
+    ctx = StepContext(engine, LossConfig(), [f.name for f in fids], mcfg.cutoff, dtype, device)
+    for b in batches[:n_warm]:
+        multifidelity_step(b, ctx)
+    torch.cuda.synchronize()
+    t0, atoms = time.perf_counter(), 0
+    for b in batches[n_warm:]:
+        multifidelity_step(b, ctx)
+        atoms += int(b["n_atoms"].sum())
+    torch.cuda.synchronize()
+    train = atoms / (time.perf_counter() - t0)
+    graphs = [prepare(b, ctx)[0] for b in batches]
+    module = engine.module.eval()
+    for g in graphs[:n_warm]:
+        module(g, force_heads=[len(fids) - 1])
+    torch.cuda.synchronize()
+    t0, atoms = time.perf_counter(), 0
+    for g in graphs[n_warm:]:
+        module(g, force_heads=[len(fids) - 1])
+        atoms += g.n_atoms
+    torch.cuda.synchronize()
+    return {"train_atoms_per_s": train, "inference_atoms_per_s": atoms / (time.perf_counter() - t0),
+            "atoms_per_batch": float(sum(int(b["n_atoms"].sum()) for b in batches) / len(batches))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--train", required=True)
+    p.add_argument("--valid", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=300)
+    a = p.parse_args()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("nccl")
+    from polyfid.data_shards.reader import ShardReader, iter_all
+    from polyfid.data_shards.store import Store
+    from polyfid.distributed.config import load_config
+    from polyfid.distributed.evaluate import evaluate_batches
+    from polyfid.distributed.worker import train_loop_per_worker
+    from polyfid.models.package import load_package
+
+    out = Path(a.out)
+    report: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "backend": dist.get_backend()}
+    cfg = load_config(Path(__file__).parents[1] / "launch" / "recipes" / "demo.yaml", [
+        f"data.train={a.train}", f"data.valid={a.valid}", "trainer.workers=1", f"trainer.steps={a.steps}",
+        "tracking.enabled=false", f"output={out / 'bf16_run'}", "trainer.valid_every=100000",
+    ])
+    cfg.resolve_paths()
+    t0 = time.perf_counter()
+    train_loop_per_worker({"run": cfg.to_dict(), "mlflow_run_id": None})
+    report["bf16_run"] = {"steps": a.steps, "wall_s": time.perf_counter() - t0, "precision": "auto (bf16 on GPU)"}
+    model = load_package(out / "bf16_run" / "package")
+    valid = [Store.open(a.valid)]
+    fids = [f.name for f in valid[0].fidelities]
+    report["bf16_run"]["valid_errors_fp32_eval"] = evaluate_batches(model, iter_all(valid, fidelities=fids), fids).results()
+
+    stores = [Store.open(a.train)]
+    reader = ShardReader(stores, ShardReader.Config(atom_budget=4096, shuffle=True, loop=True, prefetch=0), fidelities=fids)
+    it = iter(reader)
+    batches = [next(it) for _ in range(35)]
+    report["throughput"] = {}
+    for kind in ("hipnn_ts", "hiphop"):
+        for precision in ("fp32", "bf16"):
+            r = timed_steps(kind, precision, stores, batches)
+            report["throughput"][f"{kind}/{precision}"] = r
+            print(kind, precision, r, flush=True)
+    (out / "gpu_report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
