@@ -22,6 +22,7 @@ class StepContext:
     cutoff: float
     dtype: torch.dtype
     device: torch.device
+    heads: list[int] | None = None  # model head of each label column; None: the same order
 
 
 def prepare(batch: dict, ctx: StepContext):
@@ -34,8 +35,9 @@ def prepare(batch: dict, ctx: StepContext):
 def multifidelity_step(batch: dict, ctx: StepContext) -> dict[str, float]:
     """One optimiser step on a batch that mixes fidelities; the loss is masked and globally normalised."""
     graph, targets = prepare(batch, ctx)
-    out = ctx.engine(graph, force_heads=targets.force_heads(), create_graph=True)
-    out = {k: v.float() for k, v in out.items()}
+    cols = ctx.heads if ctx.heads is not None else list(range(len(ctx.fidelity_names)))
+    out = ctx.engine(graph, force_heads=[cols[k] for k in targets.force_heads()], create_graph=True)
+    out = {k: v[:, cols].float() for k, v in out.items()}
     loss, metrics = multifidelity_loss(out, targets, ctx.loss, ctx.fidelity_names)
     ctx.engine.backward(loss)
     ctx.engine.step()

@@ -100,7 +100,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     valid = [Store.open(p) for p in cfg.data.valid]
 
     model = build_model(cfg, stores)
-    fidelities = list(model.fidelity_names)
+    # Label columns: the model's heads that the training data has (fine-tuning data may have just one).
+    present = {f.name for s in stores for f in s.fidelities}
+    fidelities = [n for n in model.fidelity_names if n in present]
+    heads = [model.fidelity_index(n) for n in fidelities]
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, precision = build_engine(model, cfg.trainer, device, params=trainable)
     dtype = compute_dtype(precision)
@@ -127,7 +130,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     tracker = Tracker(cfg.tracking.uri, run_id, enabled=cfg.tracking.enabled and rank == 0)
     step_fn = get_step_function(cfg.trainer.mode)
-    ctx = StepContext(engine, cfg.loss, fidelities, cfg.model.cutoff, dtype, device)
+    ctx = StepContext(engine, cfg.loss, fidelities, model.config.cutoff, dtype, device, heads)
     bar = make_progress(cfg.trainer.steps, step, rank)
     batches = iter(reader)
     window = {"atoms": 0.0, "wait": 0.0, "time": 0.0, "steps": 0}
@@ -152,7 +155,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if bar is not None and hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", atoms_s=f"{metrics['atoms_per_s']:.0f}")
         if valid and (step % cfg.trainer.valid_every == 0 or step == cfg.trainer.steps):
-            res = validate(engine.module, cfg, valid, fidelities, dtype, device, rank, world)
+            valid_fids = [n for n in model.fidelity_names if any(n in {f.name for f in v.fidelities} for v in valid)]
+            res = validate(engine.module, cfg, valid, valid_fids, dtype, device, rank, world)
             if rank == 0:
                 tracker.log_metrics(flatten_valid(res), step)
                 log.warning("step %d validation: %s", step, short(res))

@@ -49,9 +49,9 @@ def ingest_demo(workdir: Path) -> dict[str, str]:
                forces={LOW: f"forces_{LOW}", HIGH: f"forces_{HIGH}"}, ranks=ranks, append=i > 0, progress=False)
     t = files[TARGET]
     ingest([f"{t}@:{N_TARGET_TRAIN}"], stores["target"], dataset=TARGET, energy={HIGH: f"energy_{HIGH}"},
-           forces={HIGH: f"forces_{HIGH}"}, ranks=ranks, progress=False)
+           forces={HIGH: f"forces_{HIGH}"}, ranks={HIGH: ranks[HIGH]}, progress=False)
     ingest([f"{t}@{N_TARGET_TRAIN}:"], stores["target_test"], dataset=TARGET, energy={HIGH: f"energy_{HIGH}"},
-           forces={HIGH: f"forces_{HIGH}"}, ranks=ranks, progress=False)
+           forces={HIGH: f"forces_{HIGH}"}, ranks={HIGH: ranks[HIGH]}, progress=False)
     from polyfid.data_shards.store import Store
 
     for k, p in stores.items():
@@ -61,16 +61,20 @@ def ingest_demo(workdir: Path) -> dict[str, str]:
     return stores
 
 
-def evaluate(package: str, store: str, fidelities: list[str] | None = None) -> dict:
-    """Errors of a package on a store, per fidelity."""
+def evaluate(package: str, store: str, refit_on: str | None = None) -> dict:
+    """Errors of a package on a store, per fidelity; `refit_on` first refits the head's references there."""
     from polyfid.data_shards.reader import iter_all
     from polyfid.data_shards.store import Store
     from polyfid.distributed.evaluate import evaluate_batches
+    from polyfid.distributed.finetune import refit_references
     from polyfid.models.package import load_package
 
     s = Store.open(store)
-    fids = fidelities or [f.name for f in s.fidelities]
-    return evaluate_batches(load_package(package), iter_all([s], fidelities=fids), fids).results()
+    fids = [f.name for f in s.fidelities]
+    model = load_package(package)
+    if refit_on:
+        refit_references(model, HIGH, [Store.open(refit_on)])
+    return evaluate_batches(model, iter_all([s], fidelities=fids), fids).results()
 
 
 def run_demo(workdir: Path, steps: int | None = None, workers: int = 2, overrides: list[str] | None = None) -> dict:
@@ -109,7 +113,8 @@ def run_demo(workdir: Path, steps: int | None = None, workers: int = 2, override
     t = _section("4/5 evaluate")
     tables = {
         "pretrained, held-out frames of the pretraining molecules": evaluate(pre["package"], stores["valid"]),
-        f"pretrained, {TARGET} test frames (never seen)": evaluate(pre["package"], stores["target_test"]),
+        f"pretrained + reference refit on the target = fine-tuning step 0, {TARGET} test frames":
+            evaluate(pre["package"], stores["target_test"], refit_on=stores["target"]),
         f"fine-tuned, {TARGET} test frames": evaluate(ft["package"], stores["target_test"]),
     }
     for title, res in tables.items():
