@@ -98,7 +98,7 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         _worker_entry,
-        train_loop_config={"run": cfg.to_dict(), "mlflow_run_id": tracker.run_id},
+        train_loop_config={"run": cfg.to_dict(), "mlflow_run_id": tracker.run_id, "parent_uri": parent_uri},
         scaling_config=ScalingConfig(num_workers=cfg.trainer.workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RayRunConfig(

@@ -166,7 +166,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if bar is not None:
         bar.close()
     if rank == 0:
-        write_package(engine.module, cfg, stores, run_id)
+        write_package(engine.module, cfg, stores, run_id, parent=config.get("parent_uri"))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -200,7 +200,9 @@ def short(res: dict[str, dict[str, float]]) -> str:
     )
 
 
-def write_package(module: torch.nn.Module, cfg: RunConfig, stores: list[Store], run_id: str | None) -> Path:
+def write_package(
+    module: torch.nn.Module, cfg: RunConfig, stores: list[Store], run_id: str | None, parent: str | None = None
+) -> Path:
     """Save the trained model (in float32) as a package with lineage, at <output>/package."""
     import copy
 
@@ -212,7 +214,7 @@ def write_package(module: torch.nn.Module, cfg: RunConfig, stores: list[Store], 
         "mlflow_run_id": run_id,
         "tracking_uri": cfg.tracking.uri,
         "polyfid_version": polyfid.__version__,
-        "parent": cfg.finetune.source,
+        "parent": parent or cfg.finetune.source,  # the URI the user gave, not the downloaded copy
         "mode": cfg.trainer.mode,
         "steps": cfg.trainer.steps,
     }
