@@ -21,7 +21,7 @@ def _loss_and_grads(model, batch, cfg=LossConfig()):
     out = model(graph, force_heads=t.force_heads(), create_graph=True)
     loss, metrics = multifidelity_loss(out, t, cfg, model.fidelity_names)
     loss.backward()
-    return float(loss), metrics, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), metrics, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_missing_labels_do_not_count():

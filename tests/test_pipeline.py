@@ -30,13 +30,14 @@ def pipeline(tmp_path_factory):
     """Ingest, pretrain on 2 Ray workers, fine-tune from the registry; shared by the tests below."""
     tmp = tmp_path_factory.mktemp("spine")
     files = {p.name.split(".")[0]: p for p in demo_files()}
-    eth, fa = files["ethanol"], files["formic_acid"]
+    eth, fa, mam = files["ethanol"], files["formic_acid"], files["methylamine"]
     _ingest(tmp / "train.zarr", f"{eth}@:40", forces=[LOW])  # S1: high-level energies only
+    _ingest(tmp / "train2.zarr", f"{mam}@:24", forces=[LOW], dataset="methylamine")  # a second store
     _ingest(tmp / "valid.zarr", f"{eth}@-10:", forces=[LOW, HIGH])
     _ingest(tmp / "target.zarr", f"{fa}@:16", forces=[HIGH], dataset="formic_acid")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     common = ["--set", f"tracking.uri={uri}", "--set", "model.width=16", "--set", "model.n_sensitivities=8"]
-    assert main(["pretrain", "--config", "launch/recipes/demo.yaml", "--set", f"data.train={tmp / 'train.zarr'}",
+    assert main(["pretrain", "--config", "launch/recipes/demo.yaml", "--set", f"data.train={tmp / 'train.zarr'},{tmp / 'train2.zarr'}",
                  "--set", f"data.valid={tmp / 'valid.zarr'}", "--set", "trainer.workers=2",
                  "--set", "trainer.steps=12", "--set", "trainer.log_every=4", "--set", "trainer.valid_every=6",
                  "--set", "trainer.checkpoint_every=6", "--set", f"output={tmp / 'pre'}",
@@ -55,7 +56,8 @@ def test_pretrain_writes_package_and_mlflow_run(pipeline):
     meta = json.loads((tmp / "pre" / "package" / "polyfid.json").read_text())
     assert [f["name"] for f in meta["fidelities"]] == [LOW, HIGH]
     assert meta["lineage"]["mlflow_run_id"] == pre["mlflow_run_id"]
-    assert meta["lineage"]["stores"][0]["fingerprint"]
+    assert len(meta["lineage"]["stores"]) == 2 and all(s["fingerprint"] for s in meta["lineage"]["stores"])
+    assert meta["elements"] == [1, 6, 7, 8]  # the union over both stores
     assert (tmp / "pre" / "config.yaml").exists()
     assert sorted(p.name for p in (tmp / "pre" / "checkpoints").glob("step_*")) == ["step_00000006", "step_00000012"]
 
