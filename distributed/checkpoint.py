@@ -10,8 +10,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from polyfid.data_shards.reader import ShardReader
-
 log = logging.getLogger("polyfid.checkpoint")
 KEEP = 2  # checkpoints kept on disk
 
@@ -42,7 +40,7 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, reader, run_id: str
     client = {
         "step": step,
         "world_size": len(states),
-        "reader": ShardReader.gather_states([s["reader"] for s in states]),  # resumable on any world size
+        "reader": type(reader).gather_states([s["reader"] for s in states]),  # resumable on any world size
         "rng": [s["rng"] for s in states],
         "mlflow_run_id": run_id,
     }

@@ -94,6 +94,23 @@ class TrainerConfig:
 
 
 @dataclasses.dataclass
+class ReptileConfig:
+    """Meta-learning (S3): Reptile over tasks, a task being one (store, fidelity) pair."""
+
+    inner_steps: int = 8  # k optimiser steps on one task per outer step, without communication
+    inner_lr: float = 1e-3  # fresh Adam for every inner loop
+    epsilon: float = 0.5  # outer step size, annealed linearly to 0 over trainer.steps
+    task_weights: str = "uniform"  # uniform | size (by labelled structures)
+
+    def __post_init__(self) -> None:
+        _choice("reptile", "task_weights", self.task_weights, ("uniform", "size"))
+        if self.inner_steps < 1:
+            raise ConfigError(f"reptile.inner_steps must be at least 1, got {self.inner_steps}")
+        if not 0 < self.epsilon <= 1:
+            raise ConfigError(f"reptile.epsilon must be in (0, 1], got {self.epsilon}")
+
+
+@dataclasses.dataclass
 class TrackingConfig:
     """MLflow tracking: where, under which experiment, and which registered model name."""
 
@@ -127,6 +144,7 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    reptile: ReptileConfig = dataclasses.field(default_factory=ReptileConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
 

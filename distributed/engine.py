@@ -67,19 +67,39 @@ def lr_factor(step: int, cfg: TrainerConfig) -> float:
     return cfg.lr_final_factor + (1 - cfg.lr_final_factor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainerConfig, device: torch.device, params: Iterable | None = None):
-    """Wrap the model in a DeepSpeed engine; torch.distributed must already be initialised."""
+def build_engine(
+    model: torch.nn.Module,
+    cfg: TrainerConfig,
+    device: torch.device,
+    params: Iterable | None = None,
+    reptile_epsilon: float | None = None,
+):
+    """Wrap the model in a DeepSpeed engine; torch.distributed must already be initialised.
+
+    With `reptile_epsilon` the engine's optimiser is plain SGD with lr ε annealed linearly to 0 and no
+    clipping, so that a step with gradient θ − φ is exactly the Reptile outer update.
+    """
     ensure_extension_cache()
     import deepspeed
 
     precision = resolve_precision(cfg, device)
     model = model.to(device)
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-    engine, _, _, scheduler = deepspeed.initialize(
+    ds_config = deepspeed_config(cfg, precision)
+    optimizer, schedule = None, (lambda s: lr_factor(s, cfg))
+    if reptile_epsilon is not None:
+        del ds_config["optimizer"]
+        ds_config["gradient_clipping"] = 0.0
+        ds_config["gradient_accumulation_steps"] = 1
+        ds_config["zero_allow_untested_optimizer"] = True  # plain SGD, checked against Reptile in tests
+        optimizer = torch.optim.SGD(trainable, lr=reptile_epsilon)
+        schedule = lambda s: max(0.0, 1.0 - s / cfg.steps)  # noqa: E731
+    engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=trainable,
-        config=deepspeed_config(cfg, precision),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg)),
+        optimizer=optimizer,
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         dist_init_required=False,
     )
     return engine, precision

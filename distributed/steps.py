@@ -23,6 +23,7 @@ class StepContext:
     dtype: torch.dtype
     device: torch.device
     heads: list[int] | None = None  # model head of each label column; None: the same order
+    extra: dict = dataclasses.field(default_factory=dict)  # what a mode's step needs besides (Reptile: tasks, lr)
 
 
 def prepare(batch: dict, ctx: StepContext):
@@ -44,14 +45,12 @@ def multifidelity_step(batch: dict, ctx: StepContext) -> dict[str, float]:
     return metrics
 
 
-STEP_FUNCTIONS: dict[str, Callable[[dict, StepContext], dict[str, float]]] = {
-    "multifidelity": multifidelity_step,
-}
+def get_step_function(mode: str) -> Callable[[object, StepContext], dict[str, float]]:
+    """The step function of a training mode."""
+    if mode == "multifidelity":
+        return multifidelity_step
+    if mode == "reptile":
+        from polyfid.distributed.reptile import reptile_step
 
-
-def get_step_function(mode: str) -> Callable[[dict, StepContext], dict[str, float]]:
-    if mode not in STEP_FUNCTIONS:
-        raise NotImplementedError(
-            f"trainer.mode={mode!r} has no step function yet; available: {', '.join(STEP_FUNCTIONS)}"
-        )
-    return STEP_FUNCTIONS[mode]
+        return reptile_step
+    raise NotImplementedError(f"trainer.mode={mode!r} has no step function; available: multifidelity, reptile")

@@ -22,6 +22,7 @@ from polyfid.distributed.config import RunConfig
 from polyfid.distributed.engine import build_engine, compute_dtype, resolve_device
 from polyfid.distributed.evaluate import evaluate_batches
 from polyfid.distributed.finetune import prepare_finetune_model
+from polyfid.distributed.reptile import TaskStreams, list_tasks, task_weights
 from polyfid.distributed.steps import StepContext, get_step_function
 from polyfid.distributed.tracking import Tracker
 from polyfid.models.package import save_package
@@ -105,22 +106,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fidelities = [n for n in model.fidelity_names if n in present]
     heads = [model.fidelity_index(n) for n in fidelities]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, precision = build_engine(model, cfg.trainer, device, params=trainable)
+    reptile = cfg.trainer.mode == "reptile"
+    engine, precision = build_engine(
+        model, cfg.trainer, device, params=trainable, reptile_epsilon=cfg.reptile.epsilon if reptile else None
+    )
     dtype = compute_dtype(precision)
 
-    reader = ShardReader(
-        stores,
-        ShardReader.Config(
-            atom_budget=cfg.data.atom_budget,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            seed=cfg.trainer.seed,
-            loop=True,
-            prefetch=cfg.data.prefetch,
-        ),
-        rank=rank,
-        world_size=world,
-        fidelities=fidelities,
+    reader_cfg = ShardReader.Config(
+        atom_budget=cfg.data.atom_budget,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        seed=cfg.trainer.seed,
+        loop=True,
+        prefetch=0 if reptile else cfg.data.prefetch,
     )
+    extra: dict[str, Any] = {}
+    if reptile:
+        tasks = list_tasks(stores, model.fidelity_names)
+        weights = task_weights(tasks, stores, cfg.reptile.task_weights)
+        reader = TaskStreams(stores, tasks, weights, cfg.reptile, reader_cfg, rank, world, cfg.trainer.seed)
+        extra = {"tasks": tasks, "inner_lr": cfg.reptile.inner_lr}
+    else:
+        reader = ShardReader(stores, reader_cfg, rank=rank, world_size=world, fidelities=fidelities)
     ckpt_dir = Path(cfg.output) / "checkpoints"
     step = 0
     if latest_checkpoint(ckpt_dir) is not None:
@@ -130,7 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     tracker = Tracker(cfg.tracking.uri, run_id, enabled=cfg.tracking.enabled and rank == 0)
     step_fn = get_step_function(cfg.trainer.mode)
-    ctx = StepContext(engine, cfg.loss, fidelities, model.config.cutoff, dtype, device, heads)
+    ctx = StepContext(engine, cfg.loss, fidelities, model.config.cutoff, dtype, device, heads, extra)
     bar = make_progress(cfg.trainer.steps, step, rank)
     batches = iter(reader)
     window = {"atoms": 0.0, "wait": 0.0, "time": 0.0, "steps": 0}
@@ -141,7 +147,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = step_fn(batch, ctx)
         t2 = time.perf_counter()
         step += 1
-        window["atoms"] += float(batch["n_atoms"].sum())
+        window["atoms"] += atoms_in(batch)
         window["wait"] += t1 - t0
         window["time"] += t2 - t0
         window["steps"] += 1
@@ -169,6 +175,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         write_package(engine.module, cfg, stores, run_id, parent=config.get("parent_uri"))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def atoms_in(item) -> float:
+    """Atoms in what one step consumed: a batch, or Reptile's (task, batches)."""
+    batches = item[1] if isinstance(item, tuple) else [item]
+    return float(sum(b["n_atoms"].sum() for b in batches))
 
 
 def throughput(window: dict[str, float], engine) -> dict[str, float]:
