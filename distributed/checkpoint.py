@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -48,6 +49,7 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, reader, run_id: str
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if rank == 0:
+        (ckpt_dir / tag / "polyfid_meta.json").write_text(json.dumps({"step": step, "world_size": len(states)}))
         tags = sorted(p.name for p in ckpt_dir.glob("step_*") if p.is_dir())
         for old in tags[:-KEEP]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
@@ -56,18 +58,28 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, reader, run_id: str
 
 def load_checkpoint(engine, ckpt_dir: str | Path, reader, rank: int, world: int) -> dict[str, Any]:
     """Restore the engine and this rank's reader cursor and RNG; returns the client state."""
-    path, client = engine.load_checkpoint(str(ckpt_dir))
+    tag = latest_checkpoint(ckpt_dir)
+    meta_file = Path(ckpt_dir) / str(tag) / "polyfid_meta.json"
+    saved_world = json.loads(meta_file.read_text())["world_size"] if meta_file.exists() else world
+    same = saved_world == world
+    # DeepSpeed cannot repartition ZeRO optimizer state over a new world size: then restore the weights only.
+    path, client = engine.load_checkpoint(str(ckpt_dir), load_module_only=not same)
     if path is None or client is None:
         raise RuntimeError(f"could not load the checkpoint in {ckpt_dir}")
     reader.load_state_dict(client["reader"])
-    if client.get("world_size") == world:
+    if same:
         torch.set_rng_state(client["rng"][rank])
     else:
+        sched = getattr(engine, "lr_scheduler", None)
+        if sched is not None:  # continue the learning-rate schedule where it was
+            sched.last_epoch = int(client["step"]) - 1
+            sched.step()
         log.warning(
             "checkpoint in %s was written by %s workers, this run has %d: the rest of the epoch is re-planned "
-            "over the new workers, so no structure is lost or seen twice",
+            "over the new workers (no structure lost or seen twice); the weights and schedule carry over, the "
+            "optimizer moments restart",
             ckpt_dir,
-            client.get("world_size"),
+            saved_world,
             world,
         )
     return client

@@ -82,11 +82,14 @@ class TrainerConfig:
     valid_every: int = 100
     checkpoint_every: int = 100
     max_failures: int = 0  # Ray Train restarts of the worker group from the latest checkpoint
+    placement: str = "PACK"  # Ray placement of workers: PACK (fill nodes) | SPREAD (one per node first)
+    trace_dir: str | None = None  # if set, each rank appends (step, epoch, structure ids, node) per step there
 
     def __post_init__(self) -> None:
         _choice("trainer", "mode", self.mode, ("multifidelity", "reptile"))
         _choice("trainer", "zero_stage", self.zero_stage, (0, 1, 2))
         _choice("trainer", "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _choice("trainer", "placement", self.placement, ("PACK", "SPREAD"))
         if self.workers < 1:
             raise ConfigError(f"trainer.workers must be at least 1, got {self.workers}")
         if self.steps < 1:
@@ -179,6 +182,8 @@ class RunConfig:
         self.output = absol(self.output)
         self.data.train = [absol(p) for p in self.data.train]
         self.data.valid = [absol(p) for p in self.data.valid]
+        if self.trainer.trace_dir:
+            self.trainer.trace_dir = absol(self.trainer.trace_dir)
         if self.finetune.source and ":/" not in self.finetune.source:
             self.finetune.source = absol(self.finetune.source)
         self.tracking.uri = resolve_tracking_uri(self.tracking.uri, base)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from polyfid.distributed.config import ConfigError, RunConfig, save_config
 from polyfid.distributed.engine import ensure_extension_cache
 from polyfid.distributed.steps import get_step_function
 from polyfid.distributed.tracking import Tracker, download_package
+from polyfid.distributed.worker import STOP_FILE
 
 log = logging.getLogger("polyfid.launcher")
 
@@ -72,8 +74,9 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
     # One MLflow run per output folder: a rerun of the same command continues it.
     run_file = out / "mlflow_run.json"
     tracker = Tracker(cfg.tracking.uri, enabled=cfg.tracking.enabled)
-    if run_file.exists():
-        tracker.run_id = json.loads(run_file.read_text()).get("run_id")
+    if run_file.exists() and json.loads(run_file.read_text()).get("run_id"):
+        tracker.run_id = json.loads(run_file.read_text())["run_id"]
+        tracker.resume()
     else:
         tags = {"polyfid.mode": cfg.trainer.mode, "polyfid.kind": "finetune" if parent_uri else "pretrain"}
         if parent_uri:
@@ -99,7 +102,12 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={"run": cfg.to_dict(), "mlflow_run_id": tracker.run_id, "parent_uri": parent_uri},
-        scaling_config=ScalingConfig(num_workers=cfg.trainer.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.trainer.workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.trainer.placement,
+        ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RayRunConfig(
             name=f"{cfg.name}-{int(time.time())}",
@@ -108,17 +116,28 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
         ),
     )
     t0 = time.perf_counter()
+    stop_file = out / STOP_FILE
+    stop_file.unlink(missing_ok=True)
+    previous = _on_sigterm(stop_file)
     try:
         trainer.fit()
     except BaseException:
         tracker.end("FAILED")
         raise
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if shutdown_ray and not cfg.trainer.address:
             import ray
 
             ray.shutdown()
     wall = time.perf_counter() - t0
+    if stop_file.exists():  # preempted: the workers wrote a checkpoint; the same command resumes
+        stop_file.unlink()
+        tracker.end("KILLED")
+        summary = {"stopped": True, "checkpoints": str(out / "checkpoints"), "mlflow_run_id": tracker.run_id,
+                   "wall_s": wall, "package": None}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
 
     package = out / "package"
     if not (package / "polyfid.json").exists():
@@ -139,6 +158,16 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _on_sigterm(stop_file: Path):
+    """On SIGTERM (a preemption), ask the workers to checkpoint and stop, instead of dying mid-step."""
+
+    def handler(signum, frame):  # noqa: ARG001
+        log.warning("SIGTERM: asking the workers to write a checkpoint and stop")
+        stop_file.write_text("SIGTERM\n")
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _worker_entry(config: dict[str, Any]) -> None:

@@ -47,6 +47,10 @@ class Tracker:
         self.run_id = self._guard("start a run", _start)
         return self.run_id
 
+    def resume(self) -> None:
+        """Mark a run that is being resumed (after a preemption or a crash) as running again."""
+        self._call("resume the run", lambda: self.client.update_run(self.run_id, status="RUNNING"))
+
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id:
             self._guard("end the run", lambda: self.client.set_terminated(self.run_id, status=status))

@@ -6,6 +6,7 @@ by Ray Train (gloo on CPU, NCCL on GPU) when this runs.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -138,8 +139,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step_fn = get_step_function(cfg.trainer.mode)
     ctx = StepContext(engine, cfg.loss, fidelities, model.config.cutoff, dtype, device, heads, extra)
     bar = make_progress(cfg.trainer.steps, step, rank)
+    trace = Trace(cfg.trainer.trace_dir, rank)
+    stop_file = Path(cfg.output) / STOP_FILE
     batches = iter(reader)
-    window = {"atoms": 0.0, "wait": 0.0, "time": 0.0, "steps": 0}
+    window = new_window()
+    stopped = False
     while step < cfg.trainer.steps:
         t0 = time.perf_counter()
         batch = next(batches)
@@ -147,7 +151,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = step_fn(batch, ctx)
         t2 = time.perf_counter()
         step += 1
+        trace.write(step, reader, batch)
         window["atoms"] += atoms_in(batch)
+        window["budget"] += cfg.data.atom_budget * (len(batch[1]) if isinstance(batch, tuple) else 1)
         window["wait"] += t1 - t0
         window["time"] += t2 - t0
         window["steps"] += 1
@@ -155,26 +161,68 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             bar.update(1)
         if step % cfg.trainer.log_every == 0 or step == cfg.trainer.steps:
             metrics.update(throughput(window, engine))
-            window = {"atoms": 0.0, "wait": 0.0, "time": 0.0, "steps": 0}
+            window = new_window()
             if rank == 0:
                 tracker.log_metrics(metrics, step)
-                if bar is not None and hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", atoms_s=f"{metrics['atoms_per_s']:.0f}")
+                if bar is not None:
+                    bar.set_description(f"train loss {metrics['loss']:.4f} {metrics['atoms_per_s']:.0f} atoms/s")
         if valid and (step % cfg.trainer.valid_every == 0 or step == cfg.trainer.steps):
             valid_fids = [n for n in model.fidelity_names if any(n in {f.name for f in v.fidelities} for v in valid)]
             res = validate(engine.module, cfg, valid, valid_fids, dtype, device, rank, world)
             if rank == 0:
                 tracker.log_metrics(flatten_valid(res), step)
                 log.warning("step %d validation: %s", step, short(res))
-        if step % cfg.trainer.checkpoint_every == 0 or step == cfg.trainer.steps:
+        stopped = stop_requested(stop_file)
+        if stopped or step % cfg.trainer.checkpoint_every == 0 or step == cfg.trainer.steps:
             save_checkpoint(engine, ckpt_dir, step, reader, run_id, rank)
+        if stopped:
+            log.warning("rank %d: stop requested; checkpoint written at step %d", rank, step)
+            break
 
     if bar is not None:
         bar.close()
-    if rank == 0:
+    if rank == 0 and not stopped:
         write_package(engine.module, cfg, stores, run_id, parent=config.get("parent_uri"))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+STOP_FILE = "STOP"  # the driver writes it on SIGTERM; workers checkpoint and leave at the next step
+
+
+def stop_requested(path: Path) -> bool:
+    """Whether any rank sees the stop file; one scalar all-reduce so that all ranks agree."""
+    flag = torch.tensor([1.0 if path.exists() else 0.0])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag)
+    return bool(flag.item() > 0)
+
+
+class Trace:
+    """Optional per-rank JSON lines of what each step consumed: for exactness checks and debugging."""
+
+    def __init__(self, trace_dir: str | None, rank: int) -> None:
+        self.file = None
+        if trace_dir:
+            import ray
+
+            Path(trace_dir).mkdir(parents=True, exist_ok=True)
+            self.file = open(Path(trace_dir) / f"rank{rank}.jsonl", "a")
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+            self.base = {"rank": rank, "pid": os.getpid(), "node": node}
+
+    def write(self, step: int, reader, item) -> None:
+        if self.file is None:
+            return
+        batches = item[1] if isinstance(item, tuple) else [item]
+        ids = [[int(s), int(i)] for b in batches for s, i in zip(b["store"], b["structure_id"])]
+        rec = dict(self.base, step=step, epoch=getattr(reader, "epoch", None), ids=ids)
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+
+
+def new_window() -> dict[str, float]:
+    return {"atoms": 0.0, "budget": 0.0, "wait": 0.0, "time": 0.0, "steps": 0}
 
 
 def atoms_in(item) -> float:
@@ -184,21 +232,26 @@ def atoms_in(item) -> float:
 
 
 def throughput(window: dict[str, float], engine) -> dict[str, float]:
-    """Global atoms/s, step time, data-wait fraction and learning rate over the last window."""
-    t = torch.tensor([window["atoms"], window["wait"], window["time"]], dtype=torch.float64)
-    per_worker = window["atoms"] / max(window["time"], 1e-9)
-    world = 1
+    """Telemetry over the last window: global and per-worker atoms/s, step time, data wait, budget fill."""
+    mine = torch.tensor([window["atoms"], window["wait"], window["time"], window["budget"]], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-        world = dist.get_world_size()
-    wall = float(t[2]) / world  # mean wall time of the window over ranks
-    return {
-        "atoms_per_s": float(t[0]) / max(wall, 1e-9),
-        "atoms_per_s_worker0": per_worker,
+        rows = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, mine)
+        table = torch.stack(rows)
+    else:
+        table = mine[None]
+    atoms, wait, busy, budget = table.sum(0).tolist()
+    wall = float(table[:, 2].max())  # the slowest rank sets the pace
+    out = {
+        "atoms_per_s": atoms / max(wall, 1e-9),
         "step_time_s": wall / max(window["steps"], 1),
-        "data_wait_fraction": float(t[1]) / max(float(t[2]), 1e-9),
+        "data_wait_fraction": wait / max(busy, 1e-9),
+        "atom_budget_fill": atoms / max(budget, 1e-9),  # 1 - padding waste of atom-budget batching
         "lr": float(engine.get_lr()[0]) if hasattr(engine, "get_lr") else float("nan"),
     }
+    for r, row in enumerate(table.tolist()):
+        out[f"atoms_per_s/worker{r}"] = row[0] / max(row[2], 1e-9)
+    return out
 
 
 def flatten_valid(res: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -35,12 +35,45 @@ def cmd_ingest(a: argparse.Namespace) -> int:
         forces=_pairs(a.forces, "--forces"),
         ranks=ranks,
         energy_unit=a.energy_unit,
+        length_unit=a.length_unit,
         append=a.append,
         shard_size=a.shard_size,
+        min_distance=a.min_distance,
+        merge_on=a.merge_on,
+        workers=a.workers,
         progress=not a.quiet,
     )
     fids = ", ".join(f"{f.name} (rank {f.rank})" for f in store.fidelities)
     print(f"{a.out}: {store.n_structures} structures, {store.n_atoms} atoms, {len(store.shards)} shards; fidelities {fids}")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from polyfid.data_shards.inspect import format_summary, summarize
+    from polyfid.data_shards.store import Store
+
+    try:
+        summary = summarize(Store.open(a.store))
+    except ValueError as e:
+        print(f"polyfid inspect: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1, default=str) if a.json else format_summary(summary))
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from polyfid.data_shards.inspect import verify_store
+
+    try:
+        store, bad = verify_store(a.store)
+    except ValueError as e:
+        print(f"polyfid verify: error: {e}", file=sys.stderr)
+        return 2
+    if bad:
+        print(f"polyfid verify: {a.store}: {len(bad)} of {len(store.shards)} shards are corrupt: "
+              f"{', '.join(bad)}", file=sys.stderr)
+        return 1
+    print(f"{a.store}: all {len(store.shards)} shards match their checksums ({store.n_structures} structures)")
     return 0
 
 
@@ -83,6 +116,10 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
 
 def _print_summary(s: dict) -> None:
+    if s.get("stopped"):
+        print(f"stopped on request; checkpoint in {s['checkpoints']}. Run the same command again to resume"
+              f" (MLflow run {s['mlflow_run_id']} continues).")
+        return
     print(f"package: {s['package']}")
     if s.get("mlflow_run_id"):
         print(f"MLflow run: {s['mlflow_run_id']}  (runs:/{s['mlflow_run_id']}/package)")
@@ -150,18 +187,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="polyfid", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("ingest", help="read extxyz / ASE db files into a zarr store")
-    s.add_argument("inputs", nargs="+", help="extxyz(.gz) or .db files; PATH@START:STOP takes a slice")
+    s = sub.add_parser("ingest", help="read extxyz / ASE db / ANI HDF5 / MD17 npz files into a zarr store")
+    s.add_argument("inputs", nargs="+",
+                   help="extxyz(.gz), .db, ANI .h5 or MD17 .npz files; PATH@START:STOP takes a slice")
     s.add_argument("--out", required=True, help="the store to create (or extend with --append)")
     s.add_argument("--dataset", required=True, help="dataset name recorded for these structures")
-    s.add_argument("--energy", action="append", metavar="FIDELITY=INFO_KEY", help="energy label (repeatable)")
-    s.add_argument("--forces", action="append", metavar="FIDELITY=ARRAY_KEY", help="forces label (repeatable)")
+    s.add_argument("--energy", action="append", metavar="FIDELITY=KEY", help="energy label (repeatable)")
+    s.add_argument("--forces", action="append", metavar="FIDELITY=KEY", help="forces label (repeatable)")
     s.add_argument("--rank", action="append", metavar="FIDELITY=N", help="fidelity rank; higher = more accurate")
-    s.add_argument("--energy-unit", default="eV", help="eV | hartree | kcal/mol | kJ/mol (default eV)")
+    s.add_argument("--energy-unit", default=None,
+                   help="eV | hartree | kcal/mol | kJ/mol (default: the format's own: eV, ANI h5 hartree, "
+                   "MD17 kcal/mol)")
+    s.add_argument("--length-unit", default="angstrom", help="angstrom | bohr (default angstrom)")
     s.add_argument("--append", action="store_true", help="add to an existing store")
+    s.add_argument("--merge-on", metavar="id:KEY|geometry",
+                   help="one row per structure: merge frames (and, with --append, the store's structures) "
+                   "with equal KEY or geometry")
+    s.add_argument("--min-distance", type=float, default=0.1, help="refuse atoms closer than this (Å; default 0.1)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="Ray tasks in flight, one per output shard (default 1: serial)")
     s.add_argument("--shard-size", type=int, default=50_000, help="structures per shard (default 50000)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_ingest)
+
+    s = sub.add_parser("inspect", help="fidelities, datasets, counts, label coverage, reference energies")
+    s.add_argument("store", help="store path or fsspec URL")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("verify", help="check every shard's checksum; exit 1 naming corrupt shards")
+    s.add_argument("store", help="store path or fsspec URL")
+    s.set_defaults(fn=cmd_verify)
 
     for name, help_ in (("pretrain", "pretrain on Ray Train + DeepSpeed"), ("finetune", "fine-tune a package")):
         s = sub.add_parser(name, help=help_)

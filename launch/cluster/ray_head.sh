@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Start the Ray head on this node. Usage: launch/cluster/ray_head.sh [PORT]
+# Every node needs the same Python environment (this repository installed) and the same RAY_AUTH_MODE.
+set -euo pipefail
+PORT=${1:-6379}
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/polyfid/torch_extensions}
+ray start --head --port "$PORT" --dashboard-host 127.0.0.1 ${RAY_HEAD_ARGS:-}
+echo "Ray head at $(hostname -I | awk '{print $1}'):$PORT; join with launch/cluster/ray_worker.sh HEAD_IP:$PORT"

@@ -1,0 +1,176 @@
+"""Distributed training that survives, on real Ray Train + DeepSpeed (gloo): a SIGKILLed worker, a resume on
+another worker count, SIGTERM on the driver, a tracking outage, and a 2-node cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from polyfid.data_shards.demo import HIGH, LOW, demo_files
+from polyfid.data_shards.ingest import ingest
+from polyfid.distributed.config import load_config
+from polyfid.distributed.launcher import run_training
+
+pytestmark = pytest.mark.timeout(900)
+RECIPE = Path(__file__).resolve().parents[1] / "launch" / "recipes" / "demo.yaml"
+N_STRUCTURES = 48
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """48 ethanol frames (real QM labels), in 6 shards."""
+    out = tmp_path_factory.mktemp("res") / "train.zarr"
+    eth = [p for p in demo_files() if p.name.startswith("ethanol")][0]
+    ingest([f"{eth}@:{N_STRUCTURES}"], str(out), dataset="ethanol",
+           energy={LOW: f"energy_{LOW}", HIGH: f"energy_{HIGH}"}, forces={LOW: f"forces_{LOW}"},
+           ranks={LOW: 0, HIGH: 1}, shard_size=8, progress=False)
+    return str(out)
+
+
+def _cfg(store: str, out: Path, *sets: str):
+    return load_config(RECIPE, [
+        f"data.train={store}", f"output={out}", f"tracking.uri=sqlite:///{out.parent / 'mlflow.db'}",
+        "tracking.register_as=null", "model.width=16", "model.n_sensitivities=8", "data.atom_budget=64",
+        "trainer.log_every=5", "trainer.valid_every=100000", f"trainer.trace_dir={out / 'trace'}", *sets])
+
+
+def _trace(out: Path) -> list[dict]:
+    rows = [json.loads(line) for p in sorted((out / "trace").glob("rank*.jsonl")) for line in p.read_text().splitlines()]
+    return rows
+
+
+def _committed(rows: list[dict]) -> dict[tuple[int, int], dict]:
+    """(rank, step) -> record, keeping the last execution of a step (steps after a checkpoint re-run on restart)."""
+    out: dict[tuple[int, int], dict] = {}
+    for r in rows:
+        out[(r["rank"], r["step"])] = r
+    return out
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "package" / "model.safetensors"))
+
+
+def test_killed_worker_restarts_from_checkpoint_and_matches(store, tmp_path):
+    steps = 40
+    ref = tmp_path / "ref"
+    run_training(_cfg(store, ref, f"trainer.steps={steps}", "trainer.checkpoint_every=10"))
+
+    out = tmp_path / "killed"
+    killed: dict = {}
+
+    def killer():
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            rows = [r for r in (_trace(out) if (out / "trace").exists() else []) if r["rank"] == 1]
+            if rows and rows[-1]["step"] >= 15:
+                os.kill(rows[-1]["pid"], signal.SIGKILL)
+                killed.update(pid=rows[-1]["pid"], step=rows[-1]["step"])
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    run_training(_cfg(store, out, f"trainer.steps={steps}", "trainer.checkpoint_every=10", "trainer.max_failures=2"))
+    t.join(timeout=5)
+    assert killed, "the worker was never killed (the run ended first)"
+    assert killed["step"] < steps
+
+    rows = _trace(out)
+    pids = {r["pid"] for r in rows if r["rank"] == 1}
+    assert len(pids) == 2  # rank 1 ran in a second process after the restart
+    a, b = _committed(_trace(ref)), _committed(rows)
+    assert set(a) == set(b) == {(r, s) for r in (0, 1) for s in range(1, steps + 1)}
+    for key in a:  # the same structures at every (rank, step): none lost or repeated by the restart
+        assert a[key]["ids"] == b[key]["ids"], key
+    wa, wb = _weights(ref), _weights(out)
+    for n in wa:
+        torch.testing.assert_close(wb[n], wa[n], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_on_fewer_workers_sees_each_structure_once_per_epoch(store, tmp_path):
+    out = tmp_path / "resize"
+    run_training(_cfg(store, out, "trainer.workers=2", "trainer.steps=2", "trainer.checkpoint_every=100"))
+    run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    first = _trace(out)
+    assert {r["epoch"] for r in first} == {0} and len(first) == 4  # 2 ranks x 2 steps, mid-epoch
+    run_training(_cfg(store, out, "trainer.workers=1", "trainer.steps=14", "trainer.checkpoint_every=100"))
+    rows = _trace(out)
+    second = [r for r in rows if r["step"] > 2]
+    assert {r["rank"] for r in second} == {0} and min(r["step"] for r in second) == 3
+    epoch0 = Counter(tuple(i) for r in rows if r["epoch"] == 0 for i in r["ids"])
+    assert len(epoch0) == N_STRUCTURES and set(epoch0.values()) == {1}  # every structure exactly once
+    assert any(r["epoch"] == 1 for r in second)  # the epoch did complete on the new world size
+    assert json.loads((out / "mlflow_run.json").read_text())["run_id"] == run_id
+    assert (out / "package" / "model.safetensors").exists()
+
+
+def test_sigterm_checkpoints_and_the_same_command_resumes_the_same_run(store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "pre"
+    cmd = [sys.executable, "-m", "polyfid.launch.cli", "pretrain", "--config", str(RECIPE)]
+    cfg = _cfg(store, out)
+    sets = ["data.train=" + store, f"output={out}", f"tracking.uri={cfg.tracking.uri}", "tracking.register_as=null",
+            "model.width=16", "model.n_sensitivities=8", "data.atom_budget=64", "trainer.steps=60",
+            "trainer.log_every=5", "trainer.checkpoint_every=1000", f"trainer.trace_dir={out / 'trace'}"]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if (out / "trace").exists() and any(r["step"] >= 5 for r in _trace(out)):
+            break
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-3000:]
+    assert "stopped on request" in log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] and not (out / "package").exists()
+    stopped_at = max(r["step"] for r in _trace(out))
+    assert 5 <= stopped_at < 60
+    assert (out / "checkpoints" / f"step_{stopped_at:08d}").is_dir()
+    run_id = summary["mlflow_run_id"]
+    assert MlflowClient(cfg.tracking.uri).get_run(run_id).info.status == "KILLED"
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["mlflow_run_id"] == run_id
+    run = MlflowClient(cfg.tracking.uri).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in MlflowClient(cfg.tracking.uri).get_metric_history(run_id, "loss")]
+    assert steps[0] <= stopped_at and steps[-1] == 60
+    resumed = [r for r in _trace(out) if r["step"] > stopped_at]
+    assert min(r["step"] for r in resumed) == stopped_at + 1  # no step repeated, none skipped
+
+
+def test_two_node_cluster_places_a_worker_on_each_node(store, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        cluster.wait_for_nodes()
+        out = tmp_path / "mn"
+        summary = run_training(_cfg(store, out, f"trainer.address={cluster.address}", "trainer.workers=2",
+                                    "trainer.steps=4", "trainer.placement=SPREAD", "trainer.checkpoint_every=100"))
+        nodes = {r["rank"]: r["node"] for r in _trace(out)}
+        assert len(set(nodes.values())) == 2, nodes
+        assert {n["NodeID"] for n in ray.nodes() if n["Alive"]} == set(nodes.values())
+        assert Path(summary["package"]).exists()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
