@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+# MLflow's HTTP client retries with exponential backoff by default, which can stall training for minutes
+# while a server is down. Fail fast instead; Tracker then skips calls for RETRY_AFTER_S and tries again.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+RETRY_AFTER_S = 60.0
 
 log = logging.getLogger("polyfid.tracking")
 
@@ -23,6 +29,8 @@ class Tracker:
         self.enabled = enabled
         self._client = None
         self._warned = False
+        self._down_until = 0.0
+        self.failures = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -106,15 +114,24 @@ class Tracker:
         return self._guard(what, fn)
 
     def _guard(self, what: str, fn):
+        if time.monotonic() < self._down_until:
+            return None  # recently unreachable: skip, so that training does not wait on timeouts
         try:
-            return fn()
+            out = fn()
         except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
+            self.failures += 1
+            self._down_until = time.monotonic() + RETRY_AFTER_S
             if not self._warned:
-                msg = f"MLflow tracking at {self.uri} failed to {what} ({type(e).__name__}: {e}); training goes on"
+                msg = (f"MLflow tracking at {self.uri} failed to {what} ({type(e).__name__}: {str(e)[:200]}); "
+                       f"training goes on, and tracking is retried every {RETRY_AFTER_S:.0f} s")
                 warnings.warn(msg, RuntimeWarning, stacklevel=3)
                 log.warning(msg)
                 self._warned = True
             return None
+        if self._warned:
+            log.warning("MLflow tracking at %s works again", self.uri)
+            self._warned = False
+        return out
 
 
 def artifact_location(uri: str) -> str | None:

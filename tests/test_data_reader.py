@@ -160,3 +160,16 @@ def test_iter_all_is_in_order_and_complete(store: Store) -> None:
     batches = list(iter_all([store], atom_budget=64))
     assert _ids(batches) == list(range(store.n_structures))
     assert all(b["n_atoms"].sum() <= 64 for b in batches)
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_reader_on_fsspec_urls_matches_the_local_path(tmp_path: Path, store: Store, scheme: str) -> None:
+    url = f"file://{tmp_path / 's'}" if scheme == "file" else f"memory://polyfid-reader/{tmp_path.name}"
+    remote = synthetic_store(url, n=120, shard_size=16)  # same seed and sizes as the `store` fixture
+    assert remote.fingerprint == store.fingerprint and Store.open(url).verify() == []
+    cfg = _cfg(loop=False, prefetch=2)
+    want, got = list(ShardReader([store], cfg)), list(ShardReader([Store.open(url)], cfg))
+    assert len(got) == len(want)
+    for a, b in zip(want, got):
+        for k in BATCH_KEYS:
+            np.testing.assert_array_equal(a[k], b[k])

@@ -116,8 +116,11 @@ def test_rewritten_data_fails_the_checksum(tmp_path: Path) -> None:
 def test_interrupted_write_leaves_no_visible_store(tmp_path: Path) -> None:
     writer = StoreWriter(tmp_path / "s", FIDS, shard_size=5)
     writer.add(_structures(12), "ds")  # two shards flushed, then the "process dies": no close()
-    assert sorted(p.name for p in (tmp_path / "s" / "shards").glob("shard-*")) == ["shard-000000", "shard-000001"]
-    with pytest.raises(ValueError, match="not a polyfid store"):
+    hidden = [p for p in tmp_path.iterdir() if p.name.startswith(".s.tmp-")]  # built beside, renamed on close
+    assert len(hidden) == 1
+    assert sorted(p.name for p in (hidden[0] / "shards").glob("shard-*")) == ["shard-000000", "shard-000001"]
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(FileNotFoundError, match="no such store"):
         Store.open(tmp_path / "s")
 
 

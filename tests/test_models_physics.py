@@ -146,7 +146,11 @@ def test_force_loss_gradient_matches_finite_difference():
 
 @pytest.mark.parametrize("kind", ["hipnn_ts", "hiphop"])
 def test_nve_energy_conservation(kind):
-    """Velocity Verlet through the Calculator conserves energy, with an error that shrinks as dt²."""
+    """Velocity Verlet through the Calculator conserves energy, with an error that shrinks as dt².
+
+    100 fs here to keep CI fast; benchmarks/bench_models.py runs the full 2 ps at 300 K and writes the
+    drift to benchmarks/RESULTS_models.md.
+    """
     model = tiny_potential(kind, readout_std=0.01)  # the scale of a fresh model's readouts
     calc = Calculator(model, dtype=torch.float64)
     coarse = nve_drift(calc, molecule("CH3CH2OH"), steps=200, timestep_fs=0.5, temperature_k=300.0)

@@ -174,3 +174,49 @@ def test_two_node_cluster_places_a_worker_on_each_node(store, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_tracking_server_going_away_mid_run_only_warns(tmp_path, monkeypatch):
+    """A real MLflow server answers, then is killed: logging warns once and returns; nothing raises."""
+    import urllib.request
+
+    from dist_utils import free_port
+    from polyfid.distributed import tracking
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "polyfid.launch.cli", "ui", "--port", str(port),
+                               "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        t = tracking.Tracker(f"http://127.0.0.1:{port}")
+        run_id = t.start("outage")
+        assert run_id
+        t.log_metrics({"loss": 1.0}, step=1)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    with pytest.warns(RuntimeWarning, match="training goes on"):
+        t.log_metrics({"loss": 0.5}, step=2)
+    t0 = time.monotonic()
+    t.log_metrics({"loss": 0.4}, step=3)  # skipped while the server is known to be down: no wait
+    t.end()
+    assert time.monotonic() - t0 < 1.0 and t.failures == 1
+
+
+def test_training_with_unreachable_tracking_goes_on(store, tmp_path):
+    from dist_utils import free_port
+
+    out = tmp_path / "notrack"
+    cfg = _cfg(store, out, "trainer.workers=1", "trainer.steps=4", "trainer.checkpoint_every=100")
+    cfg.tracking.uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.warns(RuntimeWarning, match="training goes on"):
+        summary = run_training(cfg)
+    assert summary["mlflow_run_id"] is None
+    assert (out / "package" / "model.safetensors").exists()
