@@ -56,7 +56,27 @@ def deepspeed_config(cfg: TrainerConfig, precision: str) -> dict[str, Any]:
         "fp16": {"enabled": precision == "fp16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # per-collective latencies, drained into the telemetry by drain_comm_time()
+        "comms_logger": {"enabled": True, "verbose": False, "prof_all": True, "debug": False},
     }
+
+
+def drain_comm_time() -> tuple[float, float]:
+    """(seconds, bytes) in DeepSpeed collectives since the last call, waits for slower ranks included."""
+    try:
+        from deepspeed import comm
+    except ImportError:
+        return 0.0, 0.0
+    logger = getattr(comm, "comms_logger", None)
+    if logger is None:
+        return 0.0, 0.0
+    ms, nbytes = 0.0, 0.0
+    for sizes in logger.comms_dict.values():
+        for size, rec in sizes.items():
+            ms += float(sum(rec[1]))
+            nbytes += float(size) * float(rec[0])
+    logger.comms_dict.clear()  # keep memory flat over long runs
+    return ms / 1000.0, nbytes
 
 
 def lr_factor(step: int, cfg: TrainerConfig) -> float:

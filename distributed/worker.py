@@ -20,7 +20,7 @@ from polyfid.data_shards.reader import ShardReader
 from polyfid.data_shards.store import Store
 from polyfid.distributed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from polyfid.distributed.config import RunConfig
-from polyfid.distributed.engine import build_engine, compute_dtype, resolve_device
+from polyfid.distributed.engine import build_engine, compute_dtype, drain_comm_time, resolve_device
 from polyfid.distributed.evaluate import evaluate_batches
 from polyfid.distributed.finetune import prepare_finetune_model
 from polyfid.distributed.reptile import TaskStreams, list_tasks, task_weights
@@ -233,20 +233,24 @@ def atoms_in(item) -> float:
 
 def throughput(window: dict[str, float], engine) -> dict[str, float]:
     """Telemetry over the last window: global and per-worker atoms/s, step time, data wait, budget fill."""
-    mine = torch.tensor([window["atoms"], window["wait"], window["time"], window["budget"]], dtype=torch.float64)
+    comm_s, comm_bytes = drain_comm_time()
+    mine = torch.tensor([window["atoms"], window["wait"], window["time"], window["budget"], comm_s, comm_bytes],
+                        dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
         rows = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(rows, mine)
         table = torch.stack(rows)
     else:
         table = mine[None]
-    atoms, wait, busy, budget = table.sum(0).tolist()
+    atoms, wait, busy, budget, comm, comm_bytes = table.sum(0).tolist()
     wall = float(table[:, 2].max())  # the slowest rank sets the pace
     out = {
         "atoms_per_s": atoms / max(wall, 1e-9),
         "step_time_s": wall / max(window["steps"], 1),
         "data_wait_fraction": wait / max(busy, 1e-9),
         "atom_budget_fill": atoms / max(budget, 1e-9),  # 1 - padding waste of atom-budget batching
+        "comm_time_fraction": comm / max(busy, 1e-9),  # DeepSpeed collectives, waits for slower ranks included
+        "comm_mb_per_step": comm_bytes / table.shape[0] / max(window["steps"], 1) / 1e6,
         "lr": float(engine.get_lr()[0]) if hasattr(engine, "get_lr") else float("nan"),
     }
     for r, row in enumerate(table.tolist()):

@@ -66,11 +66,13 @@ def test_pretrain_writes_package_and_mlflow_run(pipeline):
     assert run.info.status == "FINISHED"
     assert run.data.params["trainer.workers"] == "2"
     for key in (f"loss/{LOW}", f"loss/{HIGH}", f"valid/energy_mae/{HIGH}", f"valid/forces_mae/{HIGH}",
-                "atoms_per_s", "data_wait_fraction", "lr"):
+                "atoms_per_s", "atoms_per_s/worker0", "atoms_per_s/worker1", "data_wait_fraction", "lr",
+                "step_time_s", "atom_budget_fill", "comm_time_fraction", "comm_mb_per_step"):
         assert key in run.data.metrics, key
         assert math.isfinite(run.data.metrics[key])
     history = client.get_metric_history(pre["mlflow_run_id"], "loss")
     assert [m.step for m in history] == [4, 8, 12]
+    assert run.data.metrics["comm_mb_per_step"] > 0 and 0 < run.data.metrics["atom_budget_fill"] <= 1
     artifacts = {a.path for a in client.list_artifacts(pre["mlflow_run_id"], "package")}
     assert {"package/model.safetensors", "package/polyfid.json"} <= artifacts
     versions = client.search_model_versions("name='spine-test'")
