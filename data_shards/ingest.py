@@ -1,114 +1,35 @@
-"""Ingest extxyz (also .gz) and ASE db files into a store, converting units and validating every frame.
+"""Ingest extxyz(.gz), ASE db, ANI-style HDF5 and MD17 npz files into a store, validating every frame.
 
-`energy` maps a fidelity to the atoms.info key (or db key_value_pairs/data key) holding its energy;
-`forces` maps a fidelity to the atoms.arrays (or db data) key holding its forces. The keys 'energy' and
-'forces' also find ASE calculator results (extxyz stores those there). A frame without a mapped key gets
-NaN (a missing label). Any bad input raises `IngestError` naming the file, the frame and the field, and
-leaves nothing behind: a new store is removed, an existing one is left exactly as it was.
+`energy` maps a fidelity to the key holding its energy (atoms.info key, db key_value_pairs/data key, HDF5
+dataset or npz array); `forces` maps a fidelity to the per-atom key holding its forces. The keys 'energy'
+and 'forces' also find ASE calculator results (extxyz stores those there). A frame without a mapped key
+gets NaN (a missing label). Energies are converted from `energy_unit` (default: the format's own unit, see
+`sources.DEFAULT_ENERGY_UNIT`) to eV, lengths to Å.
+
+Any bad input raises `IngestError` naming the file, the frame and the field, and leaves nothing behind:
+a new store is never created, an existing one is left exactly as it was. Three ways to run:
+serial (default), `workers > 1` (Ray tasks, one per output shard; `parallel.py`), and `merge_on`
+(labels for the same structures from several sources merge into one row; `merge.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from polyfid.data_shards.schema import Fidelity, energy_factor, length_factor
+from polyfid.data_shards.sources import (DEFAULT_ENERGY_UNIT, Frame, IngestError, read_frames, source_format,
+                                         split_spec)
 from polyfid.data_shards.store import Store
 from polyfid.data_shards.writer import StoreWriter, Structure, check_name
 
+__all__ = ["Converter", "IngestError", "ingest", "read_frames"]
 _META_FIELDS = {f.name for f in dataclasses.fields(Fidelity)} - {"name"}
-
-
-class IngestError(ValueError):
-    """A bad input; the message names the file, the frame index and the field."""
-
-    def __init__(self, file: str, index: int | None, field: str, message: str) -> None:
-        where = f"frame {index}" if index is not None else "(no frame)"
-        super().__init__(f"{file}: {where}: field {field!r}: {message}")
-        self.file, self.index, self.field = file, index, field
-
-
-@dataclasses.dataclass
-class _Frame:
-    """One input frame in a source-neutral form: geometry plus the scalar and per-atom fields found."""
-
-    numbers: np.ndarray
-    positions: np.ndarray
-    cell: np.ndarray
-    pbc: np.ndarray
-    scalars: Mapping[str, Any]
-    arrays: Mapping[str, Any]
-
-
-def _split_spec(spec: str) -> tuple[str, Any]:
-    """'file@0:80' -> ('file', slice(0, 80)); ASE's own parser, so the syntax is ASE's."""
-    from ase.io.formats import parse_filename
-
-    name, index = parse_filename(spec)
-    return str(name), (slice(None) if index is None else index)
-
-
-def _absolute(index: Any, i: int) -> int:
-    """Index in the file of the i-th selected frame, where the selection makes that easy."""
-    if isinstance(index, int):
-        return index
-    start, step = index.start or 0, index.step or 1
-    return start + i * step if start >= 0 and step > 0 else i
-
-
-def _from_atoms(atoms: Any) -> _Frame:
-    results = dict(atoms.calc.results) if atoms.calc is not None else {}
-    scalars = {k: v for k, v in results.items() if np.ndim(v) == 0} | dict(atoms.info)
-    arrays = {k: v for k, v in results.items() if np.ndim(v) == 2} | dict(atoms.arrays)
-    return _Frame(atoms.numbers, atoms.positions, np.asarray(atoms.cell.array), atoms.pbc, scalars, arrays)
-
-
-def _from_row(row: Any) -> _Frame:
-    atoms = row.toatoms()
-    data = dict(row.get("data", {}) or {})
-    scalars = {k: v for k, v in data.items() if np.ndim(v) == 0} | dict(row.key_value_pairs)
-    arrays = {k: v for k, v in data.items() if np.ndim(v) == 2}
-    for key in ("energy", "free_energy"):
-        if row.get(key) is not None:
-            scalars.setdefault(key, row.get(key))
-    if row.get("forces") is not None:
-        arrays.setdefault("forces", row.get("forces"))
-    return _Frame(atoms.numbers, atoms.positions, np.asarray(atoms.cell.array), atoms.pbc, scalars, arrays)
-
-
-def read_frames(spec: str) -> Iterator[tuple[int, _Frame]]:
-    """(index in file, frame) for an extxyz/ASE-readable file or an ASE .db, honouring ASE's '@slice'."""
-    path, index = _split_spec(spec)
-    if not os.path.exists(path):
-        raise IngestError(spec, None, "path", "no such file")
-    if path.endswith(".db"):
-        import ase.db
-
-        with ase.db.connect(path) as db:
-            ids = [row.id for row in db.select(include_data=False)]
-            chosen = [ids[index]] if isinstance(index, int) else ids[index]
-            for i, row_id in enumerate(chosen):
-                yield _absolute(index, i), _from_row(db.get(id=row_id))
-        return
-    import ase.io
-
-    frames = ase.io.iread(path, index=index)
-    i = 0
-    while True:
-        try:
-            atoms = next(frames)
-        except StopIteration:
-            return
-        except Exception as err:  # a parse error from ASE
-            if i == 0 and "Empty file" in str(err):
-                raise IngestError(spec, None, "frames", "input is empty (no frames)") from err
-            raise IngestError(spec, _absolute(index, i), "format", f"cannot parse: {err}") from err
-        yield _absolute(index, i), _from_atoms(atoms)
-        i += 1
+MIN_DISTANCE = 0.1  # Å; closer atoms mean a broken frame (or a unit mix-up)
 
 
 def _label(spec: str, i: int, key: str, value: Any, shape: tuple[int, ...] | None) -> np.ndarray:
@@ -126,27 +47,77 @@ def _label(spec: str, i: int, key: str, value: Any, shape: tuple[int, ...] | Non
     return arr
 
 
-def to_structure(spec: str, i: int, frame: _Frame, energy: Mapping[str, str], forces: Mapping[str, str],
-                 e_factor: float, l_factor: float) -> Structure:
-    """Validate one frame and convert it to a Structure in eV, Å and eV/Å."""
-    z = np.asarray(frame.numbers, dtype=np.int64)
-    if z.size == 0:
-        raise IngestError(spec, i, "numbers", "frame has no atoms")
-    bad = z[(z < 1) | (z > 118)]
-    if bad.size:
-        raise IngestError(spec, i, "numbers", f"unknown element Z={int(bad[0])} (allowed 1..118)")
-    n = z.size
-    positions = np.asarray(frame.positions, dtype=np.float64) * l_factor
-    cell = np.asarray(frame.cell, dtype=np.float64) * l_factor
-    if not np.all(np.isfinite(positions)):
-        raise IngestError(spec, i, "positions", "positions are not finite")
-    if not np.all(np.isfinite(cell)):
-        raise IngestError(spec, i, "cell", "cell is not finite")
-    energies = {fid: float(_label(spec, i, key, frame.scalars[key], None)) * e_factor
-                for fid, key in energy.items() if frame.scalars.get(key) is not None}
-    frc = {fid: _label(spec, i, key, frame.arrays[key], (n, 3)) * (e_factor / l_factor)
-           for fid, key in forces.items() if frame.arrays.get(key) is not None}
-    return Structure(z, positions, cell, np.asarray(frame.pbc, dtype=bool), energies, frc)
+def _closest_pair(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray,
+                  limit: float) -> tuple[int, int, float] | None:
+    """The first pair of atoms closer than `limit` (minimum image where periodic), or None."""
+    n = len(positions)
+    if n < 2 or limit <= 0:
+        return None
+    if not pbc.any() and n <= 512:
+        d = np.linalg.norm(positions[:, None, :] - positions[None, :, :], axis=-1)
+        d[np.diag_indices(n)] = np.inf
+        i, j = np.unravel_index(int(np.argmin(d)), d.shape)
+        return (int(min(i, j)), int(max(i, j)), float(d[i, j])) if d[i, j] < limit else None
+    from ase import Atoms
+    from ase.neighborlist import neighbor_list
+
+    ii, jj, dd = neighbor_list("ijd", Atoms(positions=positions, cell=cell, pbc=pbc), limit)
+    if len(dd) == 0:
+        return None
+    k = int(np.argmin(dd))
+    return int(ii[k]), int(jj[k]), float(dd[k])
+
+
+@dataclasses.dataclass
+class Converter:
+    """Turns one input frame into a validated Structure in eV, Å and eV/Å (picklable, for Ray tasks)."""
+
+    energy: dict[str, str]
+    forces: dict[str, str]
+    energy_unit: str | None = None  # None: each file's format default
+    length_unit: str = "angstrom"
+    min_distance: float = MIN_DISTANCE
+
+    def unit(self, spec: str) -> str:
+        """The energy unit of an input: the one given, else its format's published unit."""
+        return self.energy_unit or DEFAULT_ENERGY_UNIT[source_format(split_spec(spec)[0])]
+
+    def __call__(self, spec: str, i: int, frame: Frame) -> Structure:
+        e_factor, l_factor = energy_factor(self.unit(spec)), length_factor(self.length_unit)
+        if frame.where:
+            spec = f"{spec}:{frame.where}"
+        z = np.asarray(frame.numbers, dtype=np.int64)
+        if z.size == 0:
+            raise IngestError(spec, i, "numbers", "frame has no atoms")
+        bad = z[(z < 1) | (z > 118)]
+        if bad.size:
+            raise IngestError(spec, i, "numbers", f"unknown element Z={int(bad[0])} (allowed 1..118)")
+        n = z.size
+        positions = np.asarray(frame.positions, dtype=np.float64) * l_factor
+        cell = np.asarray(frame.cell, dtype=np.float64) * l_factor
+        if positions.shape != (n, 3):
+            raise IngestError(spec, i, "positions", f"has shape {positions.shape}, expected ({n}, 3)")
+        if not np.all(np.isfinite(positions)):
+            raise IngestError(spec, i, "positions", "positions are not finite")
+        if not np.all(np.isfinite(cell)):
+            raise IngestError(spec, i, "cell", "cell is not finite")
+        pbc = np.asarray(frame.pbc, dtype=bool)
+        close = _closest_pair(positions, cell, pbc, self.min_distance)
+        if close is not None:
+            a, b, d = close
+            raise IngestError(spec, i, "positions", f"atoms {a} and {b} are {d:.4f} Å apart, closer than "
+                              f"min_distance={self.min_distance} Å")
+        energies = {fid: float(_label(spec, i, key, frame.scalars[key], None)) * e_factor
+                    for fid, key in self.energy.items() if frame.scalars.get(key) is not None}
+        frc = {fid: _label(spec, i, key, frame.arrays[key], (n, 3)) * (e_factor / l_factor)
+               for fid, key in self.forces.items() if frame.arrays.get(key) is not None}
+        return Structure(z, positions, cell, pbc, energies, frc)
+
+
+def to_structure(spec: str, i: int, frame: Frame, energy: Mapping[str, str], forces: Mapping[str, str],
+                 energy_unit: str = "eV", min_distance: float = MIN_DISTANCE) -> Structure:
+    """Validate one frame and convert it to a Structure (see `Converter`)."""
+    return Converter(dict(energy), dict(forces), energy_unit, min_distance=min_distance)(spec, i, frame)
 
 
 def _fidelities(out: str, names: Sequence[str], append: bool, ranks: Mapping[str, int],
@@ -179,55 +150,91 @@ def _fidelities(out: str, names: Sequence[str], append: bool, ranks: Mapping[str
     return fids
 
 
+def _serial(writer: StoreWriter, inputs: Sequence[str], conv: Converter, dataset: str, bar: Any) -> int:
+    total = 0
+    for spec in inputs:
+        count = 0
+        for i, frame in read_frames(spec):
+            writer.add([conv(spec, i, frame)], dataset)
+            count += 1
+            bar.update(1)
+        if count == 0:
+            raise IngestError(spec, None, "frames", "input is empty (no frames selected)")
+        total += count
+    return total
+
+
 def ingest(inputs: Sequence[str], out: str, dataset: str, energy: Mapping[str, str],
            forces: Mapping[str, str] | None = None, ranks: Mapping[str, int] | None = None,
-           energy_unit: str = "eV", append: bool = False, shard_size: int = 50_000,
+           energy_unit: str | None = None, append: bool = False, shard_size: int = 50_000,
            fidelity_meta: Mapping[str, Mapping] | None = None, progress: bool = True,
-           length_unit: str = "angstrom") -> Store:
+           length_unit: str = "angstrom", min_distance: float = MIN_DISTANCE, merge_on: str | None = None,
+           workers: int = 1) -> Store:
     """Read the inputs, convert to eV/Å, and write (or append) one dataset into the store at `out`."""
     inputs = [os.fspath(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     first = inputs[0] if inputs else "<no inputs>"
     if not inputs:
         raise IngestError(first, None, "inputs", "no input files given")
-    forces = dict(forces or {})
+    conv = Converter(dict(energy), dict(forces or {}), energy_unit, length_unit, float(min_distance))
+    for spec in inputs:  # fail on a bad unit or a missing file before writing anything
+        try:
+            energy_factor(conv.unit(spec))
+        except ValueError as err:
+            raise IngestError(spec, None, "energy_unit", str(err)) from err
+        if not os.path.exists(split_spec(spec)[0]):
+            raise IngestError(spec, None, "path", "no such file")
     try:
-        e_factor = energy_factor(energy_unit)
-    except ValueError as err:
-        raise IngestError(first, None, "energy_unit", str(err)) from err
-    try:
-        l_factor = length_factor(length_unit)
+        length_factor(length_unit)
     except ValueError as err:
         raise IngestError(first, None, "length_unit", str(err)) from err
-    names = list(dict.fromkeys(list(energy) + list(forces)))
+    names = list(dict.fromkeys(list(conv.energy) + list(conv.forces)))
     if not names:
         raise IngestError(first, None, "energy", "map at least one fidelity to an energy or forces key")
-    fids = _fidelities(out, names, append, dict(ranks or {}), dict(fidelity_meta or {}), energy_unit, first)
+    fids = _fidelities(out, names, append, dict(ranks or {}), dict(fidelity_meta or {}), conv.unit(first), first)
     try:
         check_name("dataset", dataset)
     except ValueError as err:
         raise IngestError(first, None, "dataset", str(err)) from err
-    for spec in inputs:  # fail on a missing file before writing anything
-        if not os.path.exists(_split_spec(spec)[0]):
-            raise IngestError(spec, None, "path", "no such file")
+    how = None
+    if merge_on:
+        from polyfid.data_shards.merge import parse_merge_on
+
+        how = parse_merge_on(merge_on, first)
+    old = Store.open(out) if append and merge_on and _is_store(out) else None
     from tqdm.auto import tqdm
 
-    with StoreWriter(out, fids, shard_size=shard_size, append=append) as writer:
+    try:
+        writer = StoreWriter(out, fids, shard_size=shard_size, append=append)
+    except (ValueError, FileExistsError) as err:
+        raise IngestError(first, None, "out", str(err)) from err
+    with writer:
         bar = tqdm(desc=f"ingest {dataset}", unit="frame", disable=not progress)
-        total = 0
+        record: dict[str, Any] = {}
         try:
-            for spec in inputs:
-                count = 0
-                for i, frame in read_frames(spec):
-                    s = to_structure(spec, i, frame, energy, forces, e_factor, l_factor)
-                    writer.add([s], dataset)
-                    count += 1
-                    bar.update(1)
-                if count == 0:
-                    raise IngestError(spec, None, "frames", "input is empty (no frames selected)")
-                total += count
+            if how is not None:
+                from polyfid.data_shards.merge import ingest_merged
+
+                record = ingest_merged(writer, old, inputs, conv, dataset, how, bar)
+                total = record["n_frames"]
+            elif workers > 1:
+                from polyfid.data_shards.parallel import ingest_parallel
+
+                total = ingest_parallel(writer, inputs, conv, dataset, workers, bar)
+            else:
+                total = _serial(writer, inputs, conv, dataset, bar)
         finally:
             bar.close()
         writer.add_provenance({"dataset": dataset, "inputs": inputs, "n_structures": total,
-                               "energy_unit": energy_unit, "length_unit": length_unit,
-                               "energy_keys": dict(energy), "forces_keys": forces})
+                               "energy_unit": {spec: conv.unit(spec) for spec in inputs},
+                               "length_unit": length_unit, "energy_keys": dict(conv.energy),
+                               "forces_keys": dict(conv.forces), "min_distance": conv.min_distance,
+                               "merge_on": merge_on, **record})
     return Store.open(out)
+
+
+def _is_store(out: str) -> bool:
+    try:
+        Store.open(out)
+        return True
+    except (FileNotFoundError, ValueError):
+        return False

@@ -84,7 +84,25 @@ class _ShardCache:
             self._pending[g] -= 1
             if self._pending[g] == 0:
                 del self._pending[g]
-                self._data.pop(g, None)
+                if self._data.pop(g, None) is not None:
+                    _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """Hand a dropped shard's freed heap back to the OS (glibc only), so RSS stays flat over many shards."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
 
 
 class ShardReader:

@@ -78,6 +78,12 @@ class ReferenceAccumulator:
             xtx += x.T @ x
             xty += x.T @ y[keep]
 
+    def merge(self, other: "ReferenceAccumulator") -> None:
+        """Add another accumulator's normal equations (e.g. one filled by a parallel ingest task)."""
+        for fid, xtx in other._xtx.items():
+            self._xtx.setdefault(fid, np.zeros_like(xtx))[...] += xtx
+            self._xty.setdefault(fid, np.zeros_like(other._xty[fid]))[...] += other._xty[fid]
+
     def add_ragged(self, atomic_numbers: np.ndarray, offsets: np.ndarray,
                    energies: dict[str, np.ndarray]) -> None:
         """Add the structures of a shard given as concatenated atomic numbers and offsets."""

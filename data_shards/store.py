@@ -37,17 +37,18 @@ class ShardInfo:
     checksum: str
     energy: tuple[str, ...] = ()  # fidelities with an energy/<fid> array in this shard
     forces: tuple[str, ...] = ()  # fidelities with a forces/<fid> array in this shard
+    ids: tuple[str, ...] = ()  # merge keys with an ids/<key> array (hashed source ids, for --merge-on id:KEY)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["energy"], d["forces"] = list(self.energy), list(self.forces)
+        d["energy"], d["forces"], d["ids"] = list(self.energy), list(self.forces), list(self.ids)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ShardInfo":
         return cls(name=str(d["name"]), n_structures=int(d["n_structures"]), n_atoms=int(d["n_atoms"]),
                    checksum=str(d["checksum"]), energy=tuple(d.get("energy", ())),
-                   forces=tuple(d.get("forces", ())))
+                   forces=tuple(d.get("forces", ())), ids=tuple(d.get("ids", ())))
 
 
 class Store:
@@ -135,6 +136,7 @@ class Store:
         """Every array shard k has, keyed as on disk ('energy/<fid>' …), as stored."""
         info = self._shards[k]
         keys = list(BASE_ARRAYS) + [f"energy/{f}" for f in info.energy] + [f"forces/{f}" for f in info.forces]
+        keys += [f"ids/{k}" for k in info.ids]
         try:
             group = self._root[f"{SHARDS}/{info.name}"]
             return {key: np.asarray(group[key][...]) for key in keys}

@@ -36,6 +36,52 @@ class Structure:
     pbc: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(3, dtype=bool))
     energies: dict[str, float] = dataclasses.field(default_factory=dict)  # fid -> eV; absent = missing
     forces: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # fid -> [n, 3] eV/Å
+    ids: dict[str, int] = dataclasses.field(default_factory=dict)  # merge key -> hashed source id (int64)
+
+
+MISSING_ID = np.iinfo(np.int64).min
+
+
+def shard_arrays(items: Sequence[tuple[Structure, int]], fids: Iterable[str],
+                 first_id: int) -> tuple[dict[str, np.ndarray], list[str], list[str], list[str]]:
+    """The arrays of one shard from (structure, dataset index) pairs; also the energy/forces/ids keys it has."""
+    structs = [s for s, _ in items]
+    counts = np.array([len(s.numbers) for s in structs], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    n_s, n_a = len(structs), int(offsets[-1])
+    arrays: dict[str, np.ndarray] = {
+        "atomic_numbers": np.concatenate([np.asarray(s.numbers) for s in structs]).astype(np.uint8),
+        "positions": np.concatenate([np.asarray(s.positions, dtype=np.float64) for s in structs]),
+        "offsets": offsets,
+        "cell": np.stack([np.asarray(s.cell, dtype=np.float64) for s in structs]),
+        "pbc": np.stack([np.asarray(s.pbc, dtype=bool) for s in structs]),
+        "dataset": np.array([d for _, d in items], dtype=np.int16),
+        "structure_id": first_id + np.arange(n_s, dtype=np.int64),
+    }
+    energy, forces = [], []
+    for fid in fids:
+        e = np.array([s.energies.get(fid, np.nan) for s in structs], dtype=ENERGY_DTYPE)
+        if np.isfinite(e).any():
+            arrays[f"energy/{fid}"] = e
+            energy.append(fid)
+        if any(fid in s.forces for s in structs):
+            f = np.full((n_a, 3), np.nan, dtype=FORCES_DTYPE)
+            for s, lo, hi in zip(structs, offsets[:-1], offsets[1:]):
+                if fid in s.forces:
+                    f[lo:hi] = s.forces[fid]
+            arrays[f"forces/{fid}"] = f
+            forces.append(fid)
+    ids = sorted({k for s in structs for k in s.ids})
+    for key in ids:
+        arrays[f"ids/{key}"] = np.array([s.ids.get(key, MISSING_ID) for s in structs], dtype=np.int64)
+    return arrays, energy, forces, ids
+
+
+def write_group(group: Any, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write arrays into a zarr group with the store's chunking and codec."""
+    for key, a in arrays.items():
+        chunks = (chunk_rows(a.shape, a.dtype.itemsize),) + a.shape[1:]
+        group.create_array(key, data=a, chunks=chunks, compressors=compressor())
 
 
 def check_name(kind: str, name: str) -> str:
@@ -54,24 +100,36 @@ def _same_level(a: Fidelity, b: Fidelity) -> bool:
 
 
 class StoreWriter:
-    """Writes structures into a new store, or appends shards to an existing one; use as a context manager."""
+    """Writes structures into a new store, or appends shards to an existing one; use as a context manager.
+
+    A new local store is built in a hidden sibling folder and renamed into place by `close`, so a killed
+    ingest leaves no store at all. On append, new shards are renamed into place and listed by the manifest,
+    which is written last; `add_labels` adds label arrays of new fidelities to existing shards without
+    rewriting their other arrays (unlisted until the manifest is written).
+    """
 
     def __init__(self, path: str | os.PathLike, fidelities: Sequence[Fidelity], shard_size: int = 50_000,
                  append: bool = False) -> None:
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-        self._loc = Location(path)
+        self._final = Location(path)
+        self._loc = self._final
         self.shard_size = int(shard_size)
         old = None
-        if self._loc.exists() and not self._loc.is_empty_dir():
-            old = read_manifest(self._loc)
+        if self._final.exists() and not self._final.is_empty_dir():
+            old = read_manifest(self._final)
             if old is None:
-                raise FileExistsError(f"{self._loc.path} exists but is not a polyfid store (or a first write "
+                raise FileExistsError(f"{self._final.path} exists but is not a polyfid store (or a first write "
                                       "was interrupted); delete it or choose another path")
             if not append:
-                raise FileExistsError(f"{self._loc.path} already holds a polyfid store; pass append=True "
+                raise FileExistsError(f"{self._final.path} already holds a polyfid store; pass append=True "
                                       "to add to it")
-        self._created = not self._loc.exists()
+        self._created = old is None
+        if self._created and self._final.local is not None:  # build beside it, rename into place on close
+            parent, name = os.path.split(self._final.local)
+            os.makedirs(parent, exist_ok=True)
+            self._loc = Location(os.path.join(parent, f".{name}.{TMP_PREFIX}{uuid.uuid4().hex[:8]}"))
+        self._made_root = not self._final.exists()
         self._old = old
         self._fids: dict[str, Fidelity] = {}
         for f in (old or {}).get("fidelities", []):
@@ -79,7 +137,7 @@ class StoreWriter:
         for f in fidelities:
             check_name("fidelity", f.name)
             if f.name in self._fids and not _same_level(self._fids[f.name], f):
-                raise ValueError(f"{self._loc.path}: fidelity {f.name!r} is already in the store as "
+                raise ValueError(f"{self._final.path}: fidelity {f.name!r} is already in the store as "
                                  f"{self._fids[f.name]}; the new description {f} differs")
             self._fids.setdefault(f.name, f)
         self._datasets: list[str] = list((old or {}).get("datasets", []))
@@ -92,6 +150,7 @@ class StoreWriter:
         self._buffer: list[tuple[Structure, int]] = []
         self._written: list[str] = []
         self._tmps: list[str] = []
+        self._added: list[str] = []  # label arrays added to old shards ("shard/energy/fid")
         self._closed = False
         self._root = self._loc.open_group("a")
         self._shard_group = self._root.require_group(SHARDS)
@@ -101,14 +160,28 @@ class StoreWriter:
     def fidelities(self) -> list[Fidelity]:
         return list(self._fids.values())
 
+    @property
+    def location(self) -> Location:
+        """Where shards are being written now (a hidden sibling folder for a new local store)."""
+        return self._loc
+
+    @property
+    def next_id(self) -> int:
+        """The structure_id the next structure will get."""
+        return self._next_id
+
+    def add_dataset(self, dataset: str) -> int:
+        """Register a dataset name; returns its index."""
+        check_name("dataset", dataset)
+        if dataset not in self._datasets:
+            self._datasets.append(dataset)
+        return self._datasets.index(dataset)
+
     def add(self, structures: Iterable[Structure], dataset: str) -> int:
         """Buffer structures of one dataset, flushing full shards; returns how many were added."""
         if self._closed:
             raise RuntimeError("StoreWriter is closed")
-        check_name("dataset", dataset)
-        if dataset not in self._datasets:
-            self._datasets.append(dataset)
-        d = self._datasets.index(dataset)
+        d = self.add_dataset(dataset)
         n = 0
         for s in structures:
             self._check(s, n)
@@ -143,66 +216,70 @@ class StoreWriter:
         if not self._buffer:
             return
         items, self._buffer = self._buffer, []
-        structs = [s for s, _ in items]
-        counts = np.array([len(s.numbers) for s in structs], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        n_s, n_a = len(structs), int(offsets[-1])
-        arrays: dict[str, np.ndarray] = {
-            "atomic_numbers": np.concatenate([np.asarray(s.numbers) for s in structs]).astype(np.uint8),
-            "positions": np.concatenate([np.asarray(s.positions, dtype=np.float64) for s in structs]),
-            "offsets": offsets,
-            "cell": np.stack([np.asarray(s.cell, dtype=np.float64) for s in structs]),
-            "pbc": np.stack([np.asarray(s.pbc, dtype=bool) for s in structs]),
-            "dataset": np.array([d for _, d in items], dtype=np.int16),
-            "structure_id": self._next_id + np.arange(n_s, dtype=np.int64),
-        }
-        energy, forces = [], []
-        for fid in self._fids:
-            e = np.array([s.energies.get(fid, np.nan) for s in structs], dtype=ENERGY_DTYPE)
-            if np.isfinite(e).any():
-                arrays[f"energy/{fid}"] = e
-                energy.append(fid)
-            if any(fid in s.forces for s in structs):
-                f = np.full((n_a, 3), np.nan, dtype=FORCES_DTYPE)
-                for s, lo, hi in zip(structs, offsets[:-1], offsets[1:]):
-                    if fid in s.forces:
-                        f[lo:hi] = s.forces[fid]
-                arrays[f"forces/{fid}"] = f
-                forces.append(fid)
-        name = f"shard-{len(self._shards):06d}"
-        self._write_shard(name, arrays)
-        self._shards.append(ShardInfo(name, n_s, n_a, shard_checksum(arrays), tuple(energy), tuple(forces)))
-        self._next_id += n_s
-        self._elements.update(int(z) for z in np.unique(arrays["atomic_numbers"]))
-        self._refs.add_ragged(arrays["atomic_numbers"], offsets, {f: arrays[f"energy/{f}"] for f in energy})
+        arrays, energy, forces, ids = shard_arrays(items, self._fids, self._next_id)
+        tmp = self.new_tmp_name()
+        write_group(self._shard_group.create_group(tmp), arrays)
+        refs = ReferenceAccumulator()
+        refs.add_ragged(arrays["atomic_numbers"], arrays["offsets"], {f: arrays[f"energy/{f}"] for f in energy})
+        self.adopt(tmp, ShardInfo("", len(items), int(arrays["offsets"][-1]), shard_checksum(arrays),
+                                  tuple(energy), tuple(forces), tuple(ids)),
+                   refs, np.unique(arrays["atomic_numbers"]))
 
-    def _write_shard(self, name: str, arrays: Mapping[str, np.ndarray]) -> None:
-        tmp = f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+    def new_tmp_name(self) -> str:
+        """A fresh temporary shard name (removed by `abort` unless adopted)."""
+        tmp = f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}"
         self._tmps.append(tmp)
-        group = self._shard_group.create_group(tmp)
-        for key, a in arrays.items():
-            chunks = (chunk_rows(a.shape, a.dtype.itemsize),) + a.shape[1:]
-            group.create_array(key, data=a, chunks=chunks, compressors=compressor())
+        return tmp
+
+    def adopt(self, tmp: str, info: ShardInfo, refs: ReferenceAccumulator, elements: Iterable[int]) -> None:
+        """Rename a fully written temporary shard into place as the next shard (used by parallel ingest)."""
+        name = f"shard-{len(self._shards):06d}"
         if self._loc.exists(f"{SHARDS}/{name}"):  # an unlisted leftover of an interrupted append
             self._loc.remove(f"{SHARDS}/{name}")
         self._written.append(name)
         self._loc.rename(f"{SHARDS}/{tmp}", f"{SHARDS}/{name}")
+        self._shards.append(dataclasses.replace(info, name=name))
+        self._next_id += info.n_structures
+        self._elements.update(int(z) for z in elements)
+        self._refs.merge(refs)
+
+    def add_labels(self, k: int, energy: Mapping[str, np.ndarray], forces: Mapping[str, np.ndarray]) -> None:
+        """Add whole label arrays (NaN = missing) of fidelities an existing shard k does not have yet."""
+        if k >= self._n_old_shards:
+            raise ValueError(f"shard {k} is not an existing shard of the store")
+        info = self._shards[k]
+        group = self._shard_group[info.name]
+        arrays = {}
+        for kind, labels, have in (("energy", energy, info.energy), ("forces", forces, info.forces)):
+            for fid, a in labels.items():
+                if fid not in self._fids or fid in have:
+                    raise ValueError(f"shard {info.name!r} already has {kind} for {fid!r} (or it is unknown)")
+                key = f"{kind}/{fid}"
+                if self._loc.exists(f"{SHARDS}/{info.name}/{key}"):  # unlisted leftover of a killed merge
+                    self._loc.remove(f"{SHARDS}/{info.name}/{key}")
+                arrays[key] = np.asarray(a, dtype=ENERGY_DTYPE if kind == "energy" else FORCES_DTYPE)
+        self._added += [f"{SHARDS}/{info.name}/{key}" for key in arrays]
+        write_group(group, arrays)
+        old = Store(self._loc, self._old)  # type: ignore[arg-type]
+        raw = old._raw(k) | arrays
+        self._shards[k] = dataclasses.replace(info, checksum=shard_checksum(raw),
+                                              energy=info.energy + tuple(energy), forces=info.forces + tuple(forces))
 
     # ---- finishing --------------------------------------------------------------------------------
     def close(self) -> Store:
         """Flush, refit reference energies over all shards, write the manifest (last) and open the store."""
         if self._closed:
-            return Store.open(self._loc.path)
+            return Store.open(self._final.path)
         self._flush()
         if not self._shards:
             self.abort()
-            raise ValueError(f"{self._loc.path}: no structures were added; nothing written")
+            raise ValueError(f"{self._final.path}: no structures were added; nothing written")
         if self._n_old_shards:
-            old = Store(self._loc, self._old)  # type: ignore[arg-type]
             for k in range(self._n_old_shards):
                 info = self._shards[k]
-                self._refs.add_ragged(old.read_array(k, "atomic_numbers"), old.read_array(k, "offsets"),
-                                      {f: old.read_array(k, f"energy/{f}") for f in info.energy})
+                group = self._shard_group[info.name]
+                self._refs.add_ragged(group["atomic_numbers"][...], group["offsets"][...],
+                                      {f: group[f"energy/{f}"][...] for f in info.energy})
         elements = sorted(self._elements)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -218,21 +295,29 @@ class StoreWriter:
             "provenance": self._provenance,
         }
         self._root.attrs["polyfid"] = manifest
+        if self._loc is not self._final:
+            os.replace(self._loc.local, self._final.local)  # type: ignore[arg-type]
         self._closed = True
-        return Store.open(self._loc.path)
+        return Store.open(self._final.path)
 
     def abort(self) -> None:
         """Remove everything this writer wrote; an existing store is left as it was."""
         self._closed = True
         self._buffer = []
-        if self._created:
+        if self._loc is not self._final:  # a new local store: drop the hidden build folder
             self._loc.remove()
             return
+        if self._created:
+            if self._made_root:
+                self._loc.remove()
+            else:  # was an empty directory: leave it empty
+                for name in self._loc.listdir(""):
+                    self._loc.remove(name)
+            return
+        for rel in self._added:
+            self._loc.remove(rel)
         for name in self._written + self._tmps:
             self._loc.remove(f"{SHARDS}/{name}")
-        if self._old is None:  # was an empty directory: leave it empty
-            for name in self._loc.listdir(""):
-                self._loc.remove(name)
 
     def __enter__(self) -> "StoreWriter":
         return self

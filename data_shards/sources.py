@@ -1,0 +1,267 @@
+"""Input formats, read into one source-neutral frame: extxyz(.gz), ASE db, ANI-style HDF5, MD17/rMD17 npz.
+
+Every reader yields (index in file, `Frame`) and honours ASE's `path@slice` syntax. The energy unit each
+format is published in is `DEFAULT_ENERGY_UNIT[format]` (ANI: Hartree; MD17: kcal/mol); positions are Å.
+
+- **ANI HDF5** (ANI-1x, ANI-1ccx, ANI-2x): any group holding `coordinates` [C, n, 3] and `atomic_numbers`
+  [n] (or `species`, element symbols) is a molecule with C conformers; its other datasets with C rows are
+  labels: 1-D ones (`wb97x_dz.energy`) energies, [C, n, 3] ones (`wb97x_dz.forces`) forces. Frames are
+  numbered across groups in the order h5py lists them (by name). NaN is ANI's own "not computed" marker,
+  so a NaN energy (or an all-NaN forces block) there is a missing label, not an error; inf still is.
+- **MD17 / rMD17 npz**: `nuclear_charges` (or `z`), `coords` (or `R`), and per-frame labels such as
+  `energies`/`forces` (or `E`/`F`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+DEFAULT_ENERGY_UNIT = {"extxyz": "eV", "db": "eV", "ani-h5": "hartree", "md17-npz": "kcal/mol"}
+
+
+class IngestError(ValueError):
+    """A bad input; the message names the file, the frame index and the field."""
+
+    def __init__(self, file: str, index: int | None, field: str, message: str) -> None:
+        where = f"frame {index}" if index is not None else "(no frame)"
+        super().__init__(f"{file}: {where}: field {field!r}: {message}")
+        self.file, self.index, self.field, self.message = file, index, field, message
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable, so Ray tasks can hand it back
+        return (IngestError, (self.file, self.index, self.field, self.message))
+
+
+@dataclasses.dataclass
+class Frame:
+    """One input frame in a source-neutral form: geometry plus the scalar and per-atom fields found."""
+
+    numbers: np.ndarray
+    positions: np.ndarray
+    cell: np.ndarray
+    pbc: np.ndarray
+    scalars: Mapping[str, Any]
+    arrays: Mapping[str, Any]
+    where: str = ""  # extra location inside the file (an HDF5 group), for error messages
+
+
+def split_spec(spec: str) -> tuple[str, Any]:
+    """'file@0:80' -> ('file', slice(0, 80)); ASE's own parser, so the syntax is ASE's."""
+    from ase.io.formats import parse_filename
+
+    name, index = parse_filename(spec)
+    return str(name), (slice(None) if index is None else index)
+
+
+def source_format(path: str) -> str:
+    """The format of an input file, from its name: ani-h5, md17-npz, db or extxyz (anything ASE reads)."""
+    low = path.lower()
+    if low.endswith((".h5", ".hdf5")):
+        return "ani-h5"
+    if low.endswith(".npz"):
+        return "md17-npz"
+    if low.endswith(".db"):
+        return "db"
+    return "extxyz"
+
+
+def _absolute(index: Any, i: int) -> int:
+    """Index in the file of the i-th selected frame, where the selection makes that easy."""
+    if isinstance(index, int):
+        return index
+    start, step = index.start or 0, index.step or 1
+    return start + i * step if start >= 0 and step > 0 else i
+
+
+def _selection(index: Any, n: int) -> range:
+    """The selected frame indices out of n, as a range."""
+    return range(n)[index : index + 1 if index != -1 else None] if isinstance(index, int) else range(n)[index]
+
+
+def _no_zero(spec: str, n: int) -> None:
+    if n == 0:
+        raise IngestError(spec, None, "frames", "input is empty (no frames)")
+
+
+def _from_atoms(atoms: Any) -> Frame:
+    results = dict(atoms.calc.results) if atoms.calc is not None else {}
+    scalars = {k: v for k, v in results.items() if np.ndim(v) == 0} | dict(atoms.info)
+    arrays = {k: v for k, v in results.items() if np.ndim(v) == 2} | dict(atoms.arrays)
+    return Frame(atoms.numbers, atoms.positions, np.asarray(atoms.cell.array), atoms.pbc, scalars, arrays)
+
+
+def _from_row(row: Any) -> Frame:
+    atoms = row.toatoms()
+    data = dict(row.get("data", {}) or {})
+    scalars = {k: v for k, v in data.items() if np.ndim(v) == 0} | dict(row.key_value_pairs)
+    arrays = {k: v for k, v in data.items() if np.ndim(v) == 2}
+    for key in ("energy", "free_energy"):
+        if row.get(key) is not None:
+            scalars.setdefault(key, row.get(key))
+    if row.get("forces") is not None:
+        arrays.setdefault("forces", row.get("forces"))
+    return Frame(atoms.numbers, atoms.positions, np.asarray(atoms.cell.array), atoms.pbc, scalars, arrays)
+
+
+def _molecule(numbers: Any, coords: np.ndarray, scalars: dict, arrays: dict, where: str = "") -> Frame:
+    return Frame(numbers, coords, np.zeros((3, 3)), np.zeros(3, dtype=bool), scalars, arrays, where)
+
+
+def _species(spec: str, i: int, group: str, raw: np.ndarray) -> np.ndarray:
+    """Atomic numbers from ANI `atomic_numbers` or `species` (element symbols)."""
+    if raw.dtype.kind in "iu":
+        return raw.astype(np.int64)
+    from ase.data import atomic_numbers
+
+    out = []
+    for s in raw:
+        sym = s.decode() if isinstance(s, bytes) else str(s)
+        if sym not in atomic_numbers or atomic_numbers[sym] == 0:
+            raise IngestError(f"{spec}:{group}", i, "species", f"unknown element {sym!r}")
+        out.append(atomic_numbers[sym])
+    return np.array(out, dtype=np.int64)
+
+
+def _ani_groups(f: Any) -> list[Any]:
+    groups: list[Any] = []
+    f.visititems(lambda name, obj: groups.append(obj) if hasattr(obj, "keys") and "coordinates" in obj else None)
+    return groups
+
+
+def _read_ani(spec: str, path: str, index: Any) -> Iterator[tuple[int, Frame]]:
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise IngestError(spec, None, "format", f"not a readable HDF5 file: {err}") from err
+    with f:
+        groups = _ani_groups(f)
+        sizes = [int(g["coordinates"].shape[0]) for g in groups]
+        _no_zero(spec, sum(sizes))
+        chosen = _selection(index, sum(sizes))
+        base = 0
+        for g, c in zip(groups, sizes):
+            lo, hi = base, base + c
+            base = hi
+            if not any(i in chosen for i in range(lo, hi)):
+                continue
+            zkey = "atomic_numbers" if "atomic_numbers" in g else "species"
+            if zkey not in g:
+                raise IngestError(f"{spec}:{g.name}", lo, "atomic_numbers", "group has neither atomic_numbers "
+                                  "nor species")
+            z = _species(spec, lo, g.name, np.asarray(g[zkey][...]))
+            coords = np.asarray(g["coordinates"][...])
+            labels = {k: np.asarray(g[k][...]) for k in g.keys()
+                      if k not in ("coordinates", zkey) and hasattr(g[k], "shape") and g[k].shape[:1] == (c,)}
+            for j in range(c):
+                if lo + j not in chosen:
+                    continue
+                scalars = {k: v[j] for k, v in labels.items() if v.ndim == 1 and not np.isnan(v[j])}
+                arrays = {k: v[j] for k, v in labels.items() if v.ndim == 3 and not np.isnan(v[j]).all()}
+                yield lo + j, _molecule(z, coords[j], scalars, arrays, g.name)
+
+
+def _read_npz(spec: str, path: str, index: Any) -> Iterator[tuple[int, Frame]]:
+    try:
+        data = dict(np.load(path, allow_pickle=False))
+    except Exception as err:
+        raise IngestError(spec, None, "format", f"not a readable npz file: {err}") from err
+    zkey = next((k for k in ("nuclear_charges", "z") if k in data), None)
+    rkey = next((k for k in ("coords", "R") if k in data), None)
+    if zkey is None or rkey is None:
+        raise IngestError(spec, None, "nuclear_charges" if zkey is None else "coords",
+                          f"MD17 npz needs nuclear_charges/z and coords/R; found {sorted(data)}")
+    coords = data[rkey]
+    if coords.ndim != 3 or coords.shape[2] != 3:
+        raise IngestError(spec, None, rkey, f"expected [frames, atoms, 3], got shape {coords.shape}")
+    n = coords.shape[0]
+    _no_zero(spec, n)
+    labels = {}
+    for k, v in data.items():
+        if k in (zkey, rkey) or v.ndim == 0 or v.shape[0] != n:
+            continue
+        labels[k] = v[:, 0] if v.ndim == 2 and v.shape[1] == 1 else v  # MD17's E is [frames, 1]
+    for j in _selection(index, n):
+        scalars = {k: v[j] for k, v in labels.items() if v.ndim == 1}
+        arrays = {k: v[j] for k, v in labels.items() if v.ndim >= 2}
+        yield j, _molecule(data[zkey], coords[j], scalars, arrays)
+
+
+def _read_db(spec: str, path: str, index: Any) -> Iterator[tuple[int, Frame]]:
+    import ase.db
+
+    with ase.db.connect(path) as db:
+        ids = [row.id for row in db.select(include_data=False)]
+        _no_zero(spec, len(ids))
+        for j in _selection(index, len(ids)):
+            yield j, _from_row(db.get(id=ids[j]))
+
+
+def _read_ase(spec: str, path: str, index: Any) -> Iterator[tuple[int, Frame]]:
+    import ase.io
+
+    frames = ase.io.iread(path, index=index, format="extxyz" if path.endswith((".xyz", ".extxyz",
+                                                                                ".xyz.gz", ".extxyz.gz")) else None)
+    i = 0
+    while True:
+        try:
+            atoms = next(frames)
+        except StopIteration:
+            return
+        except Exception as err:  # a parse error from ASE
+            if i == 0 and "Empty file" in str(err):
+                raise IngestError(spec, None, "frames", "input is empty (no frames)") from err
+            raise IngestError(spec, _absolute(index, i), "format", f"cannot parse: {err}") from err
+        yield _absolute(index, i), _from_atoms(atoms)
+        i += 1
+
+
+_READERS = {"ani-h5": _read_ani, "md17-npz": _read_npz, "db": _read_db, "extxyz": _read_ase}
+
+
+def read_frames(spec: str) -> Iterator[tuple[int, Frame]]:
+    """(index in file, frame) for any supported input, honouring ASE's '@slice'."""
+    path, index = split_spec(spec)
+    if not os.path.exists(path):
+        raise IngestError(spec, None, "path", "no such file")
+    if os.path.getsize(path) == 0:
+        raise IngestError(spec, None, "frames", "input is empty (file has 0 bytes)")
+    yield from _READERS[source_format(path)](spec, path, index)
+
+
+def count_frames(path: str) -> int:
+    """Frames in a file, cheaply (extxyz: by scanning the atom-count lines, without parsing)."""
+    fmt = source_format(path)
+    if fmt == "ani-h5":
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return sum(int(g["coordinates"].shape[0]) for g in _ani_groups(f))
+    if fmt == "md17-npz":
+        with np.load(path) as data:
+            return int(data["coords" if "coords" in data else "R"].shape[0])
+    if fmt == "db":
+        import ase.db
+
+        with ase.db.connect(path) as db:
+            return db.count()
+    n = 0
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                natoms = int(line)
+            except ValueError:
+                return n  # malformed: the parser will say where
+            for _ in range(natoms + 1):
+                if not fh.readline():
+                    return n
+            n += 1
+    return n
