@@ -39,19 +39,21 @@ def ingest_demo(workdir: Path) -> dict[str, str]:
     stores = {k: str(workdir / "stores" / f"{k}.zarr") for k in ("pretrain", "valid", "target", "target_test")}
     energy = {LOW: f"energy_{LOW}", HIGH: f"energy_{HIGH}"}
     ranks = {LOW: 0, HIGH: 1}
+    meta = {LOW: {"method": "GFN2-xTB", "code": "tblite"},
+            HIGH: {"method": "B3LYP", "basis": "6-31G*", "code": "PySCF"}}
     pretrain = [n for n in sorted(files) if n != TARGET]
     for i, name in enumerate(pretrain):
         path = files[name]
         # S1 setting: low-level energies + forces, high-level energies only.
         ingest([f"{path}@:-{N_VALID}"], stores["pretrain"], dataset=name, energy=energy,
-               forces={LOW: f"forces_{LOW}"}, ranks=ranks, append=i > 0, shard_size=40, progress=False)
+               forces={LOW: f"forces_{LOW}"}, ranks=ranks, append=i > 0, shard_size=40, progress=False, fidelity_meta=meta)
         ingest([f"{path}@-{N_VALID}:"], stores["valid"], dataset=name, energy=energy,
-               forces={LOW: f"forces_{LOW}", HIGH: f"forces_{HIGH}"}, ranks=ranks, append=i > 0, progress=False)
+               forces={LOW: f"forces_{LOW}", HIGH: f"forces_{HIGH}"}, ranks=ranks, append=i > 0, progress=False, fidelity_meta=meta)
     t = files[TARGET]
     ingest([f"{t}@:{N_TARGET_TRAIN}"], stores["target"], dataset=TARGET, energy={HIGH: f"energy_{HIGH}"},
-           forces={HIGH: f"forces_{HIGH}"}, ranks={HIGH: ranks[HIGH]}, progress=False)
+           forces={HIGH: f"forces_{HIGH}"}, ranks={HIGH: ranks[HIGH]}, progress=False, fidelity_meta={HIGH: meta[HIGH]})
     ingest([f"{t}@{N_TARGET_TRAIN}:"], stores["target_test"], dataset=TARGET, energy={HIGH: f"energy_{HIGH}"},
-           forces={HIGH: f"forces_{HIGH}"}, ranks={HIGH: ranks[HIGH]}, progress=False)
+           forces={HIGH: f"forces_{HIGH}"}, ranks={HIGH: ranks[HIGH]}, progress=False, fidelity_meta={HIGH: meta[HIGH]})
     from polyfid.data_shards.store import Store
 
     for k, p in stores.items():
