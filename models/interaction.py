@@ -8,6 +8,7 @@ import math
 import torch
 
 from polyfid.models.invariants import hop_invariants, invariant_names, n_components, norm_invariants
+from polyfid.models.pair_ops import gather_contract, scatter_outer
 from polyfid.models.sensitivity import InverseSensitivity
 
 
@@ -77,13 +78,12 @@ class Interaction(torch.nn.Module):
         w = self.weight.permute(1, 0, 2).reshape(width_in, n_sens * self.width_out)
         y = (h @ w).view(n_atoms, n_sens, self.width_out)
         s = self.sensitivity(pairs.r)
-        u = (s.unsqueeze(2) * y.index_select(0, pairs.j)).sum(1)  # [P, out]
+        u = gather_contract(s, y, pairs.j)  # [P, out], chunked: no [P, ν, out] tensor is kept
         if c == 1:
-            message = u.unsqueeze(0)
-        else:
-            message = pairs.tensors[:, :c].T.unsqueeze(2) * u.unsqueeze(0)  # [C, P, out]
-        env = torch.zeros(c, n_atoms, self.width_out, dtype=message.dtype, device=message.device)
-        return env.index_add_(1, pairs.i, message)
+            env = torch.zeros(n_atoms, self.width_out, dtype=u.dtype, device=u.device)
+            return env.index_add(0, pairs.i, u).unsqueeze(0)
+        # Σ_p T_c(p) u[p] into atom i_p, without a [C, P, out] message tensor.
+        return scatter_outer(pairs.tensors[:, :c], u, pairs.i, n_atoms).transpose(0, 1)
 
     def forward(self, h: torch.Tensor, pairs: Pairs) -> torch.Tensor:
         """New features [A, width_out] (before the activation) from features h [A, width_in]."""

@@ -102,15 +102,33 @@ def norm_invariants(x: torch.Tensor, l_max: int, eps: float = 1e-6) -> torch.Ten
     return torch.stack(norms, dim=0)
 
 
+def _multiplicity(l: int) -> torch.Tensor:
+    """How many full index tuples each compact component of a rank-l symmetric tensor stands for."""
+    return torch.tensor([float(len(set(itertools.permutations(key)))) for key in _UNIQUE[l]])
+
+
+_MULT = {l: _multiplicity(l) for l in range(4)}
+_PAIR_K, _PAIR_L = (torch.tensor(c) for c in zip(*_UNIQUE[2]))  # (k, l) with k <= l, in compact order
+_TRIPLE = [torch.tensor(c) for c in zip(*_UNIQUE[3])]
+_ROWS_IJ = torch.tensor([3 * i + j for i, j in _UNIQUE[2]])  # rows (i <= j) of T reshaped to [(ij), k]
+
+
 def hop_invariants(x: torch.Tensor, names: list[str], l_max: int) -> torch.Tensor:
     """HIP-HOP-NN invariants named in `names` of compact tensor sums x [C, N] → [len(names), N].
 
-    Components come first and the N = atoms × features axis last, so every contraction over the
-    3-long axes is a broadcast multiply and a sum over long contiguous rows (fast on CPU and GPU,
-    unlike batches of 3×3 matrix products).
+    Components come first and the N = atoms × features axis last, so every contraction is a broadcast
+    multiply and a sum over long contiguous rows (fast on CPU and GPU, unlike batches of 3×3 matrix
+    products). A full contraction of two symmetric tensors is a sum over their compact components
+    weighted by multiplicities (Q:Q has 6 terms, not 9; M_kl = T_ijk T_ijl sums 6 (ij), not 9), which
+    roughly halves the work of the rank-3 invariants.
     """
+    dev, dt = x.device, x.dtype
+    mult = {l: m.to(device=dev, dtype=dt).unsqueeze(1) for l, m in _MULT.items()}
     t = split_tensors(x, l_max)
-    s, v, q, tt = (t + [None] * 4)[:4]
+    s, v, q = (t + [None] * 3)[:3]
+    qc = x[4:10] if l_max >= 2 else None  # compact Q [6, N]
+    tc = x[10:20] if l_max >= 3 else None  # compact T [10, N]
+    pk, pl = _PAIR_K.to(dev), _PAIR_L.to(dev)
     cache: dict[str, torch.Tensor] = {}
 
     def get(key: str, make) -> torch.Tensor:
@@ -118,24 +136,30 @@ def hop_invariants(x: torch.Tensor, names: list[str], l_max: int) -> torch.Tenso
             cache[key] = make()
         return cache[key]
 
-    t9 = (lambda: tt.reshape(9, 3, -1))  # T_(ij)k
-    m = lambda: get("M", lambda: (t9()[:, :, None] * t9()[:, None, :]).sum(0))  # M_kl = T_ijk T_ijl
+    def sym_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """A:B of two symmetric 3×3 tensors given by their 6 compact components."""
+        return (mult[2] * a * b).sum(0)
+
+    # T_(ij)k over the 6 rows i <= j, weighted by the multiplicity of (ij): [6, 3, N]
+    t6 = lambda: get("t6", lambda: t[3].reshape(9, 3, -1).index_select(0, _ROWS_IJ.to(dev)))
+    wt6 = lambda: get("wt6", lambda: mult[2].unsqueeze(1) * t6())
+    m6 = lambda: get("M", lambda: (wt6()[:, pk] * t6()[:, pl]).sum(0))  # compact M_kl = T_ijk T_ijl
+    vv6 = lambda: get("vv", lambda: v[pk] * v[pl])  # compact v_k v_l
     qv = lambda: get("Qv", lambda: (q * v[None, :]).sum(1))  # (Qv)_i = Q_ij v_j
-    qq = lambda: get("QQ", lambda: (q[:, :, None] * q[None, :, :]).sum(1))  # (QQ)_ik = Q_ij Q_jk
-    vv = lambda: get("vv", lambda: v[:, None] * v[None, :])  # v_i v_j
+    qq6 = lambda: get("QQ", lambda: (q[pk] * q[pl]).sum(1))  # compact (QQ)_kl = Q_kj Q_lj
     formulas = {
         "s": lambda: s,
         "v.v": lambda: (v * v).sum(0),
-        "Q:Q": lambda: (q * q).sum((0, 1)),
-        "T:T": lambda: (tt * tt).sum((0, 1, 2)),
-        "vQv": lambda: (qv() * v).sum(0),
-        "trQ3": lambda: (qq() * q).sum((0, 1)),  # Q is symmetric
-        "QTT": lambda: (q * m()).sum((0, 1)),
-        "Tvvv": lambda: ((tt * v[:, None, None]).sum(0) * vv()).sum((0, 1)),
+        "Q:Q": lambda: sym_dot(qc, qc),
+        "T:T": lambda: (mult[3] * tc * tc).sum(0),
+        "vQv": lambda: sym_dot(qc, vv6()),
+        "trQ3": lambda: sym_dot(qq6(), qc),
+        "QTT": lambda: sym_dot(qc, m6()),
+        "Tvvv": lambda: (mult[3] * tc * (v[_TRIPLE[0]] * v[_TRIPLE[1]] * v[_TRIPLE[2]])).sum(0),
         "|Qv|2": lambda: (qv() * qv()).sum(0),
-        "vTTv": lambda: (m() * vv()).sum((0, 1)),
-        "QQTT": lambda: (qq() * m()).sum((0, 1)),
-        "QTTQ": lambda: (q.reshape(9, 1, -1) * t9()).sum(0).pow(2).sum(0),  # e_k = Q_ij T_ijk; |e|²
-        "TTTT": lambda: (m() * m()).sum((0, 1)),
+        "vTTv": lambda: sym_dot(m6(), vv6()),
+        "QQTT": lambda: sym_dot(qq6(), m6()),
+        "QTTQ": lambda: ((mult[2] * qc).unsqueeze(1) * t6()).sum(0).pow(2).sum(0),  # e_k = Q_ij T_ijk; |e|²
+        "TTTT": lambda: sym_dot(m6(), m6()),
     }
     return torch.stack([formulas[name]() for name in names], dim=0)
