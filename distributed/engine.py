@@ -62,20 +62,28 @@ def deepspeed_config(cfg: TrainerConfig, precision: str) -> dict[str, Any]:
 
 
 def drain_comm_time() -> tuple[float, float]:
-    """(seconds, bytes) in DeepSpeed collectives since the last call, waits for slower ranks included."""
+    """(seconds, bytes) in DeepSpeed collectives since the last call, waits for slower ranks included.
+
+    DeepSpeed's comms logger records, per op, the running total of its timer; so the time of a window is
+    the latest total, after which the op's timer is reset (which also keeps its record list short).
+    """
     try:
+        import importlib
+
         from deepspeed import comm
+
+        comm_module = importlib.import_module("deepspeed.comm.comm")
     except ImportError:
         return 0.0, 0.0
     logger = getattr(comm, "comms_logger", None)
     if logger is None:
         return 0.0, 0.0
     ms, nbytes = 0.0, 0.0
-    for sizes in logger.comms_dict.values():
-        for size, rec in sizes.items():
-            ms += float(sum(rec[1]))
-            nbytes += float(size) * float(rec[0])
-    logger.comms_dict.clear()  # keep memory flat over long runs
+    for name, sizes in logger.comms_dict.items():
+        ms += max(max(rec[1]) for rec in sizes.values())
+        nbytes += sum(float(size) * float(rec[0]) for size, rec in sizes.items())
+        comm_module.timers(name).reset()
+    logger.comms_dict.clear()
     return ms / 1000.0, nbytes
 
 
