@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from polyfid.data_shards.reader import iter_all
-from polyfid.data_shards.refs import fit_reference_energies
+from polyfid.data_shards.refs import composition_matrix, fit_reference_energies
 from polyfid.data_shards.schema import Fidelity
 from polyfid.data_shards.store import Store
 from polyfid.distributed.config import RunConfig
@@ -51,7 +51,7 @@ def refit_references(model: Potential, head: str, stores: Sequence[Store], atom_
     """
     k = model.fidelity_index(head)
     elements = list(model.elements)
-    comps, resid = [], []
+    numbers, resid = [], []
     for batch in iter_all(list(stores), fidelities=[head], atom_budget=atom_budget):
         e_label = batch["energy"][:, 0]
         ok = ~np.isnan(e_label)
@@ -61,12 +61,11 @@ def refit_references(model: Potential, head: str, stores: Sequence[Store], atom_
         offsets = np.concatenate([[0], np.cumsum(batch["n_atoms"])])
         z = batch["atomic_numbers"]
         for s in np.nonzero(ok)[0]:
-            zs = z[offsets[s] : offsets[s + 1]]
-            comps.append([np.count_nonzero(zs == el) for el in elements])
+            numbers.append(z[offsets[s] : offsets[s + 1]])
             resid.append(e_label[s] - e_pred[s, k])
     if not resid:
         raise ValueError(f"the fine-tuning data has no energy labels for {head!r}; cannot refit references")
-    shift = fit_reference_energies(np.asarray(comps, dtype=np.float64), np.asarray(resid, dtype=np.float64))
+    shift = fit_reference_energies(composition_matrix(numbers, elements), np.asarray(resid, dtype=np.float64))
     old = {int(z): float(model.reference_energies[k, z]) for z in elements}
     new = {int(el): old.get(int(el), 0.0) + float(d) for el, d in zip(elements, shift)}
     model.set_reference_energies(head, new)

@@ -74,8 +74,9 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
     # One MLflow run per output folder: a rerun of the same command continues it.
     run_file = out / "mlflow_run.json"
     tracker = Tracker(cfg.tracking.uri, enabled=cfg.tracking.enabled)
-    if run_file.exists() and json.loads(run_file.read_text()).get("run_id"):
-        tracker.run_id = json.loads(run_file.read_text())["run_id"]
+    previous_run = json.loads(run_file.read_text()).get("run_id") if run_file.exists() else None
+    if previous_run:
+        tracker.run_id = previous_run
         tracker.resume()
     else:
         tags = {"polyfid.mode": cfg.trainer.mode, "polyfid.kind": "finetune" if parent_uri else "pretrain"}

@@ -78,6 +78,12 @@ def make_progress(total: int, initial: int, rank: int):
     return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
 
 
+def heads_in(model: Potential, stores: list[Store]) -> list[str]:
+    """The model's fidelity names that any of the stores holds, in head order."""
+    present = {f.name for s in stores for f in s.fidelities}
+    return [n for n in model.fidelity_names if n in present]
+
+
 def validate(model, cfg: RunConfig, valid: list[Store], fidelities: list[str], dtype, device, rank, world):
     """Errors on the validation stores; every rank takes its share and the sums are all-reduced."""
     reader = ShardReader(
@@ -103,8 +109,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = build_model(cfg, stores)
     # Label columns: the model's heads that the training data has (fine-tuning data may have just one).
-    present = {f.name for s in stores for f in s.fidelities}
-    fidelities = [n for n in model.fidelity_names if n in present]
+    fidelities = heads_in(model, stores)
+    valid_fidelities = heads_in(model, valid)
     heads = [model.fidelity_index(n) for n in fidelities]
     trainable = [p for p in model.parameters() if p.requires_grad]
     reptile = cfg.trainer.mode == "reptile"
@@ -167,8 +173,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if bar is not None:
                     bar.set_description(f"train loss {metrics['loss']:.4f} {metrics['atoms_per_s']:.0f} atoms/s")
         if valid and (step % cfg.trainer.valid_every == 0 or step == cfg.trainer.steps):
-            valid_fids = [n for n in model.fidelity_names if any(n in {f.name for f in v.fidelities} for v in valid)]
-            res = validate(engine.module, cfg, valid, valid_fids, dtype, device, rank, world)
+            res = validate(engine.module, cfg, valid, valid_fidelities, dtype, device, rank, world)
             if rank == 0:
                 tracker.log_metrics(flatten_valid(res), step)
                 log.warning("step %d validation: %s", step, short(res))
