@@ -61,7 +61,7 @@ class HippynnModel(torch.nn.Module):
         dist = torch.linalg.vector_norm(coord, dim=1)
         feats = self.net(onehot, g.pair_i, g.pair_j, dist, coord)
         e_atom = sum(r(f) for r, f in zip(self.readouts, feats))[:, 0]
-        return torch.zeros(g.n_structures, dtype=e_atom.dtype).index_add(0, g.batch, e_atom)
+        return torch.zeros(g.n_structures, dtype=e_atom.dtype, device=pos.device).index_add(0, g.batch, e_atom)
 
 
 class HippynnKernels(torch.nn.Module):
@@ -88,7 +88,7 @@ class PolyfidModel(torch.nn.Module):
 
     def forward(self, g: Graph, pos: torch.Tensor) -> torch.Tensor:
         e_atom = self.potential.atom_energies(g, pos)[:, 0]
-        return torch.zeros(g.n_structures, dtype=e_atom.dtype).index_add(0, g.batch, e_atom)
+        return torch.zeros(g.n_structures, dtype=e_atom.dtype, device=pos.device).index_add(0, g.batch, e_atom)
 
 
 def energy_forces(model, g: Graph, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,14 +161,14 @@ def train_and_test(model, train, test, refs, steps: int, batch: int, lr: float, 
 
 
 # ---- speed ------------------------------------------------------------------------------------------
-def molecule_batch(seed: int = 0) -> list:
-    """16 structures of 10–50 atoms: g2 molecules alone, and clusters of 2–3 of them 6 Å apart, rattled."""
+def molecule_batch(seed: int = 0, count: int = 16) -> list:
+    """`count` structures of 10–50 atoms: g2 molecules alone (half), and clusters of 2–3 of them 6 Å apart, rattled."""
     from ase.build import molecule
 
     rng = np.random.default_rng(seed)
     out = []
-    for n in range(16):
-        parts = 1 if n < 8 else (2 if n < 12 else 3)
+    for n in range(count):
+        parts = 1 if n < count // 2 else (2 if n < 3 * count // 4 else 3)
         atoms = None
         for k in range(parts):
             m = molecule(MOLECULES[rng.integers(len(MOLECULES))])
@@ -196,27 +196,35 @@ def water_box(n_side: int = 7, seed: int = 0):
     return Atoms(sym, positions=np.concatenate(pos), cell=np.eye(3) * spacing * n_side, pbc=True)
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed_interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
     """Median wall time in seconds of each fn, with the repeats of the fns interleaved.
 
-    The machine is shared, so its load drifts; interleaving gives every model the same drift.
+    The machine is shared, so its load drifts; interleaving gives every model the same drift. On a GPU
+    every call is bracketed by a synchronize, so the time is the kernels' and not the launch queue's.
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    _sync()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
+            _sync()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def speed(models: dict, systems, repeats: int) -> dict:
+def speed(models: dict, systems, repeats: int, device: str = "cpu") -> dict:
     """Training-step and inference throughput (atoms/s) of each model on one batch; pairs built once."""
-    g = graph_from_atoms(systems, CONFIG["cutoff"], dtype=torch.float32)
-    e_ref, f_ref = torch.zeros(g.n_structures), torch.zeros(g.n_atoms, 3)
+    g = graph_from_atoms(systems, CONFIG["cutoff"], dtype=torch.float32).to(device)
+    e_ref, f_ref = torch.zeros(g.n_structures, device=device), torch.zeros(g.n_atoms, 3, device=device)
 
     def train_step(model, opt):
         e, f = energy_forces(model, g, create_graph=True)
@@ -264,9 +272,13 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="comma list of model-init seeds for the accuracy section "
                     "(the batch order uses seed + 1); seed 0's trained model is the one the NVE section runs")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: accuracy,speed,nve")
+    ap.add_argument("--device", default="cpu", help="device of the speed section: cpu or cuda")
+    ap.add_argument("--molecules", type=int, default=16, help="structures in the speed section's molecule batch")
+    ap.add_argument("--water-side", type=int, default=7, help="the periodic water box has this³ molecules")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    torch.set_num_threads(1)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     import hippynn
     from hippynn import custom_kernels
 
@@ -274,10 +286,11 @@ def main() -> None:
     custom_kernels.set_custom_kernels(kernels[0])
 
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    where = "1 thread" if args.device == "cpu" else f"{args.device}: {torch.cuda.get_device_name(0)}"
     lines = ["## models: polyfid HIP-HOP-NN vs hippynn HipHopnn", "",
              f"Machine: {platform.machine()}, `nproc` = {os.cpu_count()}, CPU `{cpu}`; torch {torch.__version__} "
-             f"with 1 thread; hippynn {hippynn.__version__} (numba, cupy and triton are not installed, so hippynn "
-             f"uses its torch message-passing kernels; its default, `pytorch`, wraps them in torch.compile).", "",
+             f"({where}); hippynn {hippynn.__version__}, message-passing kernels timed: "
+             f"{', '.join(f'`{k}`' for k in kernels)} (`pytorch` wraps hippynn's torch kernels in torch.compile).", "",
              f"Command: `python benchmarks/bench_models.py {' '.join(sys.argv[1:])}`", ""]
 
     torch.manual_seed(0)
@@ -325,11 +338,13 @@ def main() -> None:
     if "speed" not in skip:
         lines += ["### Speed (atoms/s, median of {} repeats, float32)".format(args.repeats), "",
                   "| system | atoms | pairs | model | train step | inference |", "|---|---|---|---|---|---|"]
-        for label, systems in (("16 molecules, 10–50 atoms", molecule_batch()), ("water box, periodic", [water_box()])):
+        pf.to(args.device), hp.to(args.device)
+        for label, systems in ((f"{args.molecules} molecules, 10–50 atoms", molecule_batch(count=args.molecules)),
+                               ("water box, periodic", [water_box(args.water_side)])):
             models = {"polyfid": pf}
             for k in kernels:
                 models[f"hippynn `{k}`"] = HippynnKernels(hp, k)
-            s = speed(models, systems, args.repeats)
+            s = speed(models, systems, args.repeats, args.device)
             print(label, s, flush=True)
             for name in models:
                 lines.append(f"| {label} | {s['atoms']} | {s['pairs']} | {name} | {s[name][0]:.0f} | {s[name][1]:.0f} |")

@@ -132,9 +132,19 @@ class FinetuneConfig:
     head: str | None = None  # fidelity to train; a new name adds a head initialised from the closest one
     freeze: str = "none"  # none | backbone
     refit_references: bool = True  # least-squares reference energies of the head on the target first
+    replay_fraction: float = 0.0  # share of each batch's atoms drawn from the pretraining stores (anti-forgetting)
+    replay_stores: list[str] = dataclasses.field(default_factory=list)  # default: the stores in the parent's lineage
+    early_stopping_patience: int = 5  # stop after this many validations without improvement; 0: never
+    compare_scratch: bool = False  # also train the same budget from a random init and report both
 
     def __post_init__(self) -> None:
         _choice("finetune", "freeze", self.freeze, ("none", "backbone"))
+        if isinstance(self.replay_stores, str):
+            self.replay_stores = [s for s in self.replay_stores.split(",") if s]
+        if not 0.0 <= self.replay_fraction < 1.0:
+            raise ConfigError(f"finetune.replay_fraction must be in [0, 1), got {self.replay_fraction}")
+        if self.early_stopping_patience < 0:
+            raise ConfigError(f"finetune.early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
 
 
 @dataclasses.dataclass

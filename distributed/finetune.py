@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -44,15 +45,32 @@ def closest_fidelity(model: Potential, new: Fidelity) -> str:
     return min(model.fidelities, key=lambda f: (abs(f.rank - new.rank), -f.rank, f.name)).name
 
 
-def refit_references(model: Potential, head: str, stores: Sequence[Store], atom_budget: int = 4096) -> dict[int, float]:
+def _head_batches(stores: Sequence[Store], head: str, atom_budget: int, limit: int | None):
+    """Batches of the stores that hold `head`, up to about `limit` structures."""
+    stores = [s for s in stores if head in {f.name for f in s.fidelities}]
+    seen = 0
+    for batch in iter_all(list(stores), fidelities=[head], atom_budget=atom_budget) if stores else ():
+        yield batch
+        seen += len(batch["n_atoms"])
+        if limit is not None and seen >= limit:
+            return
+
+
+def refit_references(model: Potential, head: str, stores: Sequence[Store], atom_budget: int = 4096,
+                     anchors: Sequence[Store] = (), max_anchor_structures: int = 1000) -> dict[int, float]:
     """Shift the head's reference energies by a least-squares fit of (label - prediction) per element.
 
     After this the step-0 energy error of the head on the target is as small as a per-element shift allows.
+    `anchors` (the pretraining data, for a head that already exists) join the fit: a target of one or two
+    compositions cannot pin four elements' references, and without anchors the minimum-norm shift moves the
+    head's energies on every other composition (by thousands of eV on the demo data).
     """
     k = model.fidelity_index(head)
     elements = list(model.elements)
     numbers, resid = [], []
-    for batch in iter_all(list(stores), fidelities=[head], atom_budget=atom_budget):
+    target = _head_batches(stores, head, atom_budget, None)
+    anchored = _head_batches(anchors, head, atom_budget, max_anchor_structures)
+    for batch in (b for source in (target, anchored) for b in source):
         e_label = batch["energy"][:, 0]
         ok = ~np.isnan(e_label)
         if not ok.any():
@@ -81,10 +99,150 @@ def prepare_finetune_model(cfg: RunConfig, stores: Sequence[Store]) -> Potential
         model.add_fidelity(new_fid, init_from=src)
         log.warning("fine-tuning adds head %r, initialised from %r", head, src)
     if cfg.finetune.refit_references:
-        refit_references(model, head, stores, cfg.data.atom_budget)
+        anchors: list[Store] = []
+        if new_fid is None:  # an existing head: keep its energies on the pretraining data where they were
+            from polyfid.distributed.replay import lineage_stores, open_replay_stores
+
+            meta = getattr(model, "package_metadata", None) or {}
+            anchors = open_replay_stores(cfg.finetune.replay_stores or lineage_stores(meta))
+        refit_references(model, head, stores, cfg.data.atom_budget, anchors=anchors)
     if cfg.finetune.freeze == "backbone":
         for p in model.backbone_parameters():
             p.requires_grad_(False)
     # Other heads get no gradient from target data that lacks their labels; only `head` moves.
     model.finetune_head = head
     return model
+
+
+class EarlyStopping:
+    """Stop after `patience` validations without improvement of the fine-tuned head; keep the best weights.
+
+    The score is the loss's weighting of the head's validation errors: energy_weight × energy MAE per atom
+    (eV) + forces_weight × force MAE (eV/Å). Validation results are all-reduced, so every rank decides alike.
+    """
+
+    def __init__(self, patience: int, head: str, energy_weight: float = 1.0, forces_weight: float = 1.0) -> None:
+        self.patience, self.head = patience, head
+        self.weights = (energy_weight, forces_weight)
+        self.best_score, self.best_step, self.bad = float("inf"), -1, 0
+        self.best_state: dict | None = None
+
+    def score(self, results: dict[str, dict[str, float]]) -> float:
+        r = results.get(self.head) or {}
+        e, f = r.get("energy_mae_per_atom"), r.get("forces_mae")
+        if e is None and f is None:
+            return float("nan")
+        return self.weights[0] * (e or 0.0) + self.weights[1] * (f or 0.0)
+
+    def update(self, results: dict[str, dict[str, float]], module, step: int, keep: bool) -> bool:
+        """Record a validation; returns True when training should stop. `keep`: hold a copy of the best weights."""
+        s = self.score(results)
+        if not np.isfinite(s):
+            return False
+        if s < self.best_score:
+            self.best_score, self.best_step, self.bad = s, step, 0
+            if keep:
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+            return False
+        self.bad += 1
+        return 0 < self.patience <= self.bad
+
+    def restore_best(self, module) -> None:
+        """Load the best weights seen (if any) into `module`."""
+        if self.best_state is not None:
+            module.load_state_dict(self.best_state)
+
+
+def measure_forgetting(parent: str, child: str, parent_meta: dict, max_structures: int = 1000) -> dict | None:
+    """Errors of the parent and of the fine-tuned package on the parent's own data, per fidelity.
+
+    The data are the parent's validation stores from its lineage, else its training stores (at most
+    `max_structures`). `*_increase` = fine-tuned − parent: positive values are forgetting. None when the
+    parent's stores cannot be read.
+    """
+    from polyfid.distributed.evaluate import evaluate_batches
+    from polyfid.distributed.replay import open_replay_stores
+
+    lineage = parent_meta.get("lineage") or {}
+    entries = lineage.get("valid_stores") or lineage.get("stores") or []
+    stores = open_replay_stores([e["path"] for e in entries if e.get("path")])
+    if not stores:
+        log.warning("forgetting: none of the parent's stores can be read; not measured")
+        return None
+    old, new = load_package(parent), load_package(child)
+    fids = [f for f in old.fidelity_names if any(f in {x.name for x in s.fidelities} for s in stores)]
+    if not fids:
+        return None
+
+    def limited(model):
+        def batches():
+            seen = 0
+            for b in iter_all(stores, fidelities=fids):
+                yield b
+                seen += len(b["n_atoms"])
+                if seen >= max_structures:
+                    return
+        return evaluate_batches(model, batches(), fids).results()
+
+    before, after = limited(old), limited(new)
+    out: dict[str, dict] = {}
+    for fid in fids:
+        r: dict = {"n_structures": before[fid].get("n_structures")}
+        for k in ("energy_mae_per_atom", "energy_mae", "forces_mae"):
+            if k in before[fid] and k in after[fid]:
+                r[f"{k}_parent"], r[f"{k}_finetuned"] = before[fid][k], after[fid][k]
+                r[f"{k}_increase"] = after[fid][k] - before[fid][k]
+        out[fid] = r
+    return out
+
+
+def scratch_config(cfg: RunConfig, parent_meta: dict) -> RunConfig:
+    """The same run from a random init: the parent's architecture, the target data, the same step budget.
+
+    The learning rate and warm-up are the parent's pretraining ones (a random init needs them), so that
+    neither side is handicapped by the other's schedule. No head is frozen, nothing is registered.
+    """
+    import copy
+
+    from polyfid.models.config import ModelConfig
+
+    s = copy.deepcopy(cfg)
+    s.model = ModelConfig(**{k: v for k, v in parent_meta["config"].items() if k in ModelConfig.__dataclass_fields__})
+    parent_trainer = ((parent_meta.get("extra") or {}).get("config") or {}).get("trainer") or {}
+    for key in ("lr", "warmup_steps"):
+        if key in parent_trainer:
+            setattr(s.trainer, key, parent_trainer[key])
+    s.finetune = type(cfg.finetune)()
+    s.name = f"{cfg.name}-scratch"
+    s.output = str(Path(cfg.output) / "scratch")
+    s.tracking.run_name = f"{cfg.tracking.run_name or cfg.name}-scratch"
+    s.tracking.register_as = None
+    return s
+
+
+def compare_table(packages: dict[str, str], stores: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """{label: {fidelity: errors}} of each package on the stores (the fidelities every package has)."""
+    from polyfid.distributed.evaluate import evaluate_batches
+
+    opened = [Store.open(p) for p in stores]
+    present = {f.name for s in opened for f in s.fidelities}
+    models = {k: load_package(v) for k, v in packages.items()}
+    fids = [f for f in next(iter(models.values())).fidelity_names
+            if f in present and all(f in m.fidelity_names for m in models.values())]
+    return {k: evaluate_batches(m, iter_all(opened, fidelities=fids), fids).results() for k, m in models.items()}
+
+
+def format_compare(table: dict[str, dict[str, dict[str, float]]], title: str) -> str:
+    """Rows (fidelity, label) with energy and force MAE in meV and meV/Å."""
+    lines = [title, f"{'fidelity':<16}{'model':<14}{'n':>5}{'E MAE':>9}{'E/atom':>9}{'F MAE':>9}   (meV, meV/Å)"]
+    fids = sorted({f for r in table.values() for f in r})
+    for fid in fids:
+        for label, res in table.items():
+            r = res.get(fid, {})
+
+            def g(k: str) -> str:
+                return f"{r[k] * 1000:>9.1f}" if k in r else f"{'-':>9}"
+
+            lines.append(f"{fid:<16}{label:<14}{r.get('n_structures', 0):>5}{g('energy_mae')}"
+                         f"{g('energy_mae_per_atom')}{g('forces_mae')}")
+    return "\n".join(lines)

@@ -13,9 +13,12 @@ from typing import Any
 from polyfid.data_shards.store import Store
 from polyfid.distributed.config import ConfigError, RunConfig, save_config
 from polyfid.distributed.engine import ensure_extension_cache
+from polyfid.distributed.finetune import measure_forgetting
+from polyfid.distributed.replay import lineage_stores, open_replay_stores
 from polyfid.distributed.steps import get_step_function
 from polyfid.distributed.tracking import Tracker, download_package
 from polyfid.distributed.worker import STOP_FILE
+from polyfid.models.package import read_metadata
 
 log = logging.getLogger("polyfid.launcher")
 
@@ -40,6 +43,20 @@ def _fetch_parent(cfg: RunConfig) -> str | None:
     if not (Path(src) / "polyfid.json").exists():
         raise ConfigError(f"finetune.source={src} is not a package folder (no polyfid.json) nor an MLflow URI")
     return src
+
+
+def _resolve_replay(cfg: RunConfig, parent_meta: dict) -> None:
+    """Fill finetune.replay_stores from the parent's lineage; without a readable store, replay is turned off."""
+    if not cfg.finetune.source or cfg.finetune.replay_fraction <= 0:
+        return
+    paths = cfg.finetune.replay_stores or lineage_stores(parent_meta)
+    fingerprints = {s.get("path"): s.get("fingerprint") for s in (parent_meta.get("lineage") or {}).get("stores", [])}
+    opened = open_replay_stores(paths, fingerprints)
+    cfg.finetune.replay_stores = [str(s.path) for s in opened]
+    if not opened:
+        log.warning("finetune.replay_fraction=%g but no pretraining store can be read (lineage: %s); "
+                    "fine-tuning without replay", cfg.finetune.replay_fraction, ", ".join(paths) or "none")
+        cfg.finetune.replay_fraction = 0.0
 
 
 def _init_ray(cfg: RunConfig) -> None:
@@ -68,6 +85,8 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     parent_uri = _fetch_parent(cfg)
+    parent_meta = read_metadata(cfg.finetune.source) if cfg.finetune.source else {}
+    _resolve_replay(cfg, parent_meta)
     _check_stores(cfg)
     save_config(cfg, out / "config.yaml")  # before anything runs
 
@@ -82,8 +101,13 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
         tags = {"polyfid.mode": cfg.trainer.mode, "polyfid.kind": "finetune" if parent_uri else "pretrain"}
         if parent_uri:
             tags["polyfid.parent"] = parent_uri
+            parent_run = (parent_meta.get("lineage") or {}).get("mlflow_run_id")
             if parent_uri.startswith("runs:/"):
-                tags["mlflow.parentRunId"] = parent_uri.split("/")[1]
+                parent_run = parent_uri.split("/")[1]
+            if parent_run:
+                tags["polyfid.parent_run_id"] = parent_run
+                if tracker.run_exists(parent_run):  # the dashboard nests the fine-tuning run under it
+                    tags["mlflow.parentRunId"] = parent_run
         tracker.start(cfg.tracking.experiment, cfg.tracking.run_name or cfg.name, tags)
         if tracker.run_id:
             run_file.write_text(json.dumps({"run_id": tracker.run_id}))
@@ -147,6 +171,17 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
     tracker.log_artifact(package, "package")
     version = tracker.register(cfg.tracking.register_as) if cfg.tracking.register_as else None
     tracker.log_metrics({"train_wall_s": wall}, cfg.trainer.steps)
+    forgetting = None
+    if cfg.finetune.source:
+        forgetting = measure_forgetting(cfg.finetune.source, str(package), parent_meta)
+        if forgetting:
+            tracker.log_metrics({f"forgetting/{fid}/{k}": v for fid, r in forgetting.items() for k, v in r.items()
+                                 if isinstance(v, float)}, cfg.trainer.steps)
+    if tracker.run_id and cfg.data.valid:  # parity plots, learning curves and final errors in the run
+        from polyfid.distributed.evaluate import report_to_mlflow
+
+        report_to_mlflow(str(package), cfg.data.valid, tracker.run_id, cfg.tracking.uri, out / "eval",
+                         step=cfg.trainer.steps)
     tracker.end()
     summary = {
         "package": str(package),
@@ -156,7 +191,11 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
         "model_version": version,
         "wall_s": wall,
         "parent": parent_uri,
+        "forgetting": forgetting,
     }
+    for name in ("step0_validation.json", "best.json"):
+        if (out / name).exists():
+            summary[name.split(".")[0]] = json.loads((out / name).read_text())
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -55,6 +55,16 @@ class Tracker:
         self.run_id = self._guard("start a run", _start)
         return self.run_id
 
+    def run_exists(self, run_id: str) -> bool:
+        """Whether this tracking store holds `run_id` (False when tracking is off or unreachable)."""
+        if not self.enabled:
+            return False
+        try:
+            self.client.get_run(run_id)
+            return True
+        except Exception:  # noqa: BLE001 - a missing run or an unreachable server both mean "no link"
+            return False
+
     def resume(self) -> None:
         """Mark a run that is being resumed (after a preemption or a crash) as running again."""
         self._call("resume the run", lambda: self.client.update_run(self.run_id, status="RUNNING"))

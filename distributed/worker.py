@@ -20,9 +20,12 @@ from polyfid.data_shards.reader import ShardReader
 from polyfid.data_shards.store import Store
 from polyfid.distributed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from polyfid.distributed.config import RunConfig
-from polyfid.distributed.engine import build_engine, compute_dtype, drain_comm_time, resolve_device
+from polyfid.distributed.engine import (
+    all_gather_host, all_reduce_host, build_engine, compute_dtype, drain_comm_time, resolve_device,
+)
 from polyfid.distributed.evaluate import evaluate_batches
-from polyfid.distributed.finetune import prepare_finetune_model
+from polyfid.distributed.finetune import EarlyStopping, prepare_finetune_model
+from polyfid.distributed.replay import MixedReader, split_budget
 from polyfid.distributed.reptile import TaskStreams, list_tasks, task_weights
 from polyfid.distributed.steps import StepContext, get_step_function
 from polyfid.distributed.tracking import Tracker
@@ -108,8 +111,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     valid = [Store.open(p) for p in cfg.data.valid]
 
     model = build_model(cfg, stores)
+    replay = [Store.open(p) for p in cfg.finetune.replay_stores] if cfg.finetune.replay_fraction > 0 else []
     # Label columns: the model's heads that the training data has (fine-tuning data may have just one).
-    fidelities = heads_in(model, stores)
+    fidelities = heads_in(model, stores + replay)
     valid_fidelities = heads_in(model, valid)
     heads = [model.fidelity_index(n) for n in fidelities]
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -132,6 +136,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         weights = task_weights(tasks, stores, cfg.reptile.task_weights)
         reader = TaskStreams(stores, tasks, weights, cfg.reptile, reader_cfg, rank, world, cfg.trainer.seed)
         extra = {"tasks": tasks, "inner_lr": cfg.reptile.inner_lr}
+    elif replay:
+        reader = mixed_reader(stores, replay, reader_cfg, cfg.finetune.replay_fraction, fidelities, rank, world)
     else:
         reader = ShardReader(stores, reader_cfg, rank=rank, world_size=world, fidelities=fidelities)
     ckpt_dir = Path(cfg.output) / "checkpoints"
@@ -149,7 +155,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stop_file = Path(cfg.output) / STOP_FILE
     batches = iter(reader)
     window = new_window()
-    stopped = False
+    stopped = early = False
+    finetune_head = getattr(model, "finetune_head", None)
+    stopper = EarlyStopping(cfg.finetune.early_stopping_patience if finetune_head else 0, finetune_head or "",
+                            cfg.loss.energy_weight, cfg.loss.forces_weight)
+    if valid and finetune_head and step == 0:  # the step-0 error, after the reference refit: report it
+        res = validate(engine.module, cfg, valid, valid_fidelities, dtype, device, rank, world)
+        stopper.update(res, engine.module, 0, keep=rank == 0)
+        if rank == 0:
+            tracker.log_metrics(flatten_valid(res), 0)
+            (Path(cfg.output) / "step0_validation.json").write_text(json.dumps(res, indent=2))
+            log.warning("step 0 (after the reference refit) validation: %s", short(res))
     while step < cfg.trainer.steps:
         t0 = time.perf_counter()
         batch = next(batches)
@@ -177,6 +193,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 tracker.log_metrics(flatten_valid(res), step)
                 log.warning("step %d validation: %s", step, short(res))
+            early = stopper.update(res, engine.module, step, keep=rank == 0)
+            if early:
+                log.warning("early stopping at step %d: no improvement of %r in %d validations; best at step %d",
+                            step, finetune_head, stopper.bad, stopper.best_step)
+                break
         stopped = stop_requested(stop_file)
         if stopped or step % cfg.trainer.checkpoint_every == 0 or step == cfg.trainer.steps:
             save_checkpoint(engine, ckpt_dir, step, reader, run_id, rank)
@@ -187,7 +208,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if bar is not None:
         bar.close()
     if rank == 0 and not stopped:
-        write_package(engine.module, cfg, stores, run_id, parent=config.get("parent_uri"))
+        module = engine.module
+        if stopper.best_state is not None:  # fine-tuning with validation: the best weights, not the last
+            import copy
+
+            module = copy.deepcopy(engine.module)
+            stopper.restore_best(module)
+            tracker.log_metrics({"best_step": stopper.best_step, "stopped_early": float(early)}, step)
+            (Path(cfg.output) / "best.json").write_text(json.dumps(
+                {"best_step": stopper.best_step, "best_score": stopper.best_score, "last_step": step,
+                 "stopped_early": early}, indent=2))
+        write_package(module, cfg, stores, run_id, parent=config.get("parent_uri"), valid=valid)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -197,9 +228,7 @@ STOP_FILE = "STOP"  # the driver writes it on SIGTERM; workers checkpoint and le
 
 def stop_requested(path: Path) -> bool:
     """Whether any rank sees the stop file; one scalar all-reduce so that all ranks agree."""
-    flag = torch.tensor([1.0 if path.exists() else 0.0])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag)
+    flag = all_reduce_host(torch.tensor([1.0 if path.exists() else 0.0]))
     return bool(flag.item() > 0)
 
 
@@ -241,12 +270,7 @@ def throughput(window: dict[str, float], engine) -> dict[str, float]:
     comm_s, comm_bytes = drain_comm_time()
     mine = torch.tensor([window["atoms"], window["wait"], window["time"], window["budget"], comm_s, comm_bytes],
                         dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        rows = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-        dist.all_gather(rows, mine)
-        table = torch.stack(rows)
-    else:
-        table = mine[None]
+    table = all_gather_host(mine)
     atoms, wait, busy, budget, comm, comm_bytes = table.sum(0).tolist()
     wall = float(table[:, 2].max())  # the slowest rank sets the pace
     out = {
@@ -274,8 +298,24 @@ def short(res: dict[str, dict[str, float]]) -> str:
     )
 
 
+def mixed_reader(stores, replay, reader_cfg, fraction: float, fidelities, rank: int, world: int) -> MixedReader:
+    """Target and replay readers splitting the atom budget by `fraction` (replay seeded apart from target)."""
+    import dataclasses
+
+    n_target, n_replay = split_budget(reader_cfg.atom_budget, fraction)
+    t_cfg = dataclasses.replace(reader_cfg, atom_budget=n_target)
+    r_cfg = dataclasses.replace(reader_cfg, atom_budget=n_replay, seed=reader_cfg.seed + 1)
+    def own(ss):  # each reader reads the mix's fidelities that its stores hold
+        return [f for f in fidelities if any(f in {x.name for x in s.fidelities} for s in ss)]
+
+    return MixedReader(ShardReader(stores, t_cfg, rank=rank, world_size=world, fidelities=own(stores)),
+                       ShardReader(replay, r_cfg, rank=rank, world_size=world, fidelities=own(replay)),
+                       len(stores), fidelities)
+
+
 def write_package(
-    module: torch.nn.Module, cfg: RunConfig, stores: list[Store], run_id: str | None, parent: str | None = None
+    module: torch.nn.Module, cfg: RunConfig, stores: list[Store], run_id: str | None, parent: str | None = None,
+    valid: list[Store] | None = None,
 ) -> Path:
     """Save the trained model (in float32) as a package with lineage, at <output>/package."""
     import copy
@@ -283,8 +323,14 @@ def write_package(
     import polyfid
 
     model = copy.deepcopy(module).float().cpu()
+    def entry(s: Store) -> dict:
+        return {"path": s.path if isinstance(s.path, str) else str(s.path), "fingerprint": s.fingerprint}
+
     lineage = {
-        "stores": [{"path": s.path if isinstance(s.path, str) else str(s.path), "fingerprint": s.fingerprint} for s in stores],
+        "stores": [entry(s) for s in stores],
+        "valid_stores": [entry(s) for s in valid or []],
+        "replay": {"fraction": cfg.finetune.replay_fraction, "stores": list(cfg.finetune.replay_stores)}
+        if cfg.finetune.source else None,
         "mlflow_run_id": run_id,
         "tracking_uri": cfg.tracking.uri,
         "polyfid_version": polyfid.__version__,

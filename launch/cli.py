@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from polyfid.launch import evaluate_cmd
+
 RECIPES = Path(__file__).parent / "recipes"
 
 
@@ -93,26 +95,10 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
-    from polyfid.distributed.launcher import run_training
+    from polyfid.distributed.config import load_config
+    from polyfid.launch import finetune_cmd
 
-    if a.config is None:
-        a.config = str(RECIPES / "finetune.yaml")
-    extra = [f"finetune.source={a.source}", f"data.train={a.data}"]
-    if a.valid:
-        extra.append(f"data.valid={a.valid}")
-    if a.head:
-        extra.append(f"finetune.head={a.head}")
-    cfg = _run_config(a, extra)
-    out = Path(a.out)
-    if out.name == "package":  # --out names the package folder; the run lives beside it
-        cfg.output = str(out.parent)
-    else:
-        cfg.output = str(out)
-    summary = run_training(cfg)
-    if out.name == "package" and Path(summary["package"]) != out.resolve():
-        shutil.copytree(summary["package"], out, dirs_exist_ok=True)
-    _print_summary(summary)
-    return 0
+    return finetune_cmd.run(a, load_config)
 
 
 def _print_summary(s: dict) -> None:
@@ -129,40 +115,7 @@ def _print_summary(s: dict) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from polyfid.distributed.evaluate import evaluate_batches, format_table, parity_plots, write_json
-    from polyfid.data_shards.reader import iter_all
-    from polyfid.data_shards.store import Store
-    from polyfid.models.package import load_package
-    from tqdm import tqdm
-
-    model_path = a.model
-    if a.model.startswith(("runs:/", "models:/")):
-        import tempfile
-
-        from polyfid.distributed.config import resolve_tracking_uri
-        from polyfid.distributed.tracking import download_package
-
-        model_path = str(download_package(a.model, resolve_tracking_uri(a.tracking_uri), tempfile.mkdtemp()))
-    model = load_package(model_path)
-    stores = [Store.open(p) for p in a.data.split(",")]
-    fids = [f.name for f in stores[0].fidelities] if len(stores) == 1 else None
-    fids = sorted({f.name for s in stores for f in s.fidelities}) if fids is None else fids
-    if a.fidelity:
-        if a.fidelity not in fids:
-            raise SystemExit(f"polyfid: --fidelity {a.fidelity} is not in {a.data} (has {', '.join(fids)})")
-        fids = [a.fidelity]
-    total = sum(s.n_structures for s in stores)
-    with tqdm(total=total, desc="evaluate", unit="structure", disable=a.quiet) as bar:
-        stats = evaluate_batches(model, iter_all(stores, fidelities=fids), fids, keep_points=bool(a.plots), progress=bar)
-    res = stats.results()
-    print(format_table(res, title=f"{a.model} on {a.data}"))
-    if a.json:
-        write_json(res, a.json)
-        print(f"wrote {a.json}")
-    if a.plots:
-        for p in parity_plots(stats, a.plots):
-            print(f"wrote {p}")
-    return 0
+    return evaluate_cmd.run(a)
 
 
 def cmd_ui(a: argparse.Namespace) -> int:
@@ -227,21 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT")
             s.set_defaults(fn=cmd_pretrain)
         else:
-            s.add_argument("--from", dest="source", required=True, help="package path, runs:/ID/package, models:/NAME/V")
-            s.add_argument("--data", required=True, help="target store(s), comma-separated")
-            s.add_argument("--valid", help="validation store(s)")
-            s.add_argument("--head", help="fidelity to fine-tune (new name: a new head)")
-            s.add_argument("--out", required=True, help="output package folder (the run lives beside it)")
+            from polyfid.launch import finetune_cmd
+
+            finetune_cmd.add_arguments(s)
             s.set_defaults(fn=cmd_finetune)
 
-    s = sub.add_parser("evaluate", help="energy and force errors per fidelity")
-    s.add_argument("--model", required=True, help="package path, runs:/ID/package or models:/NAME/VERSION")
-    s.add_argument("--data", required=True, help="store(s), comma-separated")
-    s.add_argument("--fidelity", help="only this fidelity")
-    s.add_argument("--json", help="write the errors as JSON here")
-    s.add_argument("--plots", help="write parity plots (PNG) into this folder")
-    s.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    s.add_argument("--quiet", action="store_true")
+    s = sub.add_parser("evaluate", help="errors per fidelity, parity plots, PES scans, NVE drift; to MLflow")
+    evaluate_cmd.add_arguments(s)
     s.set_defaults(fn=cmd_evaluate)
 
     s = sub.add_parser("ui", help="serve the MLflow dashboard on 127.0.0.1")
@@ -255,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
     s.set_defaults(fn=cmd_demo)
+    from polyfid.launch.baseline_cli import register as _reg_baseline; _reg_baseline(sub)  # noqa: E702
     return p
 
 

@@ -35,6 +35,7 @@ def pipeline(tmp_path_factory):
     _ingest(tmp / "train2.zarr", f"{mam}@:24", forces=[LOW], dataset="methylamine")  # a second store
     _ingest(tmp / "valid.zarr", f"{eth}@-10:", forces=[LOW, HIGH])
     _ingest(tmp / "target.zarr", f"{fa}@:16", forces=[HIGH], dataset="formic_acid")
+    _ingest(tmp / "target_valid.zarr", f"{fa}@16:24", forces=[HIGH], dataset="formic_acid")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     common = ["--set", f"tracking.uri={uri}", "--set", "model.width=16", "--set", "model.n_sensitivities=8"]
     assert main(["pretrain", "--config", "launch/recipes/demo.yaml", "--set", f"data.train={tmp / 'train.zarr'},{tmp / 'train2.zarr'}",
@@ -44,7 +45,9 @@ def pipeline(tmp_path_factory):
                  "--set", "tracking.register_as=spine-test"] + common) == 0
     pre = json.loads((tmp / "pre" / "summary.json").read_text())
     assert main(["finetune", "--from", f"models:/spine-test/{pre['model_version']}", "--data", str(tmp / "target.zarr"),
-                 "--out", str(tmp / "ft" / "package"), "--set", "trainer.steps=6"] + common) == 0
+                 "--valid", str(tmp / "target_valid.zarr"), "--replay", "0.25", "--patience", "2", "--compare-scratch",
+                 "--out", str(tmp / "ft" / "package"), "--set", "trainer.steps=6", "--set", "trainer.valid_every=2",
+                 "--set", f"trainer.trace_dir={tmp / 'ft_trace'}"] + common) == 0
     ft = json.loads((tmp / "ft" / "summary.json").read_text())
     return {"tmp": tmp, "uri": uri, "pre": pre, "ft": ft}
 
@@ -87,8 +90,47 @@ def test_finetune_records_parent_and_registers(pipeline):
     assert meta["lineage"]["parent"].startswith("models:/spine-test/")
     assert meta["lineage"]["parent_lineage"]["mlflow_run_id"] == pre["mlflow_run_id"]
     client = MlflowClient(pipeline["uri"])
-    assert client.get_run(ft["mlflow_run_id"]).data.tags["polyfid.parent"] == meta["lineage"]["parent"]
+    run = client.get_run(ft["mlflow_run_id"])
+    assert run.data.tags["polyfid.parent"] == meta["lineage"]["parent"]
+    # the dashboard links (and nests) the fine-tuning run under the pretraining run
+    assert run.data.tags["polyfid.parent_run_id"] == pre["mlflow_run_id"]
+    assert run.data.tags["mlflow.parentRunId"] == pre["mlflow_run_id"]
     assert ft["model_version"] is not None
+    assert [v.run_id for v in client.search_model_versions("name='polyfid-finetuned'")] == [ft["mlflow_run_id"]]
+
+
+def test_finetune_step0_replay_forgetting_scratch(pipeline):
+    from mlflow.tracking import MlflowClient
+
+    tmp, ft = pipeline["tmp"], pipeline["ft"]
+    meta = json.loads((tmp / "ft" / "package" / "polyfid.json").read_text())
+    # replay came from the parent's lineage: the two pretraining stores
+    assert meta["lineage"]["replay"]["fraction"] == 0.25
+    assert sorted(meta["lineage"]["replay"]["stores"]) == sorted(str(tmp / n) for n in ("train.zarr", "train2.zarr"))
+    steps = [json.loads(line) for line in (tmp / "ft_trace" / "rank0.jsonl").read_text().splitlines()]
+    assert len(steps) >= 2
+    for rec in steps:  # every batch mixes target structures (store 0) and replayed ones (stores 1, 2)
+        stores = {s for s, _ in rec["ids"]}
+        assert 0 in stores and stores & {1, 2}, rec
+    # the step-0 error (after the reference refit) is reported and logged at step 0
+    assert 0 < ft["step0_validation"][HIGH]["forces_mae"] < 50
+    history = MlflowClient(pipeline["uri"]).get_metric_history(ft["mlflow_run_id"], f"valid/forces_mae/{HIGH}")
+    assert history[0].step == 0 and history[-1].step > 0
+    assert 0 <= ft["best"]["best_step"] <= ft["best"]["last_step"] <= 6
+    # forgetting: parent vs fine-tuned on the parent's data, for both old heads
+    assert set(ft["forgetting"]) == {LOW, HIGH}
+    for fid in (LOW, HIGH):
+        r = ft["forgetting"][fid]
+        assert math.isclose(r["energy_mae_finetuned"] - r["energy_mae_parent"], r["energy_mae_increase"], abs_tol=1e-9)
+    # --compare-scratch trained the same budget from a random init and evaluated both on --valid
+    cmp = json.loads((tmp / "ft" / "compare_scratch.json").read_text())
+    assert set(cmp["errors"]) == {"fine-tuned", "from scratch"}
+    assert cmp["errors"]["from scratch"][HIGH]["n_structures"] == 8
+    scratch_meta = json.loads((tmp / "ft" / "scratch" / "package" / "polyfid.json").read_text())
+    assert scratch_meta["lineage"]["parent"] is None and scratch_meta["config"] == meta["config"]
+    # parity plots and the learning curve went to the run
+    arts = {a.path for a in MlflowClient(pipeline["uri"]).list_artifacts(ft["mlflow_run_id"], "plots")}
+    assert any(p.endswith(".png") for p in arts), arts
 
 
 def test_evaluate_json_and_calculator(pipeline, tmp_path):

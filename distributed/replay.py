@@ -1,0 +1,99 @@
+"""Replay against forgetting: each fine-tuning batch mixes target structures with pretraining structures.
+
+The pretraining stores come from the parent package's lineage (or `finetune.replay_stores`). A fraction
+`finetune.replay_fraction` of the atom budget goes to them, with labels for every head of the parent that
+they hold, so the old heads keep being trained while the target head learns.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from polyfid.data_shards.reader import ShardReader
+from polyfid.data_shards.schema import Batch, concat_batches
+from polyfid.data_shards.store import Store
+
+log = logging.getLogger("polyfid.replay")
+
+
+def lineage_stores(metadata: dict | None) -> list[str]:
+    """The pretraining store paths recorded in a package's lineage (validation stores preferred last)."""
+    lineage = (metadata or {}).get("lineage") or {}
+    return [s["path"] for s in lineage.get("stores", []) if s.get("path")]
+
+
+def open_replay_stores(paths: Sequence[str], fingerprints: dict[str, str] | None = None) -> list[Store]:
+    """Open the replay stores; a store that is gone or changed since pretraining is skipped with a warning."""
+    out = []
+    for p in paths:
+        try:
+            s = Store.open(p)
+        except (OSError, ValueError) as err:
+            log.warning("replay: cannot open pretraining store %s (%s); training without it", p, err)
+            continue
+        want = (fingerprints or {}).get(p)
+        if want and s.fingerprint != want:
+            log.warning("replay: store %s changed since pretraining (fingerprint %s, lineage says %s); using it anyway",
+                        p, s.fingerprint[:12], want[:12])
+        out.append(s)
+    return out
+
+
+def split_budget(atom_budget: int, fraction: float) -> tuple[int, int]:
+    """(target atoms, replay atoms) per batch; each side gets at least one atom's worth of budget."""
+    replay = int(round(atom_budget * fraction))
+    replay = min(max(replay, 1), atom_budget - 1)
+    return atom_budget - replay, replay
+
+
+class MixedReader:
+    """Two ShardReaders read in lockstep; every batch is a target batch followed by a replay batch.
+
+    Both readers use the same fidelity columns. The replay reader's store indices are shifted past the
+    target's so that (store, structure_id) stays unique. Cursor state is the pair of cursors.
+    """
+
+    def __init__(self, target: ShardReader, replay: ShardReader, n_target_stores: int, fidelities: Sequence[str]) -> None:
+        self.target, self.replay, self.shift = target, replay, n_target_stores
+        self.fidelities = list(fidelities)
+
+    @property
+    def epoch(self) -> int:
+        return self.target.epoch
+
+    def _widen(self, batch: Batch, own: Sequence[str]) -> dict:
+        """The batch with label columns for every fidelity of the mix (NaN where this side has none)."""
+        b = dict(batch)
+        cols = [self.fidelities.index(f) for f in own]
+        energy = np.full((len(b["n_atoms"]), len(self.fidelities)), np.nan)
+        forces = np.full((len(b["atomic_numbers"]), len(self.fidelities), 3), np.nan)
+        energy[:, cols], forces[:, cols] = b["energy"], b["forces"]
+        b["energy"], b["forces"] = energy, forces
+        return b
+
+    def __iter__(self) -> Iterator[Batch]:
+        for a, b in zip(self.target, self.replay):
+            a, b = self._widen(a, self.target.fidelities), self._widen(b, self.replay.fidelities)
+            b["store"] = b["store"] + self.shift
+            yield concat_batches([a, b])  # type: ignore[list-item]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"target": self.target.state_dict(), "replay": self.replay.state_dict()}
+
+    @staticmethod
+    def gather_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return {"target": ShardReader.gather_states([s["target"] for s in states]),
+                "replay": ShardReader.gather_states([s["replay"] for s in states])}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.target.load_state_dict(state["target"])
+        self.replay.load_state_dict(state["replay"])
+
+
+def replay_share(batch: Batch, n_target_stores: int) -> float:
+    """Fraction of a mixed batch's atoms that came from the replay stores (for telemetry)."""
+    per_structure = np.asarray(batch["store"]) >= n_target_stores
+    return float(np.asarray(batch["n_atoms"])[per_structure].sum() / max(1, int(np.sum(batch["n_atoms"]))))

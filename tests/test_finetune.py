@@ -1,0 +1,124 @@
+"""Fine-tuning parts in isolation: early stopping, the replay mix and its cursor, the anchored reference refit.
+
+Stores are real zarr stores ingested from the embedded QM demo data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from polyfid.data_shards.demo import HIGH, LOW, demo_files
+from polyfid.data_shards.ingest import ingest
+from polyfid.data_shards.reader import ShardReader, iter_all
+from polyfid.data_shards.store import Store
+from polyfid.distributed.evaluate import predict
+from polyfid.distributed.finetune import EarlyStopping, refit_references
+from polyfid.distributed.replay import MixedReader, replay_share, split_budget
+from polyfid.distributed.worker import mixed_reader
+from polyfid.models.config import ModelConfig
+from polyfid.models.potential import Potential
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ft")
+    files = {p.name.split(".")[0]: p for p in demo_files()}
+    energy = {LOW: f"energy_{LOW}", HIGH: f"energy_{HIGH}"}
+    for i, name in enumerate(("ethanol", "malonaldehyde", "methylamine")):
+        ingest([f"{files[name]}@:30"], tmp / "pre.zarr", dataset=name, energy=energy, forces={LOW: f"forces_{LOW}"},
+               ranks={LOW: 0, HIGH: 1}, append=i > 0, shard_size=16, progress=False)
+    ingest([f"{files['formic_acid']}@:20"], tmp / "target.zarr", dataset="formic_acid",
+           energy={HIGH: f"energy_{HIGH}"}, forces={HIGH: f"forces_{HIGH}"}, ranks={HIGH: 1}, progress=False)
+    return Store.open(tmp / "pre.zarr"), Store.open(tmp / "target.zarr")
+
+
+def test_early_stopping_keeps_best_weights():
+    m = torch.nn.Linear(2, 1)
+    es = EarlyStopping(patience=2, head="hi")
+    res = lambda e: {"hi": {"energy_mae_per_atom": e, "forces_mae": 0.0}}  # noqa: E731
+    assert not es.update(res(1.0), m, 10, keep=True)
+    with torch.no_grad():
+        m.weight += 1.0
+    assert not es.update(res(0.5), m, 20, keep=True)  # better: these weights are kept
+    best = m.weight.detach().clone()
+    with torch.no_grad():
+        m.weight += 1.0
+    assert not es.update(res(0.7), m, 30, keep=True)  # one bad validation
+    assert es.update(res(0.6), m, 40, keep=True)  # two in a row: stop
+    assert es.best_step == 20
+    es.restore_best(m)
+    assert torch.equal(m.weight, best)
+    assert not EarlyStopping(0, "hi").update(res(1.0), m, 1, keep=False)
+    assert not es.update({"other": {"forces_mae": 0.1}}, m, 50, keep=True)  # no score for the head: ignored
+
+
+def test_split_budget():
+    assert split_budget(256, 0.25) == (192, 64)
+    assert split_budget(10, 0.01) == (9, 1)
+    assert split_budget(10, 0.99) == (1, 9)
+
+
+def test_mixed_reader_batches_columns_and_cursor(stores):
+    pre, target = stores
+    cfg = ShardReader.Config(atom_budget=120, shuffle_buffer=64, seed=3, loop=True, prefetch=0)
+    fids = [LOW, HIGH]
+    reader = mixed_reader([target], [pre], cfg, 0.25, fids, rank=0, world=1)
+    assert isinstance(reader, MixedReader)
+    it = iter(reader)
+    batches = [next(it) for _ in range(5)]
+    for b in batches:
+        is_replay = b["store"] >= 1
+        assert is_replay.any() and (~is_replay).any()
+        assert b["energy"].shape == (len(b["n_atoms"]), 2) and b["forces"].shape == (len(b["atomic_numbers"]), 2, 3)
+        # target rows have no LOW labels; replay rows have LOW energies and forces
+        assert np.isnan(b["energy"][~is_replay, 0]).all() and np.isfinite(b["energy"][~is_replay, 1]).all()
+        assert np.isfinite(b["energy"][is_replay, 0]).all()
+        atom_store = np.repeat(b["store"], b["n_atoms"])
+        assert np.isnan(b["forces"][atom_store == 0, 0]).all() and np.isfinite(b["forces"][atom_store >= 1, 0]).all()
+        assert int(b["n_atoms"][is_replay].sum()) <= 30 and int(b["n_atoms"][~is_replay].sum()) <= 90
+        assert 0 < replay_share(b, 1) < 1
+    assert np.mean([replay_share(b, 1) for b in batches]) < 0.5  # 25% of the budget (a partial epoch-end batch aside)
+    # exact resume: a reader restored from the state after batch 2 yields batches 3 and 4
+    reader2 = mixed_reader([target], [pre], cfg, 0.25, fids, rank=0, world=1)
+    it2 = iter(reader2)
+    for _ in range(2):
+        next(it2)
+    state = MixedReader.gather_states([reader2.state_dict()])
+    reader3 = mixed_reader([target], [pre], cfg, 0.25, fids, rank=0, world=1)
+    reader3.load_state_dict(state)
+    it3 = iter(reader3)
+    for want in batches[2:4]:
+        got = next(it3)
+        assert np.array_equal(got["structure_id"], want["structure_id"]) and np.array_equal(got["store"], want["store"])
+
+
+def _high_energy_error(model, store) -> float:
+    k = model.fidelity_index(HIGH)
+    errs = []
+    for b in iter_all([store], fidelities=[HIGH]):
+        e, _ = predict(model, b, model.config.cutoff, None, "cpu", forces=False)
+        errs.append(np.abs(e[:, k] - b["energy"][:, 0]))
+    return float(np.concatenate(errs).mean())
+
+
+def test_refit_with_anchors_keeps_the_head_on_pretraining_data(stores):
+    """A one-composition target cannot pin four elements' references; anchors on the pretraining data can."""
+    pre, target = stores
+    torch.manual_seed(0)
+    fids = sorted({f.name: f for s in stores for f in s.fidelities}.values(), key=lambda f: f.rank)
+    base = Potential(ModelConfig(kind="hipnn_ts", width=8, n_interactions=1, n_sensitivities=4), [1, 6, 7, 8], fids)
+    refit_references(base, HIGH, [pre])  # a "pretrained" head: references that fit the pretraining data
+    before_pre = _high_energy_error(base, pre)
+    free = Potential(base.config, base.elements, fids)
+    free.load_state_dict(base.state_dict())
+    anchored = Potential(base.config, base.elements, fids)
+    anchored.load_state_dict(base.state_dict())
+    refit_references(free, HIGH, [target])
+    refit_references(anchored, HIGH, [target], anchors=[pre])
+    # both fit the target about equally well ...
+    assert _high_energy_error(anchored, target) < 2 * _high_energy_error(free, target) + 0.05
+    # ... but only the anchored refit leaves the pretraining molecules where they were
+    assert _high_energy_error(anchored, pre) < 1.5 * before_pre + 0.05
+    assert _high_energy_error(free, pre) > 10 * _high_energy_error(anchored, pre)
