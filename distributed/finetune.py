@@ -215,6 +215,8 @@ def scratch_config(cfg: RunConfig, parent_meta: dict) -> RunConfig:
     s.finetune = type(cfg.finetune)()
     s.name = f"{cfg.name}-scratch"
     s.output = str(Path(cfg.output) / "scratch")
+    if cfg.trainer.trace_dir:
+        s.trainer.trace_dir = str(Path(cfg.trainer.trace_dir) / "scratch")
     s.tracking.run_name = f"{cfg.tracking.run_name or cfg.name}-scratch"
     s.tracking.register_as = None
     return s
