@@ -2,6 +2,7 @@
 and inference atoms/s in fp32 and bf16 for each model kind.
 
     python benchmarks/gpu_check.py --train TRAIN.zarr --valid VALID.zarr --out OUT [--steps 300]
+        [--target TARGET.zarr --target-valid TARGET_VALID.zarr --finetune-steps 200]
 
 Ray and MLflow are not needed here: the worker loop runs in this process as rank 0 of a 1-rank NCCL group.
 """
@@ -64,6 +65,9 @@ def main() -> None:
     p.add_argument("--valid", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--target", help="a fine-tuning target store: also fine-tune the bf16 package on the GPU")
+    p.add_argument("--target-valid", help="its validation store (step-0 error, early stopping)")
+    p.add_argument("--finetune-steps", type=int, default=200)
     a = p.parse_args()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("nccl")
@@ -88,6 +92,33 @@ def main() -> None:
     valid = [Store.open(a.valid)]
     fids = [f.name for f in valid[0].fidelities]
     report["bf16_run"]["valid_errors_fp32_eval"] = evaluate_batches(model, iter_all(valid, fidelities=fids), fids).results()
+
+    if a.target:  # fine-tuning on the GPU: a new or existing head, replay from the pretraining store, early stopping
+        from polyfid.distributed.finetune import measure_forgetting
+        from polyfid.models.package import read_metadata
+
+        ft = load_config(Path(__file__).parents[1] / "launch" / "recipes" / "finetune.yaml", [
+            f"finetune.source={out / 'bf16_run' / 'package'}", f"data.train={a.target}", f"data.valid={a.target_valid}",
+            f"finetune.replay_fraction=0.25", f"finetune.replay_stores={a.train}", "trainer.workers=1",
+            f"trainer.steps={a.finetune_steps}", "trainer.valid_every=25", "tracking.enabled=false",
+            f"output={out / 'ft_run'}",
+        ])
+        ft.resolve_paths()
+        t0 = time.perf_counter()
+        train_loop_per_worker({"run": ft.to_dict(), "mlflow_run_id": None})
+        pkg = out / "ft_run" / "package"
+        report["finetune"] = {
+            "steps_max": a.finetune_steps, "wall_s": time.perf_counter() - t0,
+            "step0": json.loads((out / "ft_run" / "step0_validation.json").read_text()),
+            "best": json.loads((out / "ft_run" / "best.json").read_text()),
+            "replay": read_metadata(pkg)["lineage"]["replay"],
+            "forgetting": measure_forgetting(str(out / "bf16_run" / "package"), str(pkg),
+                                             read_metadata(out / "bf16_run" / "package")),
+        }
+        tv = [Store.open(a.target_valid)]
+        tf = [f.name for f in tv[0].fidelities]
+        report["finetune"]["valid_errors"] = evaluate_batches(load_package(pkg), iter_all(tv, fidelities=tf), tf).results()
+        print("finetune", json.dumps(report["finetune"], indent=1), flush=True)
 
     stores = [Store.open(a.train)]
     reader = ShardReader(stores, ShardReader.Config(atom_budget=4096, shuffle=True, loop=True, prefetch=0), fidelities=fids)

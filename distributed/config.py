@@ -192,6 +192,7 @@ class RunConfig:
         self.output = absol(self.output)
         self.data.train = [absol(p) for p in self.data.train]
         self.data.valid = [absol(p) for p in self.data.valid]
+        self.finetune.replay_stores = [absol(p) for p in self.finetune.replay_stores]
         if self.trainer.trace_dir:
             self.trainer.trace_dir = absol(self.trainer.trace_dir)
         if self.finetune.source and ":/" not in self.finetune.source:

@@ -106,6 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = RunConfig.from_dict(config["run"])
     run_id: str | None = config.get("mlflow_run_id")
     rank, world = rank_and_world()
+    Path(cfg.output).mkdir(parents=True, exist_ok=True)  # the launcher makes it; a direct caller may not have
     device = resolve_device(cfg.trainer)
     stores = [Store.open(p) for p in cfg.data.train]
     valid = [Store.open(p) for p in cfg.data.valid]
