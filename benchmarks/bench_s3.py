@@ -165,7 +165,7 @@ def report(rows: list[dict], a, wall: float) -> str:
              f"Wall time of the whole benchmark: {wall / 60:.1f} min. One seed ({a.seed}).", "",
              f"Pretraining: {a.pretrain_steps} gradient steps of the demo recipe's model (HIP-NN-TS, width 64) on "
              "ethanol@GFN2-xTB, malonaldehyde@B3LYP/6-31G*, methylamine@GFN2-xTB (80 frames each, energies and "
-             f"forces). Reptile: {a.pretrain_steps} inner steps as outer steps of k inner steps. Fine-tuning: formic acid "
+             f"forces). Reptile: the same {a.pretrain_steps} gradient steps, as outer steps of k inner steps each. Fine-tuning: formic acid "
              f"at ωB97X/6-31G* (a new head, initialised from the closest level, B3LYP), 50 frames, up to "
              f"{a.finetune_steps} steps, early stopping on 20 validation frames; test on 30 other frames. "
              "None: the same architecture trained from a random init on the same 50 frames and budget.", "",
