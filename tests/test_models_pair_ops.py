@@ -15,7 +15,7 @@ P, A, N, O = 13, 5, 3, 4
 
 @pytest.fixture(params=[1 << 20, 7], ids=["one-chunk", "many-chunks"])
 def chunk(request, monkeypatch):
-    monkeypatch.setattr(pair_ops, "_CHUNK_ELEMENTS", request.param)  # 7 elements: one pair per chunk
+    monkeypatch.setenv("POLYFID_PAIR_CHUNK", str(request.param))  # 7 elements: one pair per chunk
 
 
 def _inputs():
