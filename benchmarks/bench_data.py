@@ -1,11 +1,14 @@
 """Data-layer benchmark: store build and ingest throughput, one reader epoch, peers, and reader RSS at 1M/4M.
 
-    python benchmarks/bench_data.py --n 1000000 --n-big 4000000 --subset 20000 --workdir /tmp/polyfid-bench
+    python benchmarks/bench_data.py --n 1000000 --n-big 4000000 --subset 20000 --ingest-big 200000 \
+        --workdir /tmp/polyfid-bench
 
 Geometries are synthetic (5-60 atoms on a jittered 1.5 Å grid, H/C/N/O; 'lo' energies and forces on
 every structure, 'hi' energies on a quarter): fine for I/O figures, meaningless for physics. The slow peers
 (ase.db, h5py per structure, ase.io extxyz) are timed on the first `--subset` structures of the same store.
-Reader RSS: peak (VmHWM, and ru_maxrss) of a fresh subprocess that runs one epoch. Writes RESULTS_data.md.
+Reader RSS: peak (VmHWM, and ru_maxrss) of a fresh subprocess that runs one epoch (`--repeats` times). Each read also records
+its CPU seconds (process time), a figure less sensitive than wall time to other jobs on a shared machine.
+Writes the figures as JSON (`--results`); RESULTS_data.md is written from them by hand.
 """
 
 from __future__ import annotations
@@ -84,16 +87,17 @@ def read_epoch(path: str) -> dict:
 
     store = Store.open(path)
     cfg = ShardReader.Config(atom_budget=8192, shuffle_buffer=4096, loop=False, prefetch=2, verify=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n_s = n_a = 0
     for b in ShardReader([store], cfg):
         n_s += len(b["n_atoms"])
         n_a += int(b["n_atoms"].sum())
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert n_s == store.n_structures, (n_s, store.n_structures)
     hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
     return {"n_structures": n_s, "n_atoms": n_a, "wall_s": wall, "structures_per_s": n_s / wall,
-            "atoms_per_s": n_a / wall, "vmhwm_mib": hwm / 1024,
+            "atoms_per_s": n_a / wall, "cpu_s": cpu, "cpu_us_per_structure": cpu / n_s * 1e6,
+            "vmhwm_mib": hwm / 1024,
             "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -105,25 +109,37 @@ def read_epoch_subprocess(path: str, **env: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def subset_atoms(store: Store, n: int) -> list:
-    """The first n structures of the store as ASE Atoms with their labels (for the peers)."""
+def epochs(path: str, repeats: int, **env: str) -> dict:
+    """`repeats` epochs, each in a fresh subprocess (peak RSS varies by ±10% from run to run with thread
+    timing); the per-key median of the runs, and the runs."""
+    runs = [read_epoch_subprocess(path, **env) for _ in range(repeats)]
+    return {"median": {k: float(np.median([r[k] for r in runs])) for k in runs[0]}, "runs": runs}
+
+
+def iter_atoms(store: Store, n: int):
+    """The first n structures of the store as ASE Atoms with their labels (for the peers and ingest)."""
     from ase import Atoms
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    d = store.read_shard(0)
-    off, out = d["offsets"], []
-    for i in range(n):
-        a, b = off[i], off[i + 1]
-        atoms = Atoms(numbers=d["atomic_numbers"][a:b], positions=d["positions"][a:b])
-        atoms.calc = SinglePointCalculator(atoms, energy=float(d["energy"]["lo"][i]),
-                                           forces=d["forces"]["lo"][a:b].astype(np.float64))
-        out.append(atoms)
-    return out
+    for k in range(len(store.shards)):
+        d = store.read_shard(k)
+        off = d["offsets"]
+        for i in range(len(off) - 1):
+            if n <= 0:
+                return
+            n -= 1
+            a, b = off[i], off[i + 1]
+            atoms = Atoms(numbers=d["atomic_numbers"][a:b], positions=d["positions"][a:b])
+            atoms.calc = SinglePointCalculator(atoms, energy=float(d["energy"]["lo"][i]),
+                                               forces=d["forces"]["lo"][a:b].astype(np.float64))
+            yield atoms
 
 
 def _timed(fn) -> tuple[float, object]:
-    t0 = time.perf_counter()
+    """(wall seconds, result); also leaves the CPU seconds of this process in _timed.cpu."""
+    t0, c0 = time.perf_counter(), time.process_time()
     r = fn()
+    _timed.cpu = time.process_time() - c0  # type: ignore[attr-defined]
     return time.perf_counter() - t0, r
 
 
@@ -133,7 +149,7 @@ def peers(store: Store, n: int, work: Path) -> dict:
     import ase.io
     import h5py
 
-    atoms = subset_atoms(store, n)
+    atoms = list(iter_atoms(store, n))
     n_atoms = sum(len(a) for a in atoms)
     res: dict = {"n": n, "n_atoms": n_atoms}
     db_path = work / "peer.db"
@@ -144,6 +160,7 @@ def peers(store: Store, n: int, work: Path) -> dict:
         with ase.db.connect(db_path) as db:
             return sum(len(row.toatoms()) + 0 * row.forces.size for row in db.select())
     res["ase_db_read_s"], got = _timed(read_db)
+    res["ase_db_read_cpu_s"] = _timed.cpu
     assert got == n_atoms
     d = store.read_shard(0)
     off = d["offsets"][: n + 1]
@@ -154,9 +171,11 @@ def peers(store: Store, n: int, work: Path) -> dict:
                              ("offsets", off), ("energy", d["energy"]["lo"][:n])):
                 f.create_dataset(key, data=arr, **opts)
         res[f"{name}_read_s"], got = _timed(lambda: read_h5(work / f"{name}.h5", n))
+        res[f"{name}_read_cpu_s"] = _timed.cpu
         assert got == n_atoms
     ase.io.write(work / "peer.extxyz", atoms)
     res["extxyz_parse_s"], got = _timed(lambda: sum(len(a) for a in ase.io.iread(work / "peer.extxyz", ":")))
+    res["extxyz_parse_cpu_s"] = _timed.cpu
     assert got == n_atoms
     return res
 
@@ -175,21 +194,26 @@ def read_h5(path: Path, n: int) -> int:
     return total
 
 
-def ingest_rates(store: Store, n: int, work: Path) -> dict:
-    """The real `ingest` (parse, validate, convert, write) from extxyz: serial and 2 Ray workers."""
+def ingest_rates(store: Store, n: int, work: Path, shard_size: int, name: str = "peer") -> dict:
+    """The real `ingest` (parse, validate, convert, write) from extxyz: serial, then `--workers 2`.
+
+    With workers=2 this process writes shards itself and starts Ray only when the work left would save
+    RAY_MIN_SAVING_S (data_shards/parallel.py); `parallel` says how many shards Ray wrote.
+    """
     import ase.io
 
     from polyfid.data_shards.ingest import ingest
 
-    path = work / "peer.extxyz"
+    path = work / f"{name}.extxyz"
     if not path.exists():
-        ase.io.write(path, subset_atoms(store, n))
-    out = {}
+        ase.io.write(path, iter_atoms(store, n), format="extxyz")
+    out: dict = {"n": n, "shard_size": shard_size}
     for workers in (1, 2):
-        dst = work / f"ingest-{workers}"
+        dst = work / f"ingest-{name}-{workers}"
         t, s = _timed(lambda: ingest([str(path)], str(dst), "bench", {"lo": "energy"}, {"lo": "forces"},
-                                     shard_size=max(1, n // 4), workers=workers, progress=False))
-        out[f"workers_{workers}"] = {"wall_s": t, "structures_per_s": s.n_structures / t}
+                                     shard_size=shard_size, workers=workers, progress=False))
+        out[f"workers_{workers}"] = {"wall_s": t, "structures_per_s": s.n_structures / t,
+                                     "parallel": s.manifest["provenance"][0].get("parallel")}
         shutil.rmtree(dst)
     return out
 
@@ -200,6 +224,10 @@ def main() -> None:
     p.add_argument("--n-big", type=int, default=4_000_000)
     p.add_argument("--subset", type=int, default=20_000)
     p.add_argument("--shard-size", type=int, default=50_000)
+    p.add_argument("--repeats", type=int, default=3, help="reader epochs per store and setting (median kept)")
+    p.add_argument("--ingest-big", type=int, default=0,
+                   help="also time serial vs --workers 2 ingest of this many structures (10 shards), large "
+                        "enough for Ray to pay off (e.g. 200000; 0 = skip)")
     p.add_argument("--workdir", default="/tmp/polyfid-bench")
     p.add_argument("--results", default="/tmp/polyfid-bench-results.json")
     p.add_argument("--read-epoch", help=argparse.SUPPRESS)
@@ -216,21 +244,25 @@ def main() -> None:
         print("building the 1M store…", flush=True)
         res["build"] = build_store(str(work / "s1"), a.n, a.shard_size, seed=1)
         print(res["build"], flush=True)
-        res["epoch"] = read_epoch_subprocess(str(work / "s1"))
-        res["epoch_arena1"] = read_epoch_subprocess(str(work / "s1"), MALLOC_ARENA_MAX="1")
-        print("epoch", res["epoch"], res["epoch_arena1"], flush=True)
+        res["epoch"] = epochs(str(work / "s1"), a.repeats)
+        res["epoch_arena1"] = epochs(str(work / "s1"), a.repeats, MALLOC_ARENA_MAX="1")
+        print("epoch", res["epoch"]["median"], res["epoch_arena1"]["median"], flush=True)
         store = Store.open(work / "s1")
         res["peers"] = peers(store, a.subset, work)
         print("peers", res["peers"], flush=True)
-        res["ingest"] = ingest_rates(store, a.subset, work)
+        res["ingest"] = ingest_rates(store, a.subset, work, max(1, a.subset // 4))
         print("ingest", res["ingest"], flush=True)
+        if a.ingest_big:
+            res["ingest_big"] = ingest_rates(store, a.ingest_big, work, max(1, a.ingest_big // 10), "big")
+            print("ingest big", res["ingest_big"], flush=True)
+            (work / "big.extxyz").unlink()
         if a.n_big:
             print("building the big store…", flush=True)
             res["build_big"] = build_store(str(work / "s4"), a.n_big, a.shard_size, seed=4)
             print(res["build_big"], flush=True)
-            res["epoch_big"] = read_epoch_subprocess(str(work / "s4"))
-            res["epoch_big_arena1"] = read_epoch_subprocess(str(work / "s4"), MALLOC_ARENA_MAX="1")
-            print("epoch big", res["epoch_big"], res["epoch_big_arena1"], flush=True)
+            res["epoch_big"] = epochs(str(work / "s4"), a.repeats)
+            res["epoch_big_arena1"] = epochs(str(work / "s4"), a.repeats, MALLOC_ARENA_MAX="1")
+            print("epoch big", res["epoch_big"]["median"], res["epoch_big_arena1"]["median"], flush=True)
     finally:
         Path(a.results).write_text(json.dumps(res, indent=1))
         shutil.rmtree(work, ignore_errors=True)

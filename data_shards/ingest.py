@@ -219,7 +219,8 @@ def ingest(inputs: Sequence[str], out: str, dataset: str, energy: Mapping[str, s
             elif workers > 1:
                 from polyfid.data_shards.parallel import ingest_parallel
 
-                total = ingest_parallel(writer, inputs, conv, dataset, workers, bar)
+                total, stats = ingest_parallel(writer, inputs, conv, dataset, workers, bar)
+                record = {"parallel": stats} if stats else {}
             else:
                 total = _serial(writer, inputs, conv, dataset, bar)
         finally:

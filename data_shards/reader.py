@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,7 @@ import numpy as np
 from polyfid.data_shards import resume
 from polyfid.data_shards.plan import plan_shards
 from polyfid.data_shards.prefetch import prefetched
-from polyfid.data_shards.schema import Batch, Fidelity, concat_batches
+from polyfid.data_shards.schema import Batch, Fidelity
 from polyfid.data_shards.store import Store
 
 STATE_VERSION = 1
@@ -52,15 +54,24 @@ class _Unit:
 
 
 class _ShardCache:
-    """Shards in memory, kept while the shuffle buffer still holds structures of them."""
+    """Shards in memory, kept while the shuffle buffer still holds structures of them.
 
-    def __init__(self, reader: "ShardReader") -> None:
+    With `ahead` (a one-thread executor), the shard of the next unit is read (decoded, checked, laid out)
+    while the batches of the current one are built, so decoding overlaps with batching. It is read ahead
+    only while at most two shards are held (the current one and the one before it); while stragglers of an
+    older shard are still in the buffer, it waits, so memory stays at what reading without it would hold.
+    """
+
+    def __init__(self, reader: "ShardReader", ahead: ThreadPoolExecutor | None = None) -> None:
         self._reader = reader
         self.loading = True  # False while replaying a resume: read offsets only
         self._data: dict[int, dict[str, Any]] = {}
         self._pending: dict[int, int] = {}
+        self._ahead = ahead
+        self._future: tuple[int, Future] | None = None
+        self._following: int | None = None  # the shard of the next unit, to read ahead
 
-    def enter(self, unit: _Unit) -> np.ndarray:
+    def enter(self, unit: _Unit, following: _Unit | None = None) -> np.ndarray:
         """Atoms per structure of a unit entering the buffer (loads the shard unless replaying)."""
         if unit.g in self._data:
             offsets = self._data[unit.g]["offsets"]
@@ -69,28 +80,116 @@ class _ShardCache:
         else:
             offsets = self._reader._offsets(unit.g)
         self._pending[unit.g] = self._pending.get(unit.g, 0) + unit.n
+        self._following = following.g if following is not None and self.loading else None
+        self._read_ahead()
         idx = unit.indices()
         return offsets[idx + 1] - offsets[idx]
+
+    def _read_ahead(self) -> None:
+        g = self._following
+        if self._ahead is None or g is None or g in self._data or self._future is not None or len(self._data) > 2:
+            return
+        self._future = (g, self._ahead.submit(self._reader._load, *self._reader._shard_keys[g]))
 
     def data(self, g: int) -> dict[str, Any]:
         """A shard's prepared arrays, loading it on a miss (after a resume)."""
         if g not in self._data:
-            self._data[g] = self._reader._load(*self._reader._shard_keys[g])
+            if self._future is not None and self._future[0] == g:
+                self._data[g] = self._future[1].result()  # re-raises a CorruptShardError of that shard
+                self._future = None
+            else:
+                self._data[g] = self._reader._load(*self._reader._shard_keys[g])
         return self._data[g]
 
-    def release(self, refs: list[tuple[int, int, int]]) -> None:
-        """Forget structures that have left in a batch; drop shards nobody waits on."""
-        for g, _, _ in refs:
-            self._pending[g] -= 1
-            if self._pending[g] == 0:
-                del self._pending[g]
-                if self._data.pop(g, None) is not None:
-                    _release_freed_memory()
+    def release(self, g: np.ndarray) -> None:
+        """Forget structures that have left in a batch (their shards `g`); drop shards nobody waits on."""
+        shards, counts = np.unique(g, return_counts=True)
+        for s, c in zip(shards.tolist(), counts.tolist()):
+            self._pending[s] -= c
+            if self._pending[s] == 0:
+                del self._pending[s]
+                dropped = self._data.pop(s, None)
+                if dropped is not None:
+                    _release_freed_memory(2 * _nbytes(dropped))  # room for the next two shards
+                    self._read_ahead()
+
+    def close(self) -> None:
+        """Stop reading ahead (a read in progress finishes in the background and is dropped)."""
+        if self._ahead is not None:
+            self._ahead.shutdown(wait=False, cancel_futures=True)
+        self._future = None
 
 
-def _release_freed_memory() -> None:
-    """Hand a dropped shard's freed heap back to the OS (glibc only), so RSS stays flat over many shards."""
-    global _TRIM
+class _Batcher:
+    """Cuts a stream of structure refs (shard, index, atoms arrays) into atom-budget batches, greedily.
+
+    A batch takes structures in stream order until the next one would exceed the budget; a structure
+    larger than the budget forms a batch of its own. Cuts are found by searchsorted on the atom cumsum.
+    """
+
+    def __init__(self, reader: "ShardReader") -> None:
+        self._reader = reader
+        self._carry: tuple[np.ndarray, ...] = (_EMPTY,) * 3
+
+    def feed(self, refs: tuple[np.ndarray, ...]) -> list[tuple[np.ndarray, ...]]:
+        """The batches completed by these refs (the last, unfinished one is carried over)."""
+        g, i, n = (np.concatenate([c, r]) for c, r in zip(self._carry, refs))
+        budget = self._reader.config.atom_budget
+        cum = np.concatenate([[0], np.cumsum(n)])
+        ends = np.searchsorted(cum, cum[:-1] + budget, side="right") - 1  # batch from s holds s..ends[s]-1
+        out, s, total = [], 0, len(n)
+        while s < total:
+            e = int(ends[s])
+            if e == s:  # larger than the budget: a batch of its own
+                self._reader._warn_oversized(int(n[s]))
+                e = s + 1
+            elif e == total:  # may still grow with the next refs
+                break
+            out.append((g[s:e], i[s:e], n[s:e]))
+            s = e
+        self._carry = (g[s:], i[s:], n[s:])
+        return out
+
+    def flush(self) -> list[tuple[np.ndarray, ...]]:
+        """The last, unfinished batch (if any)."""
+        carry, self._carry = self._carry, (_EMPTY,) * 3
+        return [carry] if len(carry[0]) else []
+
+
+def _swap_through(buf: tuple[np.ndarray, ...], picks: np.ndarray,
+                  incoming: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """Vectorised shuffle-buffer swaps: incoming[t] replaces buf[picks[t]], whose content leaves, for t = 0, 1, ….
+
+    Equal to the sequential loop: stably sorted by slot, each incoming ref pushes out the one that came into
+    its slot just before it (or the buffer's content, for the first in a slot). Updates `buf`; returns what
+    left, in order.
+    """
+    order = np.argsort(picks, kind="stable")
+    slots = picks[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = slots[1:] != slots[:-1]
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = first[1:]
+    prev = np.roll(order, 1)  # the previous arrival in the same slot (where not first)
+    out = []
+    for b, x in zip(buf, incoming):
+        o = np.empty_like(x)
+        o[order[first]] = b[slots[first]]
+        o[order[~first]] = x[prev[~first]]
+        b[slots[last]] = x[order[last]]
+        out.append(o)
+    return tuple(out)
+
+
+def _release_freed_memory(slack: int) -> None:
+    """Hand freed heap back to the OS (glibc's malloc_trim), once RSS is `slack` bytes above where the last
+    trim left it, so RSS stays flat over many shards.
+
+    Trimming at every dropped shard would also keep it flat, but then each new shard's pages are mapped and
+    zeroed again by the kernel, which cost about a quarter of the reader's CPU time; below the slack the
+    freed pages are reused instead.
+    """
+    global _TRIM, _TRIMMED_AT
     if _TRIM is None:
         try:
             import ctypes
@@ -98,11 +197,31 @@ def _release_freed_memory() -> None:
             _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
         except (OSError, AttributeError):
             _TRIM = False
-    if _TRIM:
+    if not _TRIM:
+        return
+    rss = _rss()
+    if rss is None or _TRIMMED_AT is None or rss > _TRIMMED_AT + slack:
         _TRIM(0)
+        _TRIMMED_AT = _rss()
+
+
+def _rss() -> int | None:
+    """Resident set size of this process in bytes (Linux), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _nbytes(shard: dict[str, Any]) -> int:
+    return sum(a.nbytes for a in shard.values() if isinstance(a, np.ndarray)) + sum(
+        f.nbytes for f in shard["forces"] if f is not None)
 
 
 _TRIM: Any = None
+_TRIMMED_AT: int | None = None
+_EMPTY = np.zeros(0, dtype=np.int64)
 
 
 class ShardReader:
@@ -123,7 +242,8 @@ class ShardReader:
         loop: bool = True
         """Cycle epochs forever; False stops after the current epoch."""
         prefetch: int = 2
-        """Batches read ahead in a background thread (0 = read in the caller's thread)."""
+        """Batches read ahead in a background thread, while a second one reads the next shard (0 = all in the
+        caller's thread)."""
         verify: bool = True
         """Check each shard's checksum as it is read."""
 
@@ -199,67 +319,67 @@ class ShardReader:
         return [units[u] for u in (plan if self.config.shuffle else sorted(plan))]
 
     # ---- the deterministic stream -----------------------------------------------------------------
-    def _ref_batches(self, epoch: int, cache: _ShardCache) -> Iterator[list[tuple[int, int, int]]]:
-        """Batches as (global shard, structure index in shard, atoms) refs; decisions use only atom counts."""
+    def _ref_batches(self, epoch: int, cache: _ShardCache) -> Iterator[tuple[np.ndarray, ...]]:
+        """Batches as (global shard, structure index in shard, atoms) arrays; decisions use only atom counts.
+
+        Each unit's structures pass through a buffer of `shuffle_buffer` slots: while it is filling they
+        enter it; after that each arriving structure takes a random slot and the structure there leaves.
+        At the end of the epoch the buffer empties in a random order.
+        """
         cfg = self.config
         rng = np.random.default_rng([cfg.seed & 0xFFFFFFFF, epoch, self.rank])
-        buffer: list[tuple[int, int, int]] = []
-        batch: list[tuple[int, int, int]] = []
-        atoms = 0
-
-        def feed(ref: tuple[int, int, int]) -> list[list[tuple[int, int, int]]]:
-            nonlocal batch, atoms
-            out, n = [], ref[2]
-            if n > cfg.atom_budget:
-                if not self._warned:
-                    warnings.warn(f"a structure of {n} atoms exceeds atom_budget={cfg.atom_budget}; such "
-                                  "structures form batches of their own (warned once per reader)", stacklevel=2)
-                    self._warned = True
-                out = ([batch] if batch else []) + [[ref]]
-                batch, atoms = [], 0
-                return out
-            if atoms + n > cfg.atom_budget:
-                out, batch, atoms = [batch], [], 0
-            batch.append(ref)
-            atoms += n
-            return out
-
-        for unit in self._epoch_units(epoch):
-            counts = cache.enter(unit)
-            refs = [(unit.g, int(i), int(n)) for i, n in zip(unit.indices(), counts)]
+        size = cfg.shuffle_buffer
+        buf = tuple(np.empty(size, dtype=np.int64) for _ in range(3))
+        held = 0
+        batcher = _Batcher(self)
+        units = self._epoch_units(epoch)
+        for u, unit in enumerate(units):
+            counts = cache.enter(unit, units[u + 1] if u + 1 < len(units) else None)
+            refs = (np.full(unit.n, unit.g, dtype=np.int64), unit.indices().astype(np.int64),
+                    counts.astype(np.int64))
             if not cfg.shuffle:
-                for ref in refs:
-                    yield from feed(ref)
+                yield from batcher.feed(refs)
                 continue
-            fill = min(len(refs), cfg.shuffle_buffer - len(buffer))
-            buffer.extend(refs[:fill])
-            picks = rng.integers(0, cfg.shuffle_buffer, size=len(refs) - fill)
-            for ref, k in zip(refs[fill:], picks):
-                out, buffer[k] = buffer[k], ref
-                yield from feed(out)
-        for k in rng.permutation(len(buffer)):
-            yield from feed(buffer[k])
-        if batch:
-            yield batch
+            fill = min(unit.n, size - held)
+            for b, r in zip(buf, refs):
+                b[held:held + fill] = r[:fill]
+            held += fill
+            picks = rng.integers(0, size, size=unit.n - fill)
+            if len(picks):
+                yield from batcher.feed(_swap_through(buf, picks, tuple(r[fill:] for r in refs)))
+        if cfg.shuffle:
+            last = rng.permutation(held)
+            yield from batcher.feed(tuple(b[:held][last] for b in buf))
+        yield from batcher.flush()
+
+    def _warn_oversized(self, n: int) -> None:
+        if not self._warned:
+            warnings.warn(f"a structure of {n} atoms exceeds atom_budget={self.config.atom_budget}; such "
+                          "structures form batches of their own (warned once per reader)", stacklevel=4)
+            self._warned = True
 
     def _stream(self, epoch: int, skip: int) -> Iterator[tuple[int, Batch]]:
         """(batch index, batch) of `epoch`, starting after `skip` batches (replayed without reading data)."""
-        cache = _ShardCache(self)
+        ahead = ThreadPoolExecutor(1, thread_name_prefix="polyfid-read-ahead") if self.config.prefetch > 0 else None
+        cache = _ShardCache(self, ahead)
         cache.loading = skip == 0
-        for b, refs in enumerate(self._ref_batches(epoch, cache)):
-            if b < skip:
-                cache.release(refs)
-                cache.loading = b + 1 >= skip
-                continue
-            batch = self._assemble(refs, cache)
-            cache.release(refs)
-            yield b, batch
+        try:
+            for b, refs in enumerate(self._ref_batches(epoch, cache)):
+                if b < skip:
+                    cache.release(refs[0])
+                    cache.loading = b + 1 >= skip
+                    continue
+                batch = self._assemble(refs, cache)
+                cache.release(refs[0])
+                yield b, batch
+        finally:
+            cache.close()
 
     # ---- data -------------------------------------------------------------------------------------
     def _load(self, s: int, k: int) -> dict[str, Any]:
         """Read shard k of store s and lay its labels out in this reader's fidelity order."""
         raw = self.stores[s].read_shard(k, verify=self.config.verify, fill_missing=False)
-        n_s, n_a = len(raw["structure_id"]), len(raw["atomic_numbers"])
+        n_s = len(raw["structure_id"])
         energy = np.full((n_s, len(self.fidelities)), np.nan)
         forces: list[np.ndarray | None] = []
         for j, fid in enumerate(self.fidelities):
@@ -269,34 +389,35 @@ class ShardReader:
         return {"z": raw["atomic_numbers"], "positions": raw["positions"], "offsets": raw["offsets"],
                 "cell": raw["cell"], "pbc": raw["pbc"], "structure_id": raw["structure_id"],
                 "dataset": self._dataset_maps[s][raw["dataset"].astype(np.int64)], "energy": energy,
-                "forces": forces, "store": s, "n_atoms": n_a}
+                "forces": forces, "store": s}
 
-    def _assemble(self, refs: list[tuple[int, int, int]], cache: _ShardCache) -> Batch:
-        """Gather a batch from the cached shards; structures are ordered by (store, shard, index)."""
-        refs = sorted(refs)
-        parts: list[Batch] = []
-        i = 0
-        while i < len(refs):
-            j = i
-            while j < len(refs) and refs[j][0] == refs[i][0]:
-                j += 1
-            parts.append(self._gather(cache.data(refs[i][0]), np.array([r[1] for r in refs[i:j]])))
-            i = j
-        return parts[0] if len(parts) == 1 else concat_batches(parts)
-
-    def _gather(self, d: dict[str, Any], idx: np.ndarray) -> Batch:
-        lo, hi = d["offsets"][idx], d["offsets"][idx + 1]
-        n_atoms = (hi - lo).astype(np.int64)
-        first = np.concatenate([[0], np.cumsum(n_atoms)[:-1]])
-        atom_idx = np.repeat(lo - first, n_atoms) + np.arange(int(n_atoms.sum()))
-        forces = np.full((len(atom_idx), len(self.fidelities), 3), np.nan)
-        for j, f in enumerate(d["forces"]):
-            if f is not None:
-                forces[:, j] = f[atom_idx]
-        return Batch(atomic_numbers=d["z"][atom_idx].astype(np.int64), positions=d["positions"][atom_idx],
-                     cell=d["cell"][idx], pbc=d["pbc"][idx], n_atoms=n_atoms,
-                     structure_id=d["structure_id"][idx], store=np.full(len(idx), d["store"], dtype=np.int64),
-                     dataset=d["dataset"][idx], energy=d["energy"][idx], forces=forces)
+    def _assemble(self, refs: tuple[np.ndarray, ...], cache: _ShardCache) -> Batch:
+        """Gather a batch from the cached shards into preallocated arrays; ordered by (store, shard, index)."""
+        order = np.lexsort((refs[1], refs[0]))
+        g, idx, n_atoms = (r[order] for r in refs)
+        n_s, n_f = len(g), len(self.fidelities)
+        first = np.concatenate([[0], np.cumsum(n_atoms)])
+        n_a = int(first[-1])
+        out = Batch(atomic_numbers=np.empty(n_a, dtype=np.int64), positions=np.empty((n_a, 3)),
+                    cell=np.empty((n_s, 3, 3)), pbc=np.empty((n_s, 3), dtype=bool), n_atoms=n_atoms,
+                    structure_id=np.empty(n_s, dtype=np.int64), store=np.empty(n_s, dtype=np.int64),
+                    dataset=np.empty(n_s, dtype=np.int64), energy=np.empty((n_s, n_f)),
+                    forces=np.empty((n_a, n_f, 3)))
+        cuts = np.concatenate([[0], np.flatnonzero(np.diff(g)) + 1, [n_s]]).tolist()
+        for s0, s1 in zip(cuts[:-1], cuts[1:]):  # one run per shard: one fancy index per field
+            d = cache.data(int(g[s0]))
+            i, a0, a1 = idx[s0:s1], int(first[s0]), int(first[s1])
+            atom_idx = np.repeat(d["offsets"][i] - (first[s0:s1] - a0), n_atoms[s0:s1]) + np.arange(a1 - a0)
+            # np.take(mode="clip") writes straight into `out`: several times faster than fancy indexing.
+            # The indices come from offsets that read_shard checked to rise from 0 to the atom count.
+            out["atomic_numbers"][a0:a1] = d["z"][atom_idx]
+            np.take(d["positions"], atom_idx, axis=0, out=out["positions"][a0:a1], mode="clip")
+            for key in ("cell", "pbc", "structure_id", "dataset", "energy"):
+                np.take(d[key], i, axis=0, out=out[key][s0:s1], mode="clip")  # type: ignore[literal-required]
+            out["store"][s0:s1] = d["store"]
+            for j, f in enumerate(d["forces"]):
+                out["forces"][a0:a1, j] = np.nan if f is None else np.take(f, atom_idx, axis=0, mode="clip")
+        return out
 
     # ---- iteration and the cursor -----------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
@@ -367,16 +488,15 @@ class ShardReader:
         finally:
             self._offsets_memo = outer
 
-    def _consumed_refs(self, epoch: int, n_batches: int | None) -> Iterator[tuple[int, int]]:
-        """(global shard, index) of the structures in the first n_batches (None: all) of `epoch`."""
+    def _consumed_refs(self, epoch: int, n_batches: int | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(global shards, indices) of the structures of each of the first n_batches (None: all) of `epoch`."""
         cache = _ShardCache(self)
         cache.loading = False
         for b, refs in enumerate(self._ref_batches(epoch, cache)):
             if n_batches is not None and b >= n_batches:
                 return
-            cache.release(refs)
-            for g, i, _ in refs:
-                yield g, i
+            cache.release(refs[0])
+            yield refs[0], refs[1]
 
 
 def iter_all(stores: Sequence[Store], fidelities: Sequence[str] | None = None,

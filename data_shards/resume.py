@@ -66,11 +66,12 @@ def consumed_masks(reader: "ShardReader", states: Sequence[dict[str, Any]]) -> d
         if shared is not None:
             shadow._set_replan(shared, shared_masks)
         n = int(state["batches"]) if int(state["epoch"]) == epoch else None  # past E: finished it
-        for g, i in shadow._consumed_refs(epoch, n):
-            if g not in masks:
-                s, k = reader._shard_keys[g]
-                masks[g] = np.zeros(reader.stores[s].shards[k].n_structures, dtype=bool)
-            masks[g][i] = True
+        for shards, idx in shadow._consumed_refs(epoch, n):
+            for g in np.unique(shards).tolist():
+                if g not in masks:
+                    s, k = reader._shard_keys[g]
+                    masks[g] = np.zeros(reader.stores[s].shards[k].n_structures, dtype=bool)
+                masks[g][idx[shards == g]] = True
     return masks
 
 

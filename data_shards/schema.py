@@ -11,7 +11,7 @@ from typing import Any, TypedDict
 import numpy as np
 from ase import units as ase_units
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: crc32c shard checksums (1: sha256, still read)
 
 # ---- units ---------------------------------------------------------------------------------------
 # Energies are stored in eV, forces in eV/Å, positions in Å. Ingest converts with these factors.

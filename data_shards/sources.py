@@ -14,8 +14,10 @@ format is published in is `DEFAULT_ENERGY_UNIT[format]` (ANI: Hartree; MD17: kca
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import gzip
+import io
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -203,11 +205,19 @@ def _read_db(spec: str, path: str, index: Any) -> Iterator[tuple[int, Frame]]:
             yield j, _from_row(db.get(id=ids[j]))
 
 
-def _read_ase(spec: str, path: str, index: Any) -> Iterator[tuple[int, Frame]]:
+def _read_ase(spec: str, path: str, index: Any,
+              span: tuple[int, int, int] | None = None) -> Iterator[tuple[int, Frame]]:
     import ase.io
 
-    frames = ase.io.iread(path, index=index, format="extxyz" if path.endswith((".xyz", ".extxyz",
-                                                                                ".xyz.gz", ".extxyz.gz")) else None)
+    if span is None:
+        source: Any = path
+        fmt = "extxyz" if path.endswith((".xyz", ".extxyz", ".xyz.gz", ".extxyz.gz")) else None
+    else:  # frames first.. of a plain extxyz, bytes [lo, hi) of the file (hi = -1: to its end)
+        first, lo, hi = span
+        with open(path, "rb") as fh:
+            fh.seek(lo)
+            source, fmt, index = io.StringIO(fh.read(-1 if hi < 0 else hi - lo).decode()), "extxyz", slice(first, None)
+    frames = ase.io.iread(source, index=":" if span else index, format=fmt)
     i = 0
     while True:
         try:
@@ -225,43 +235,68 @@ def _read_ase(spec: str, path: str, index: Any) -> Iterator[tuple[int, Frame]]:
 _READERS = {"ani-h5": _read_ani, "md17-npz": _read_npz, "db": _read_db, "extxyz": _read_ase}
 
 
-def read_frames(spec: str) -> Iterator[tuple[int, Frame]]:
-    """(index in file, frame) for any supported input, honouring ASE's '@slice'."""
+def read_frames(spec: str, span: tuple[int, int, int] | None = None) -> Iterator[tuple[int, Frame]]:
+    """(index in file, frame) for any supported input, honouring ASE's '@slice'.
+
+    `span` = (index of the first frame, first byte, end byte or -1) reads just that part of a plain extxyz
+    file (from `scan_frames`' offsets), instead of letting ASE scan the file from its start.
+    """
     path, index = split_spec(spec)
     if not os.path.exists(path):
         raise IngestError(spec, None, "path", "no such file")
     if os.path.getsize(path) == 0:
         raise IngestError(spec, None, "frames", "input is empty (file has 0 bytes)")
+    if span is not None:
+        yield from _read_ase(spec, path, index, span)
+        return
     yield from _READERS[source_format(path)](spec, path, index)
 
 
 def count_frames(path: str) -> int:
     """Frames in a file, cheaply (extxyz: by scanning the atom-count lines, without parsing)."""
+    return scan_frames(path)[0]
+
+
+def scan_frames(path: str) -> tuple[int, np.ndarray | None]:
+    """(frames in a file, byte offsets of their starts plus the end of the last, for a plain extxyz, else None).
+
+    extxyz is scanned by its atom-count lines, without parsing; a malformed or truncated frame ends the
+    count there (the parser says where, when it reads it).
+    """
     fmt = source_format(path)
     if fmt == "ani-h5":
         import h5py
 
         with h5py.File(path, "r") as f:
-            return sum(int(g["coordinates"].shape[0]) for g in _ani_groups(f))
+            return sum(int(g["coordinates"].shape[0]) for g in _ani_groups(f)), None
     if fmt == "md17-npz":
         with np.load(path) as data:
-            return int(data["coords" if "coords" in data else "R"].shape[0])
+            return int(data["coords" if "coords" in data else "R"].shape[0]), None
     if fmt == "db":
         import ase.db
 
         with ase.db.connect(path) as db:
-            return db.count()
-    n = 0
-    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as fh:
-        for line in fh:
+            return db.count(), None
+    gz = path.endswith(".gz")
+    starts = array.array("q")
+    pos = end = 0
+    with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+        while line := fh.readline():
+            start, pos = pos, pos + len(line)
             if not line.strip():
                 continue
             try:
                 natoms = int(line)
             except ValueError:
-                return n  # malformed: the parser will say where
+                break  # malformed: the parser will say where
             for _ in range(natoms + 1):
-                if not fh.readline():
-                    return n
-            n += 1
-    return n
+                line = fh.readline()
+                if not line:
+                    break
+                pos += len(line)
+            if not line:
+                break
+            starts.append(start)
+            end = pos
+    n = len(starts)
+    return n, None if gz or not n else np.append(np.frombuffer(starts, dtype=np.int64), end)

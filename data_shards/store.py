@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from polyfid.data_shards.layout import BASE_ARRAYS, MANIFEST_KEY, SHARDS, Location, shard_checksum
+from polyfid.data_shards.layout import BASE_ARRAYS, MANIFEST_KEY, SHARDS, Location, checksum_matches
 from polyfid.data_shards.schema import FORMAT_VERSION, Fidelity
 
 __all__ = ["CorruptShardError", "ShardInfo", "Store", "StoreWriter", "Structure", "write_structures"]
@@ -159,14 +159,16 @@ class Store:
         info = self._shards[k]
         raw = self._raw(k)
         if verify:
-            got = shard_checksum(raw)
-            if got != info.checksum:
+            ok, got = checksum_matches(raw, info.checksum)
+            if not ok:
                 raise self._corrupt(info, f"checksum {got} does not match the manifest's {info.checksum}")
         s, a = info.n_structures, info.n_atoms
         offsets = raw["offsets"]
         if (offsets.shape != (s + 1,) or raw["atomic_numbers"].shape != (a,)
                 or (s and (int(offsets[0]) != 0 or int(offsets[-1]) != a))):
             raise self._corrupt(info, f"array sizes do not match the manifest ({s} structures, {a} atoms)")
+        if not (np.diff(offsets) > 0).all():
+            raise self._corrupt(info, "offsets do not rise: a structure would have no atoms or a negative count")
         out: dict[str, Any] = {key: raw[key] for key in BASE_ARRAYS}
         out["energy"] = {f.name: raw.get(f"energy/{f.name}", None) for f in self._fidelities}
         out["forces"] = {f.name: raw.get(f"forces/{f.name}", None) for f in self._fidelities}

@@ -10,15 +10,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import uuid
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 import polyfid
-from polyfid.data_shards.layout import (ENERGY_DTYPE, FORCES_DTYPE, SHARDS, TMP_PREFIX, Location, chunk_rows,
-                                        compressor, shard_checksum)
+from polyfid.data_shards.layout import (ENERGY_DTYPE, FORCES_DTYPE, SHARDS, Location, chunk_rows, compressor,
+                                        is_stale_tmp, shard_checksum, tmp_name)
 from polyfid.data_shards.refs import ReferenceAccumulator
 from polyfid.data_shards.schema import FORMAT_VERSION, Fidelity
 from polyfid.data_shards.store import ShardInfo, Store, read_manifest
@@ -125,10 +125,11 @@ class StoreWriter:
                 raise FileExistsError(f"{self._final.path} already holds a polyfid store; pass append=True "
                                       "to add to it")
         self._created = old is None
+        self._remove_stale_tmps()
         if self._created and self._final.local is not None:  # build beside it, rename into place on close
             parent, name = os.path.split(self._final.local)
             os.makedirs(parent, exist_ok=True)
-            self._loc = Location(os.path.join(parent, f".{name}.{TMP_PREFIX}{uuid.uuid4().hex[:8]}"))
+            self._loc = Location(os.path.join(parent, tmp_name(f".{name}.", 8)))
         self._made_root = not self._final.exists()
         self._old = old
         self._fids: dict[str, Fidelity] = {}
@@ -154,6 +155,17 @@ class StoreWriter:
         self._closed = False
         self._root = self._loc.open_group("a")
         self._shard_group = self._root.require_group(SHARDS)
+
+    def _remove_stale_tmps(self) -> None:
+        """Delete what killed writers on this host left: a new store's hidden build folder, temporary shards."""
+        if self._final.local is not None:
+            parent, name = os.path.split(self._final.local)
+            for entry in os.listdir(parent) if os.path.isdir(parent) else []:
+                if is_stale_tmp(entry, f".{name}."):
+                    shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+        for entry in self._final.listdir(SHARDS) if not self._created else []:
+            if is_stale_tmp(entry):
+                self._final.remove(f"{SHARDS}/{entry}")
 
     # ---- adding -----------------------------------------------------------------------------------
     @property
@@ -227,7 +239,7 @@ class StoreWriter:
 
     def new_tmp_name(self) -> str:
         """A fresh temporary shard name (removed by `abort` unless adopted)."""
-        tmp = f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}"
+        tmp = tmp_name()
         self._tmps.append(tmp)
         return tmp
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 
+from polyfid.data_shards.layout import tmp_name
 from polyfid.data_shards.store import Store
 from polyfid.launch.cli import main
 from polyfid.data_shards.synthetic import random_atoms
@@ -130,7 +131,8 @@ def test_inspect_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert main(["verify", str(tmp_path / "nope")]) == 2
 
 
-def test_ray_parallel_ingest_matches_serial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ray_parallel_ingest_matches_serial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ase.io.write(tmp_path / "a.extxyz", _frames(30))
     ase.io.write(tmp_path / "b.extxyz", _frames(9, seed=4))
@@ -143,15 +145,24 @@ def test_ray_parallel_ingest_matches_serial(tmp_path: Path, monkeypatch: pytest.
     # one Ray session: a failing task first (drained, temporaries removed), then a good parallel ingest
     import ray
 
+    # a truncated last frame: the last task of a file reads to its end, so it is refused as in a serial run
+    lines = (tmp_path / "a.extxyz").read_text().splitlines(keepends=True)
+    (tmp_path / "cut.extxyz").write_text("".join(lines[:-2]))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert main(["ingest", *specs, str(tmp_path / "bad.extxyz"), "--out", str(tmp_path / "p"), *common,
                      "--workers", "2"]) == 2
-        assert not (tmp_path / "p").exists() and len(list(tmp_path.iterdir())) == 4
+        assert not (tmp_path / "p").exists() and len(list(tmp_path.iterdir())) == 5
+        assert main(["ingest", str(tmp_path / "cut.extxyz"), "--out", str(tmp_path / "p"), *common,
+                     "--workers", "3"]) == 2
+        assert "cut.extxyz: frame 29: field 'format'" in capsys.readouterr().err  # 4 tasks; was dropped
+        assert not (tmp_path / "p").exists()
         assert main(["ingest", *specs, "--out", str(tmp_path / "p"), *common, "--workers", "2"]) == 0
     finally:
         ray.shutdown()
     serial, par = Store.open(tmp_path / "serial"), Store.open(tmp_path / "p")
+    assert par.manifest["provenance"][0]["parallel"]["ray_tasks"] >= 1  # Ray wrote shards, this process too
+    assert par.manifest["provenance"][0]["parallel"]["ray_tasks"] < 6
     assert [s.n_structures for s in par.shards] == [8, 8, 8, 4, 8, 1]  # one shard per task, per input
     assert [s.checksum for s in par.shards] == [s.checksum for s in serial.shards[:3]] + [
         s.checksum for s in par.shards[3:]]
@@ -161,12 +172,47 @@ def test_ray_parallel_ingest_matches_serial(tmp_path: Path, monkeypatch: pytest.
         np.testing.assert_allclose(list(par.reference_energies[fid].values()), list(refs.values()), atol=1e-6)
 
 
-def _kill_after_first_shard(cmd: list[str], watch: Path, pattern: str) -> int:
-    """Start an ingest, SIGKILL it as soon as a shard matching `pattern` appears under `watch`."""
+def test_parallel_ingest_starts_ray_only_when_it_pays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from polyfid.data_shards import parallel
+
+    assert not ray.is_initialized()
+    ase.io.write(tmp_path / "a.extxyz", _frames(30))
+    common = [str(tmp_path / "a.extxyz"), *ARGS, "--shard-size", "8"]
+    assert main(["ingest", *common, "--out", str(tmp_path / "serial")]) == 0
+    # a job that Ray would not speed up by RAY_MIN_SAVING_S: this process writes every shard, Ray never starts
+    assert main(["ingest", *common, "--out", str(tmp_path / "small"), "--workers", "2"]) == 0
+    assert Store.open(tmp_path / "small").manifest["provenance"][0]["parallel"] == {"tasks": 4, "ray_tasks": 0}
+    assert not ray.is_initialized()
+    # worth it: Ray starts in the helper thread after the first task; this process waits (from its second task
+    # on) until a Ray worker has run one, so both write shards whatever the start-up time
+    monkeypatch.setattr(parallel, "RAY_MIN_SAVING_S", 0.0)
+    real, pid, marker, calls = parallel.write_task, os.getpid(), tmp_path / "ray-ran", []
+
+    def task(*args):
+        if os.getpid() != pid:
+            marker.touch()
+        elif calls.append(1) or len(calls) > 1:
+            deadline = time.monotonic() + 300
+            while not marker.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return real(*args)
+
+    monkeypatch.setattr(parallel, "write_task", task)
+    assert main(["ingest", *common, "--out", str(tmp_path / "big"), "--workers", "2"]) == 0
+    assert not ray.is_initialized()  # it shut down the Ray it started
+    big, serial = Store.open(tmp_path / "big"), Store.open(tmp_path / "serial")
+    assert 1 <= big.manifest["provenance"][0]["parallel"]["ray_tasks"] <= 3
+    assert [s.checksum for s in big.shards] == [s.checksum for s in serial.shards] and big.verify() == []
+
+
+def _kill_when(cmd: list[str], watch: Path, patterns: list[str]) -> int:
+    """Start an ingest, SIGKILL it as soon as every glob in `patterns` matches something under `watch`."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
-        if any(watch.rglob(pattern)):
+        if all(any(watch.rglob(p)) for p in patterns):
             os.kill(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
@@ -184,17 +230,30 @@ def test_sigkill_mid_ingest_leaves_the_old_store_or_none(tmp_path: Path, append:
         before = Store.open(out).manifest
     cmd = [sys.executable, "-m", "polyfid.launch.cli", "ingest", str(tmp_path / "big.extxyz"), "--out", str(out),
            "--shard-size", "20", *ARGS] + ["--append"] * append
-    first_new = "shard-000002" if append else "shard-*"  # the old store has shards 0 and 1
-    code = _kill_after_first_shard(cmd, tmp_path, first_new)
+    # new: once the hidden build has a shard; append: once a new shard is in place and the next is being written
+    code = _kill_when(cmd, tmp_path, ["shard-000002", "s/shards/tmp-*"] if append else ["shard-*"])
     assert code == -signal.SIGKILL, "ingest finished before it could be killed"
+    ase.io.write(tmp_path / "next.extxyz", _frames(6, seed=1))
+    nxt = ["ingest", str(tmp_path / "next.extxyz"), "--out", str(out), *ARGS]
     if append:
         assert (out / "shards" / "shard-000002").exists()  # killed mid-way: a new shard, not yet listed
+        leftover = list((out / "shards").glob("tmp-*"))  # and the temporary shard being written
+        assert leftover and all(str(os.getpid()) not in p.name for p in leftover)
         store = Store.open(out)
         assert store.manifest == before and store.verify() == []
-        # the next append reuses the leftover names and gives a complete, verified store
-        assert main(["ingest", str(tmp_path / "good.extxyz"), "--out", str(out), "--append", *ARGS]) == 0
+        # the next append removes the dead writer's temporary shard and reuses the unlisted name
+        assert main([*nxt, "--append"]) == 0
         assert Store.open(out).n_structures == 12 and Store.open(out).verify() == []
+        assert not list((out / "shards").glob("tmp-*"))
     else:
-        assert not out.exists() and any(tmp_path.glob(".s.tmp-*/shards/shard-*"))  # only the hidden build
+        leftover = list(tmp_path.glob(".s.tmp-*"))
+        assert not out.exists() and len(leftover) == 1 and any(leftover[0].glob("shards/shard-*"))
         with pytest.raises(FileNotFoundError):
             Store.open(out)
+        # a live writer's build (this process) and one whose writer is unknown (older name) must survive
+        alive = tmp_path / tmp_name(".s.", 8)
+        legacy = tmp_path / ".s.tmp-0123abcd"
+        alive.mkdir(), legacy.mkdir()
+        assert main(nxt) == 0  # the next ingest to the same path removes the dead writer's build
+        assert Store.open(out).n_structures == 6 and not leftover[0].exists()
+        assert alive.exists() and legacy.exists()

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from polyfid.data_shards.reader import ShardReader, iter_all
+from polyfid.data_shards.reader import ShardReader, _Batcher, _swap_through, iter_all
 from polyfid.data_shards.schema import BATCH_KEYS, Fidelity
-from polyfid.data_shards.store import Store
+from polyfid.data_shards.store import CorruptShardError, Store
 from polyfid.data_shards.synthetic import synthetic_store
 
 
@@ -173,3 +173,49 @@ def test_reader_on_fsspec_urls_matches_the_local_path(tmp_path: Path, store: Sto
     for a, b in zip(want, got):
         for k in BATCH_KEYS:
             np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_vectorised_buffer_and_batch_cuts_match_the_sequential_definition(store: Store) -> None:
+    rng = np.random.default_rng(0)
+    for size, m in [(1, 5), (7, 60), (50, 20), (4096, 50_000)]:
+        buf, incoming, picks = rng.integers(0, 1000, size), rng.integers(1000, 9000, m), rng.integers(0, size, m)
+        seq, left = buf.copy(), []
+        for x, k in zip(incoming, picks):  # the buffer as first written: one swap at a time
+            left.append(seq[k])
+            seq[k] = x
+        got = _swap_through((buf,), picks, (incoming,))[0]
+        assert got.tolist() == left and buf.tolist() == seq.tolist()
+    reader = ShardReader([store], _cfg(atom_budget=40))
+    n = rng.integers(1, 50, 500)  # some larger than the budget: batches of their own
+    expect, batch = [], []
+    for a in n.tolist():  # greedy, one structure at a time
+        if a > 40 or sum(batch) + a > 40:
+            expect += [batch] if batch else []
+            batch = []
+        if a > 40:
+            expect.append([a])
+        else:
+            batch.append(a)
+    expect += [batch] if batch else []
+    batcher, got = _Batcher(reader), []
+    with pytest.warns(UserWarning, match="atom_budget=40"):
+        for lo in range(0, 500, 37):  # fed in pieces, as units arrive
+            part = n[lo:lo + 37]
+            got += batcher.feed((np.zeros_like(part), np.arange(lo, lo + len(part)), part))
+        got += batcher.flush()
+    assert [b[2].tolist() for b in got] == expect
+    assert np.concatenate([b[1] for b in got]).tolist() == list(range(500))
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_reader_refuses_an_altered_shard_and_names_it(tmp_path: Path, prefetch: int) -> None:
+    import zarr
+
+    bad = synthetic_store(tmp_path / "s", n=64, shard_size=16)
+    name = bad.shards[2].name  # with prefetch, read ahead in another thread while shard 1's batches are built
+    arr = zarr.open_array(str(tmp_path / "s" / "shards" / name / "positions"), mode="r+")
+    arr[3, 1] = arr[3, 1] + 1e-6
+    with pytest.raises(CorruptShardError, match=f"{name}.*checksum"):
+        list(ShardReader([bad], _cfg(loop=False, shuffle=False, prefetch=prefetch)))
+    cfg = _cfg(loop=False, shuffle=False, prefetch=prefetch, verify=False)
+    assert sum(len(b["n_atoms"]) for b in ShardReader([bad], cfg)) == 64

@@ -113,6 +113,39 @@ def test_rewritten_data_fails_the_checksum(tmp_path: Path) -> None:
     assert store.verify() == [name]
 
 
+def test_format_1_stores_still_read_verify_and_refuse_tampering(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import functools
+    import json
+
+    from zarr.codecs import BloscCodec
+
+    from polyfid.data_shards import writer as writer_module
+    from polyfid.data_shards.layout import shard_checksum
+
+    structs = _structures()
+    # what this polyfid wrote before format 2: Blosc/Zstd level 5 and sha256 over the raw bytes
+    monkeypatch.setattr(writer_module, "compressor", lambda: BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"))
+    monkeypatch.setattr(writer_module, "shard_checksum", functools.partial(shard_checksum, algorithm="sha256"))
+    monkeypatch.setattr(writer_module, "FORMAT_VERSION", 1)
+    old = write_structures(tmp_path / "old", structs, FIDS, "ds", shard_size=7)
+    monkeypatch.undo()
+    new = write_structures(tmp_path / "new", structs, FIDS, "ds", shard_size=7)
+    assert old.manifest["format_version"] == 1 and new.manifest["format_version"] == 2
+    assert {s.checksum.split(":")[0] for s in old.shards} == {"sha256"}
+    assert {s.checksum.split(":")[0] for s in new.shards} == {"crc32c"}
+    codec = [json.loads((tmp_path / d / "shards/shard-000000/positions/zarr.json").read_text())["codecs"][-1]
+             ["configuration"]["cname"] for d in ("old", "new")]
+    assert codec == ["zstd", "lz4"]
+    assert old.verify() == [] and new.verify() == []
+    a, b = _read_all(old), _read_all(new)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    arr = zarr.open_array(str(tmp_path / "old" / "shards" / "shard-000001" / "positions"), mode="r+")
+    arr[0, 0] = arr[0, 0] + 1e-9  # still refused under the old algorithm
+    assert old.verify() == ["shard-000001"]
+
+
 def test_interrupted_write_leaves_no_visible_store(tmp_path: Path) -> None:
     writer = StoreWriter(tmp_path / "s", FIDS, shard_size=5)
     writer.add(_structures(12), "ds")  # two shards flushed, then the "process dies": no close()
