@@ -132,7 +132,7 @@ def cmd_ui(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from polyfid.launch.demo import run_demo
 
-    run_demo(Path(a.workdir), steps=a.steps, workers=a.workers, overrides=a.set or [])
+    run_demo(Path(a.workdir), steps=a.steps, workers=a.workers, overrides=a.set or [], s1=not a.no_s1)
     return 0
 
 
@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="pretraining steps (default from the recipe)")
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.add_argument("--no-s1", action="store_true", help="skip the S1 baselines (a) and (b): two fewer trainings")
     s.set_defaults(fn=cmd_demo)
     from polyfid.launch.baseline_cli import register as _reg_baseline; _reg_baseline(sub)  # noqa: E702
     return p

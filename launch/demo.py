@@ -1,12 +1,14 @@
 """`polyfid demo`: the whole path on the embedded QM data, in one command.
 
-ingest -> multi-fidelity pretraining (Ray Train, 2 DeepSpeed workers) -> MLflow + registry -> fine-tune from
-the registry -> evaluate -> a table of errors per fidelity.
+ingest -> multi-fidelity pretraining (Ray Train, 2 DeepSpeed workers) -> MLflow + registry -> the S1 baselines ->
+fine-tune from the registry -> evaluate -> a table of errors per fidelity, and the S1 table.
 
-The pretraining data follow S1: low-level (GFN2-xTB) energies and forces, high-level (B3LYP/6-31G*)
-energies only. Validation frames carry forces at both levels, so the table shows how well high-level
-forces are learned without any high-level force label. The fine-tuning target is a molecule the
-pretraining never saw (formic acid), with 50 high-level frames.
+The pretraining data follow S1 (variant c): low-level (GFN2-xTB) energies and forces on every frame,
+high-level (B3LYP/6-31G*) energies on a subset (S1_FRACTION) and no high-level forces. The held-out frames
+carry forces at both levels, so the table shows how well high-level forces are learned without any
+high-level force label. S1's baselines train the same model for the same steps on (a) high-level energies
+only and (b) high-level energies and forces; `benchmarks/bench_s1.py` runs them over seeds. The fine-tuning
+target is a molecule the pretraining never saw (formic acid), with 50 high-level frames.
 """
 
 from __future__ import annotations
@@ -16,12 +18,23 @@ import shutil
 import time
 from pathlib import Path
 
-from polyfid.data_shards.demo import HIGH, LOW, demo_files
+from polyfid.data_shards.demo import EXTRA, HIGH, LOW, demo_files
+from polyfid.data_shards.ingest import ingest
 
 RECIPES = Path(__file__).parent / "recipes"
 TARGET = "formic_acid"
 N_VALID = 20  # last frames of each pretraining molecule
 N_TARGET_TRAIN = 50
+S1_FRACTION = 0.5  # share of the pretraining frames with a high-level energy (S1 variant c); 1/k for whole k
+RANKS = {LOW: 0, HIGH: 1, EXTRA: 2}
+META = {LOW: {"method": "GFN2-xTB", "code": "tblite"}, HIGH: {"method": "B3LYP", "basis": "6-31G*", "code": "PySCF"},
+        EXTRA: {"method": "wB97X", "basis": "6-31G*", "code": "PySCF"}}
+# S1 variants: what the training store of each holds (frames :-N_VALID of each pretraining molecule)
+S1_VARIANTS = {
+    "a": "high-level energies only",
+    "b": "high-level energies and forces",
+    "c": "low-level energies and forces + high-level energies on a subset",
+}
 
 
 def _section(title: str) -> float:
@@ -29,37 +42,88 @@ def _section(title: str) -> float:
     return time.perf_counter()
 
 
-def ingest_demo(workdir: Path) -> dict[str, str]:
-    """Write the four demo stores; returns their paths."""
+def subset_step(fraction: float) -> int:
+    """Every k-th frame carries a high-level energy: k = 1/fraction, which must be a whole number."""
+    k = round(1.0 / fraction) if fraction > 0 else 0
+    if k < 1 or abs(k * fraction - 1.0) > 1e-6:
+        raise ValueError(f"the high-level subset must be 1/k of the frames (1, 0.5, 0.25, ...), got {fraction}")
+    return k
+
+
+def ingest_train(spec: str, out: str, dataset: str, variant: str, fraction: float = 1.0, append: bool = False,
+                 low: str = LOW, high: str = HIGH) -> None:
+    """Append one molecule's training frames (`spec`, e.g. file@:-20) to store `out` as S1 variant a, b or c."""
     from polyfid.data_shards.ingest import ingest
 
+    def run(inp: str, energy: list[str], forces: list[str], **kw) -> None:
+        used = set(energy) | set(forces)
+        ingest([inp], out, dataset=dataset, energy={f: f"energy_{f}" for f in energy},
+               forces={f: f"forces_{f}" for f in forces}, ranks={f: r for f, r in RANKS.items() if f in used},
+               fidelity_meta={f: m for f, m in META.items() if f in used}, progress=False, shard_size=40, **kw)
+
+    if variant in ("a", "b"):
+        run(spec, [high], [high] if variant == "b" else [], append=append)
+        return
+    if variant != "c":
+        raise ValueError(f"S1 variant must be a, b or c, got {variant!r}")
+    k = subset_step(fraction)
+    if k == 1:
+        run(spec, [low, high], [low], append=append)
+        return
+    # low-level labels on every frame, then the high-level energies of every k-th frame merged into those rows
+    run(spec, [low], [low], append=append)
+    path, sl = spec.rsplit("@", 1)
+    start, stop = (sl.split(":") + [""])[:2]
+    run(f"{path}@{start}:{stop}:{k}", [high], [], append=True, merge_on="geometry")
+
+
+def _files() -> tuple[dict[str, Path], list[str]]:
+    """The demo files by molecule, and the pretraining molecules (all but the target)."""
     files = {p.name.split(".")[0]: p for p in demo_files()}
     if TARGET not in files or len(files) < 2:
         raise FileNotFoundError(f"the embedded demo data is incomplete: found {sorted(files)}")
-    stores = {k: str(workdir / "stores" / f"{k}.zarr") for k in ("pretrain", "valid", "target", "target_test")}
-    energy = {LOW: f"energy_{LOW}", HIGH: f"energy_{HIGH}"}
-    ranks = {LOW: 0, HIGH: 1}
-    meta = {LOW: {"method": "GFN2-xTB", "code": "tblite"},
-            HIGH: {"method": "B3LYP", "basis": "6-31G*", "code": "PySCF"}}
-    pretrain = [n for n in sorted(files) if n != TARGET]
+    return files, [n for n in sorted(files) if n != TARGET]
+
+
+def ingest_variant(out: str, variant: str, fraction: float = S1_FRACTION, molecules: list[str] | None = None,
+                   low: str = LOW, high: str = HIGH) -> str:
+    """The S1 training store of `variant` (a, b or c) over frames :-N_VALID of the molecules (default: pretraining)."""
+    files, pretrain = _files()
+    for i, name in enumerate(molecules or pretrain):
+        ingest_train(f"{files[name]}@:-{N_VALID}", out, name, variant, fraction, append=i > 0, low=low, high=high)
+    return out
+
+
+def ingest_demo(workdir: Path, fraction: float = S1_FRACTION, variants: tuple[str, ...] = ("c",)) -> dict[str, str]:
+    """Write the demo stores; returns their paths.
+
+    "pretrain" is S1 variant c (`fraction` of the frames with high-level energies); "s1_a" and "s1_b" are
+    variants a and b on the same frames when asked for; "valid" (the S1 test split) has all labels.
+    """
+    files, pretrain = _files()
+    names = {"c": "pretrain", "a": "s1_a", "b": "s1_b"}
+    stores = {k: str(workdir / "stores" / f"{k}.zarr")
+              for k in [names[v] for v in variants] + ["valid", "target", "target_test"]}
+    for v in variants:
+        ingest_variant(stores[names[v]], v, fraction)
+    both = {LOW: f"energy_{LOW}", HIGH: f"energy_{HIGH}"}
     for i, name in enumerate(pretrain):
-        path = files[name]
-        # S1 setting: low-level energies + forces, high-level energies only.
-        ingest([f"{path}@:-{N_VALID}"], stores["pretrain"], dataset=name, energy=energy,
-               forces={LOW: f"forces_{LOW}"}, ranks=ranks, append=i > 0, shard_size=40, progress=False, fidelity_meta=meta)
-        ingest([f"{path}@-{N_VALID}:"], stores["valid"], dataset=name, energy=energy,
-               forces={LOW: f"forces_{LOW}", HIGH: f"forces_{HIGH}"}, ranks=ranks, append=i > 0, progress=False, fidelity_meta=meta)
+        ingest([f"{files[name]}@-{N_VALID}:"], stores["valid"], dataset=name, energy=both,
+               forces={LOW: f"forces_{LOW}", HIGH: f"forces_{HIGH}"}, ranks={f: RANKS[f] for f in both},
+               append=i > 0, progress=False, fidelity_meta={f: META[f] for f in both})
     t = files[TARGET]
     ingest([f"{t}@:{N_TARGET_TRAIN}"], stores["target"], dataset=TARGET, energy={HIGH: f"energy_{HIGH}"},
-           forces={HIGH: f"forces_{HIGH}"}, ranks={HIGH: ranks[HIGH]}, progress=False, fidelity_meta={HIGH: meta[HIGH]})
+           forces={HIGH: f"forces_{HIGH}"}, ranks={HIGH: RANKS[HIGH]}, progress=False, fidelity_meta={HIGH: META[HIGH]})
     ingest([f"{t}@{N_TARGET_TRAIN}:"], stores["target_test"], dataset=TARGET, energy={HIGH: f"energy_{HIGH}"},
-           forces={HIGH: f"forces_{HIGH}"}, ranks={HIGH: ranks[HIGH]}, progress=False, fidelity_meta={HIGH: meta[HIGH]})
+           forces={HIGH: f"forces_{HIGH}"}, ranks={HIGH: RANKS[HIGH]}, progress=False, fidelity_meta={HIGH: META[HIGH]})
+    from polyfid.data_shards.inspect import summarize
     from polyfid.data_shards.store import Store
 
     for k, p in stores.items():
         s = Store.open(p)
-        print(f"  {k:<12} {s.n_structures:>4} structures {s.n_atoms:>5} atoms  "
-              f"fidelities {', '.join(f.name for f in s.fidelities)}  ({p})")
+        cov = summarize(s)["coverage"]
+        labels = "; ".join(f"{f} E {c['energy']} F {c['forces']}" for f, c in cov.items())
+        print(f"  {k:<12} {s.n_structures:>4} structures {s.n_atoms:>5} atoms  labels {labels}  ({p})")
     return stores
 
 
@@ -79,8 +143,55 @@ def evaluate(package: str, store: str, refit_on: str | None = None) -> dict:
     return evaluate_batches(model, iter_all([s], fidelities=fids), fids).results()
 
 
-def run_demo(workdir: Path, steps: int | None = None, workers: int = 2, overrides: list[str] | None = None) -> dict:
-    """Run the whole demo in `workdir` (wiped first); returns the error tables."""
+def s1_errors(package: str, test_store: str, high: str = HIGH) -> dict[str, float]:
+    """High-level errors of a package on the S1 test split, in meV and meV/Å."""
+    r = evaluate(package, test_store)[high]
+    keys = ("energy_mae", "energy_rmse", "energy_mae_per_atom", "forces_mae", "forces_rmse")
+    return {k: r[k] * 1000.0 for k in keys}
+
+
+def train_s1(store: str, output: Path, sets: list[str]) -> dict:
+    """Train one S1 variant on `store` with the demo recipe (tracking off, one checkpoint at the end)."""
+    from polyfid.distributed.config import load_config
+    from polyfid.distributed.launcher import run_training
+
+    cfg = load_config(RECIPES / "demo.yaml", list(sets) + [f"data.train={store}", f"output={output}",
+                                                          "tracking.enabled=false"])
+    cfg.trainer.checkpoint_every = cfg.trainer.steps
+    return run_training(cfg)
+
+
+def _stat(values: list[float]) -> str:
+    import numpy as np
+
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+
+
+def format_s1_table(rows: list[dict]) -> str:
+    """Markdown: one row per variant; `runs` holds one s1_errors dict per seed (mean ± sample std over seeds)."""
+    lines = [f"| variant | training labels | heads | seeds | E MAE (meV) | E MAE/atom (meV) | F MAE (meV/Å) | F RMSE (meV/Å) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        runs = r["runs"]
+        cols = [_stat([x[k] for x in runs]) for k in ("energy_mae", "energy_mae_per_atom", "forces_mae", "forces_rmse")]
+        lines.append(f"| ({r['variant']}) | {r['labels']} | {r.get('heads', '-')} | {len(runs)} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def s1_labels(variant: str, fraction: float = S1_FRACTION, low: str = LOW, high: str = HIGH) -> str:
+    """The training labels of a variant, in words."""
+    if variant == "c":
+        return f"{low} E+F, {high} E on {fraction:.0%}"
+    return f"{high} E" + ("+F" if variant == "b" else "")
+
+
+def run_demo(workdir: Path, steps: int | None = None, workers: int = 2, overrides: list[str] | None = None,
+             s1: bool = True) -> dict:
+    """Run the whole demo in `workdir` (wiped first); returns the error tables. `s1`: also train S1's (a), (b)."""
+    import ray
+
     from polyfid.distributed.config import load_config
     from polyfid.distributed.evaluate import format_table
     from polyfid.distributed.launcher import run_training
@@ -90,29 +201,44 @@ def run_demo(workdir: Path, steps: int | None = None, workers: int = 2, override
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
+    n = 6 if s1 else 5
+    step = iter(range(1, n + 1))
 
-    t = _section("1/5 ingest the embedded QM data into zarr stores")
-    stores = ingest_demo(workdir)
+    t = _section(f"{next(step)}/{n} ingest the embedded QM data into zarr stores")
+    stores = ingest_demo(workdir, variants=("c", "a", "b") if s1 else ("c",))
     print(f"  ({time.perf_counter() - t:.1f} s)")
 
-    t = _section(f"2/5 multi-fidelity pretraining: Ray Train, {workers} DeepSpeed workers (ZeRO-1, fp32, gloo)")
-    sets = [f"data.train={stores['pretrain']}", f"data.valid={stores['valid']}", f"output={workdir / 'pretrain'}",
-            f"trainer.workers={workers}"] + ([f"trainer.steps={steps}"] if steps else []) + list(overrides or [])
-    cfg = load_config(RECIPES / "demo.yaml", sets)
-    pre = run_training(cfg)
-    print(f"  package {pre['package']}; MLflow run {pre['mlflow_run_id']}; "
-          f"registered models:/{pre['registered_model']}/{pre['model_version']}  ({time.perf_counter() - t:.1f} s)")
+    t = _section(f"{next(step)}/{n} multi-fidelity pretraining (S1 variant c): Ray Train, {workers} DeepSpeed workers "
+                 "(ZeRO-1, fp32, gloo)")
+    common = [f"trainer.workers={workers}"] + ([f"trainer.steps={steps}"] if steps else []) + list(overrides or [])
+    sets = [f"data.train={stores['pretrain']}", f"data.valid={stores['valid']}", f"output={workdir / 'pretrain'}"]
+    cfg = load_config(RECIPES / "demo.yaml", sets + common)
+    try:
+        pre = run_training(cfg)
+        print(f"  package {pre['package']}; MLflow run {pre['mlflow_run_id']}; "
+              f"registered models:/{pre['registered_model']}/{pre['model_version']}  ({time.perf_counter() - t:.1f} s)")
+        s1_packages = {"c": pre["package"]}
+        if s1:
+            t = _section(f"{next(step)}/{n} S1 baselines, same model, recipe and {cfg.trainer.steps} steps: "
+                         f"(a) {HIGH} energies only, (b) {HIGH} energies and forces")
+            for v in ("a", "b"):
+                tv = time.perf_counter()
+                s1_packages[v] = train_s1(stores[f"s1_{v}"], workdir / f"s1_{v}", common)["package"]
+                print(f"  ({v}) package {s1_packages[v]}  ({time.perf_counter() - tv:.1f} s)")
 
-    t = _section(f"3/5 fine-tune to {TARGET} ({N_TARGET_TRAIN} {HIGH} frames), starting from the registry")
-    source = (f"models:/{pre['registered_model']}/{pre['model_version']}" if pre["model_version"] else pre["package"])
-    ft_cfg = load_config(RECIPES / "finetune.yaml", [
-        f"finetune.source={source}", f"data.train={stores['target']}", f"output={workdir / 'finetune'}",
-        f"tracking.uri={cfg.tracking.uri}", f"tracking.experiment={cfg.tracking.experiment}",
-    ] + list(overrides or []))
-    ft = run_training(ft_cfg)
-    print(f"  package {ft['package']}; MLflow run {ft['mlflow_run_id']}  ({time.perf_counter() - t:.1f} s)")
+        t = _section(f"{next(step)}/{n} fine-tune to {TARGET} ({N_TARGET_TRAIN} {HIGH} frames), starting from the registry")
+        source = (f"models:/{pre['registered_model']}/{pre['model_version']}" if pre["model_version"] else pre["package"])
+        ft_cfg = load_config(RECIPES / "finetune.yaml", [
+            f"finetune.source={source}", f"data.train={stores['target']}", f"output={workdir / 'finetune'}",
+            f"tracking.uri={cfg.tracking.uri}", f"tracking.experiment={cfg.tracking.experiment}",
+        ] + list(overrides or []))
+        ft = run_training(ft_cfg)
+        print(f"  package {ft['package']}; MLflow run {ft['mlflow_run_id']}  ({time.perf_counter() - t:.1f} s)")
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
 
-    t = _section("4/5 evaluate")
+    t = _section(f"{next(step)}/{n} evaluate")
     tables = {
         "pretrained, held-out frames of the pretraining molecules": evaluate(pre["package"], stores["valid"]),
         f"pretrained + reference refit on the target = fine-tuning step 0, {TARGET} test frames":
@@ -122,13 +248,22 @@ def run_demo(workdir: Path, steps: int | None = None, workers: int = 2, override
     for title, res in tables.items():
         print()
         print(format_table(res, title=title))
-    (workdir / "results.json").write_text(json.dumps(tables, indent=2))
+    out: dict = dict(tables)
+    if s1:
+        rows = [{"variant": v, "labels": s1_labels(v), "heads": cfg.model.head_design if v == "c" else "one head",
+                 "runs": [s1_errors(s1_packages[v], stores["valid"])]} for v in ("a", "b", "c")]
+        print(f"\nS1: {HIGH} errors on the held-out frames, {cfg.trainer.steps} steps each, seed {cfg.trainer.seed} "
+              "(benchmarks/bench_s1.py runs more seeds)")
+        print(format_s1_table(rows))
+        out["s1"] = rows
+    (workdir / "results.json").write_text(json.dumps(out, indent=2))
     print(f"\n  ({time.perf_counter() - t:.1f} s)")
 
-    _section("5/5 done")
-    print(f"Validation {HIGH} forces above were never trained on: the pretraining store has {HIGH} energies only.")
+    _section(f"{n}/{n} done")
+    print(f"Validation {HIGH} forces above were never trained on: the pretraining store has {HIGH} energies only, "
+          f"on {S1_FRACTION:.0%} of its frames.")
     print(f"results: {workdir / 'results.json'}")
     print(f"total time: {time.perf_counter() - t_start:.0f} s")
     print("Open the MLflow dashboard with:")
     print(f"  polyfid ui --tracking-uri {cfg.tracking.uri}")
-    return tables
+    return out

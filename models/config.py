@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 
 KINDS = ("hipnn", "hipnn_ts", "hiphop")
 ACTIVATIONS = ("silu", "softplus", "tanh", "gelu", "celu")
+HEAD_DESIGNS = ("independent", "delta")
 
 
 @dataclasses.dataclass
@@ -39,6 +40,12 @@ class ModelConfig:
     """Most tensors multiplied in one invariant (hiphop only; 1..4)."""
     activation: str = "silu"
     """Nonlinearity of atom and interaction layers."""
+    head_design: str = "independent"
+    """How fidelity heads relate: "independent" (S1: one readout per fidelity on the shared backbone) or
+    "delta" (a head's energy is its base head's energy plus a learned correction: E_high = E_low + ΔE)."""
+    head_base: dict[str, str] = dataclasses.field(default_factory=dict)
+    """delta only: fidelity -> the head it corrects. Fidelities left out take the head of the next-lower
+    rank; the Potential fills this in, so a saved package keeps its chain when heads are added later."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -47,6 +54,17 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.activation={self.activation!r} is not allowed; allowed values: {', '.join(ACTIVATIONS)}"
             )
+        if self.head_design not in HEAD_DESIGNS:
+            raise ValueError(
+                f"ModelConfig.head_design={self.head_design!r} is not allowed; allowed values: {', '.join(HEAD_DESIGNS)}"
+            )
+        if not isinstance(self.head_base, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.head_base.items()
+        ):
+            raise ValueError(f"ModelConfig.head_base must map fidelity names to fidelity names, got {self.head_base!r}")
+        self.head_base = dict(self.head_base)
+        if self.head_base and self.head_design != "delta":
+            raise ValueError("ModelConfig.head_base is only used with head_design='delta'")
         for name in ("width", "n_interactions", "n_atom_layers", "n_sensitivities", "l_max", "n_max"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -20,6 +21,10 @@ class Potential(torch.nn.Module):
     E_k(structure) = Σ_layers Σ_atoms readout_layer(h)[k] + Σ_atoms ref_k[Z]. Reference energies are a
     float64 buffer [F, max_Z+1] that stays float64 when the model is cast, because bfloat16 cannot hold
     a molecule's total energy to better than several eV.
+
+    With `config.head_design == "delta"` a head's readout is a correction on its base head's:
+    E_k − Σ ref_k = readout[k] + (E_base(k) − Σ ref_base(k)), recursively down the chain (head_sum [F, F]
+    holds, for each head, 1 on itself and its ancestors). Reference energies stay per fidelity.
     """
 
     def __init__(
@@ -30,7 +35,6 @@ class Potential(torch.nn.Module):
         reference_energies: Mapping[str, Mapping[int, float]] | None = None,
     ) -> None:
         super().__init__()
-        self.config = config
         self.elements: list[int] = sorted({int(z) for z in elements})
         if not self.elements or self.elements[0] < 1 or self.elements[-1] > 118:
             raise ValueError(f"elements must be atomic numbers 1..118, got {list(elements)}")
@@ -40,11 +44,13 @@ class Potential(torch.nn.Module):
         names = [f.name for f in self.fidelities]
         if len(set(names)) != len(names):
             raise ValueError(f"fidelity names must be unique, got {names}")
+        self.config = self._resolve_bases(config)
         max_z = self.elements[-1]
         lookup = torch.full((max_z + 1,), -1, dtype=torch.int64)
         lookup[self.elements] = torch.arange(len(self.elements))
         self.register_buffer("species_index", lookup, persistent=False)
         self.register_buffer("reference_energies", torch.zeros(len(names), max_z + 1, dtype=torch.float64))
+        self.register_buffer("head_sum", self._head_sum_matrix(), persistent=False)
         self.backbone = Backbone(config, len(self.elements))
         self.readouts = torch.nn.ModuleList(
             self._new_readout(len(names)) for _ in range(config.n_interactions + 1)
@@ -97,23 +103,80 @@ class Potential(torch.nn.Module):
         torch.nn.init.zeros_(linear.bias)
         return linear
 
+    # ---- head design ---------------------------------------------------------------------------
+    @staticmethod
+    def _next_lower(fidelity: Fidelity, candidates: Sequence[Fidelity]) -> str | None:
+        """The candidate of highest rank below `fidelity`'s (ties: the first in head order), or None."""
+        lower = [f for f in candidates if f.rank < fidelity.rank]
+        return max(lower, key=lambda f: f.rank).name if lower else None
+
+    def _resolve_bases(self, config: ModelConfig) -> ModelConfig:
+        """A copy of `config` whose head_base names a base for every head that has a lower-rank one (delta)."""
+        if config.head_design != "delta":
+            return config
+        names = self.fidelity_names
+        bases = dict(config.head_base)
+        unknown = sorted((set(bases) | set(bases.values())) - set(names))
+        if unknown:
+            raise ValueError(f"ModelConfig.head_base names {unknown}, which are not among the heads {names}")
+        for f in self.fidelities:
+            if f.name not in bases:
+                base = self._next_lower(f, self.fidelities)
+                if base is not None:
+                    bases[f.name] = base
+        for name in names:  # a chain must end
+            seen, node = {name}, bases.get(name)
+            while node is not None:
+                if node in seen:
+                    raise ValueError(f"ModelConfig.head_base has a cycle through {node!r}: {bases}")
+                seen.add(node)
+                node = bases.get(node)
+        return dataclasses.replace(config, head_base=bases)
+
+    def head_chain(self, name: str) -> list[str]:
+        """The heads whose readouts sum to head `name`'s energy: itself, then its base, its base's base..."""
+        chain = [name]
+        while self.config.head_design == "delta" and chain[-1] in self.config.head_base:
+            chain.append(self.config.head_base[chain[-1]])
+        return chain
+
+    def _head_sum_matrix(self) -> torch.Tensor:
+        """[F, F] float64: row k has 1 at the columns of head k's chain (the identity for independent heads)."""
+        names = self.fidelity_names
+        m = torch.zeros(len(names), len(names), dtype=torch.float64)
+        for k, name in enumerate(names):
+            for j in self.head_chain(name):
+                m[k, names.index(j)] = 1.0
+        return m
+
     def add_fidelity(self, fidelity: Fidelity, init_from: str | None = None) -> int:
         """Append a head for `fidelity`, copying the readouts and references of `init_from` if given.
 
+        With delta heads the new head corrects the existing head of next-lower rank; its readout is set so
+        that its energy minus references equals `init_from`'s (zero when `init_from` is that base).
         Returns its column. Optimisers built before this call do not see the new head's parameters.
         """
         if fidelity.name in self.fidelity_names:
             raise ValueError(f"fidelity {fidelity.name!r} already has a head; heads: {self.fidelity_names}")
         src = None if init_from is None else self.fidelity_index(init_from)
         n_old = len(self.fidelities)
+        delta = self.config.head_design == "delta"
+        base = self._next_lower(fidelity, self.fidelities) if delta else None
         with torch.no_grad():
             for n, old in enumerate(self.readouts):
                 new = self._new_readout(n_old + 1).to(device=old.weight.device, dtype=old.weight.dtype)
                 new.weight[:n_old] = old.weight
                 new.bias[:n_old] = old.bias
                 if src is not None:
-                    new.weight[n_old] = old.weight[src]
-                    new.bias[n_old] = old.bias[src]
+                    # the effective (summed-over-chain) readout of src, minus that of the new head's base
+                    m = self.head_sum.to(device=old.weight.device, dtype=torch.float64)
+                    w_eff, b_eff = m @ old.weight.double(), m @ old.bias.double()
+                    w_new, b_new = w_eff[src], b_eff[src]
+                    if base is not None:
+                        k = self.fidelity_index(base)
+                        w_new, b_new = w_new - w_eff[k], b_new - b_eff[k]
+                    new.weight[n_old] = w_new.to(old.weight.dtype)
+                    new.bias[n_old] = b_new.to(old.bias.dtype)
                 new.weight.requires_grad_(old.weight.requires_grad)
                 new.bias.requires_grad_(old.bias.requires_grad)
                 self.readouts[n] = new
@@ -121,6 +184,9 @@ class Potential(torch.nn.Module):
             row = ref[src] if src is not None else torch.zeros_like(ref[0])
             self.reference_energies = torch.cat([ref, row.unsqueeze(0)], dim=0)
         self.fidelities.append(fidelity)
+        if base is not None:
+            self.config.head_base[fidelity.name] = base
+        self.head_sum = self._head_sum_matrix().to(self.head_sum.device)
         return n_old
 
     def backbone_parameters(self) -> list[torch.nn.Parameter]:
@@ -164,7 +230,7 @@ class Potential(torch.nn.Module):
         return heads
 
     def atom_energies(self, graph: Graph, pos: torch.Tensor) -> torch.Tensor:
-        """Per-atom energy contributions [A, F] without the reference energies."""
+        """Per-atom energy contributions [A, F] without the reference energies (delta heads: summed over the chain)."""
         species = self._species(graph.z)
         dtype = self.dtype
         x = pos.to(dtype)
@@ -175,6 +241,9 @@ class Potential(torch.nn.Module):
         total = self.readouts[0](features[0])
         for readout, h in zip(self.readouts[1:], features[1:]):
             total = total + readout(h)
+        if self.config.head_design == "delta":  # sum in the energy dtype (float32 under bf16)
+            acc = self.energy_dtype
+            total = total.to(acc) @ self.head_sum.to(device=total.device, dtype=acc).T
         return total
 
     def forward(
@@ -214,4 +283,5 @@ class Potential(torch.nn.Module):
         return torch.stack([columns.get(k, zeros) for k in range(energy.shape[1])], dim=1)
 
     def extra_repr(self) -> str:
-        return f"kind={self.config.kind}, elements={self.elements}, fidelities={self.fidelity_names}"
+        return (f"kind={self.config.kind}, elements={self.elements}, fidelities={self.fidelity_names}, "
+                f"head_design={self.config.head_design}")
