@@ -127,8 +127,9 @@ def ingest_demo(workdir: Path, fraction: float = S1_FRACTION, variants: tuple[st
     return stores
 
 
-def evaluate(package: str, store: str, refit_on: str | None = None) -> dict:
-    """Errors of a package on a store, per fidelity; `refit_on` first refits the head's references there."""
+def evaluate(package: str, store: str, refit_on: str | None = None, anchor: str | None = None) -> dict:
+    """Errors of a package on a store, per fidelity; `refit_on` first refits the head's references there,
+    anchored on store `anchor` (the pretraining data), as `polyfid finetune` does before step 0."""
     from polyfid.data_shards.reader import iter_all
     from polyfid.data_shards.store import Store
     from polyfid.distributed.evaluate import evaluate_batches
@@ -139,7 +140,7 @@ def evaluate(package: str, store: str, refit_on: str | None = None) -> dict:
     fids = [f.name for f in s.fidelities]
     model = load_package(package)
     if refit_on:
-        refit_references(model, HIGH, [Store.open(refit_on)])
+        refit_references(model, HIGH, [Store.open(refit_on)], anchors=[Store.open(anchor)] if anchor else ())
     return evaluate_batches(model, iter_all([s], fidelities=fids), fids).results()
 
 
@@ -242,7 +243,7 @@ def run_demo(workdir: Path, steps: int | None = None, workers: int = 2, override
     tables = {
         "pretrained, held-out frames of the pretraining molecules": evaluate(pre["package"], stores["valid"]),
         f"pretrained + reference refit on the target = fine-tuning step 0, {TARGET} test frames":
-            evaluate(pre["package"], stores["target_test"], refit_on=stores["target"]),
+            evaluate(pre["package"], stores["target_test"], refit_on=stores["target"], anchor=stores["pretrain"]),
         f"fine-tuned, {TARGET} test frames": evaluate(ft["package"], stores["target_test"]),
     }
     for title, res in tables.items():
