@@ -26,7 +26,7 @@ from pathlib import Path
 
 from polyfid.data_shards.demo import EXTRA, HIGH, LOW, demo_files
 from polyfid.launch.demo import (
-    META, N_VALID, RANKS, S1_VARIANTS, TARGET, format_s1_table, ingest_variant, s1_errors, s1_labels, train_s1,
+    N_VALID, S1_VARIANTS, TARGET, format_s1_table, ingest_heldout, ingest_variant, s1_errors, s1_labels, train_s1,
 )
 
 
@@ -38,18 +38,6 @@ def molecules_with(levels: tuple[str, str]) -> list[str]:
     """The molecules labelled at both levels: the three pretraining molecules, or formic acid for wB97X."""
     names = sorted(p.name.split(".")[0] for p in demo_files())
     return [TARGET] if EXTRA in levels else [n for n in names if n != TARGET]
-
-
-def ingest_test(out: str, molecules: list[str], levels: tuple[str, str]) -> str:
-    """The test split: the last N_VALID frames of each molecule, energies and forces at both levels."""
-    from polyfid.data_shards.ingest import ingest
-
-    files = {p.name.split(".")[0]: p for p in demo_files()}
-    for i, name in enumerate(molecules):
-        ingest([f"{files[name]}@-{N_VALID}:"], out, dataset=name, energy={f: f"energy_{f}" for f in levels},
-               forces={f: f"forces_{f}" for f in levels}, ranks={f: RANKS[f] for f in levels},
-               fidelity_meta={f: META[f] for f in levels}, append=i > 0, progress=False)
-    return out
 
 
 def run_one(name: str, store: str, work: Path, sets: list[str], test: str, fresh: bool, high: str,
@@ -131,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
             ingest_variant(stores["low"], "b", 1.0, molecules, low, low)
     test = str(stores_dir / f"{prefix}test.zarr")  # the same frames for every pair with this high level
     if not Path(test).exists():
-        ingest_test(test, molecules, (low, high))
+        ingest_heldout(test, molecules, (low, high))
     base = [f"trainer.steps={a.steps}", f"trainer.workers={a.workers}"] + a.set_all
 
     rows, runs = [], {}

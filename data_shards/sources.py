@@ -252,11 +252,6 @@ def read_frames(spec: str, span: tuple[int, int, int] | None = None) -> Iterator
     yield from _READERS[source_format(path)](spec, path, index)
 
 
-def count_frames(path: str) -> int:
-    """Frames in a file, cheaply (extxyz: by scanning the atom-count lines, without parsing)."""
-    return scan_frames(path)[0]
-
-
 def scan_frames(path: str) -> tuple[int, np.ndarray | None]:
     """(frames in a file, byte offsets of their starts plus the end of the last, for a plain extxyz, else None).
 

@@ -50,16 +50,20 @@ def subset_step(fraction: float) -> int:
     return k
 
 
+def ingest_levels(spec: str, out: str, dataset: str, energy: list[str], forces: list[str], **kw) -> None:
+    """Ingest `spec` into `out` with the energies and forces of the named levels (the demo files' key names)."""
+    used = set(energy) | set(forces)
+    ingest([spec], out, dataset=dataset, energy={f: f"energy_{f}" for f in energy},
+           forces={f: f"forces_{f}" for f in forces}, ranks={f: r for f, r in RANKS.items() if f in used},
+           fidelity_meta={f: m for f, m in META.items() if f in used}, progress=False, **kw)
+
+
 def ingest_train(spec: str, out: str, dataset: str, variant: str, fraction: float = 1.0, append: bool = False,
                  low: str = LOW, high: str = HIGH) -> None:
     """Append one molecule's training frames (`spec`, e.g. file@:-20) to store `out` as S1 variant a, b or c."""
-    from polyfid.data_shards.ingest import ingest
 
     def run(inp: str, energy: list[str], forces: list[str], **kw) -> None:
-        used = set(energy) | set(forces)
-        ingest([inp], out, dataset=dataset, energy={f: f"energy_{f}" for f in energy},
-               forces={f: f"forces_{f}" for f in forces}, ranks={f: r for f, r in RANKS.items() if f in used},
-               fidelity_meta={f: m for f, m in META.items() if f in used}, progress=False, shard_size=40, **kw)
+        ingest_levels(inp, out, dataset, energy, forces, shard_size=40, **kw)
 
     if variant in ("a", "b"):
         run(spec, [high], [high] if variant == "b" else [], append=append)
@@ -94,28 +98,31 @@ def ingest_variant(out: str, variant: str, fraction: float = S1_FRACTION, molecu
     return out
 
 
+def ingest_heldout(out: str, molecules: list[str] | None = None, levels: tuple[str, ...] = (LOW, HIGH)) -> str:
+    """The S1 test split: the last N_VALID frames of each molecule (default: pretraining), with energies and
+    forces at every level in `levels`."""
+    files, pretrain = _files()
+    for i, name in enumerate(molecules or pretrain):
+        ingest_levels(f"{files[name]}@-{N_VALID}:", out, name, list(levels), list(levels), append=i > 0)
+    return out
+
+
 def ingest_demo(workdir: Path, fraction: float = S1_FRACTION, variants: tuple[str, ...] = ("c",)) -> dict[str, str]:
     """Write the demo stores; returns their paths.
 
     "pretrain" is S1 variant c (`fraction` of the frames with high-level energies); "s1_a" and "s1_b" are
     variants a and b on the same frames when asked for; "valid" (the S1 test split) has all labels.
     """
-    files, pretrain = _files()
+    files, _ = _files()
     names = {"c": "pretrain", "a": "s1_a", "b": "s1_b"}
     stores = {k: str(workdir / "stores" / f"{k}.zarr")
               for k in [names[v] for v in variants] + ["valid", "target", "target_test"]}
     for v in variants:
         ingest_variant(stores[names[v]], v, fraction)
-    both = {LOW: f"energy_{LOW}", HIGH: f"energy_{HIGH}"}
-    for i, name in enumerate(pretrain):
-        ingest([f"{files[name]}@-{N_VALID}:"], stores["valid"], dataset=name, energy=both,
-               forces={LOW: f"forces_{LOW}", HIGH: f"forces_{HIGH}"}, ranks={f: RANKS[f] for f in both},
-               append=i > 0, progress=False, fidelity_meta={f: META[f] for f in both})
+    ingest_heldout(stores["valid"])
     t = files[TARGET]
-    ingest([f"{t}@:{N_TARGET_TRAIN}"], stores["target"], dataset=TARGET, energy={HIGH: f"energy_{HIGH}"},
-           forces={HIGH: f"forces_{HIGH}"}, ranks={HIGH: RANKS[HIGH]}, progress=False, fidelity_meta={HIGH: META[HIGH]})
-    ingest([f"{t}@{N_TARGET_TRAIN}:"], stores["target_test"], dataset=TARGET, energy={HIGH: f"energy_{HIGH}"},
-           forces={HIGH: f"forces_{HIGH}"}, ranks={HIGH: RANKS[HIGH]}, progress=False, fidelity_meta={HIGH: META[HIGH]})
+    ingest_levels(f"{t}@:{N_TARGET_TRAIN}", stores["target"], TARGET, [HIGH], [HIGH])
+    ingest_levels(f"{t}@{N_TARGET_TRAIN}:", stores["target_test"], TARGET, [HIGH], [HIGH])
     from polyfid.data_shards.inspect import summarize
     from polyfid.data_shards.store import Store
 
@@ -191,8 +198,6 @@ def s1_labels(variant: str, fraction: float = S1_FRACTION, low: str = LOW, high:
 def run_demo(workdir: Path, steps: int | None = None, workers: int = 2, overrides: list[str] | None = None,
              s1: bool = True) -> dict:
     """Run the whole demo in `workdir` (wiped first); returns the error tables. `s1`: also train S1's (a), (b)."""
-    import ray
-
     from polyfid.distributed.config import load_config
     from polyfid.distributed.evaluate import format_table
     from polyfid.distributed.launcher import run_training
@@ -214,30 +219,26 @@ def run_demo(workdir: Path, steps: int | None = None, workers: int = 2, override
     common = [f"trainer.workers={workers}"] + ([f"trainer.steps={steps}"] if steps else []) + list(overrides or [])
     sets = [f"data.train={stores['pretrain']}", f"data.valid={stores['valid']}", f"output={workdir / 'pretrain'}"]
     cfg = load_config(RECIPES / "demo.yaml", sets + common)
-    try:
-        pre = run_training(cfg)
-        print(f"  package {pre['package']}; MLflow run {pre['mlflow_run_id']}; "
-              f"registered models:/{pre['registered_model']}/{pre['model_version']}  ({time.perf_counter() - t:.1f} s)")
-        s1_packages = {"c": pre["package"]}
-        if s1:
-            t = _section(f"{next(step)}/{n} S1 baselines, same model, recipe and {cfg.trainer.steps} steps: "
-                         f"(a) {HIGH} energies only, (b) {HIGH} energies and forces")
-            for v in ("a", "b"):
-                tv = time.perf_counter()
-                s1_packages[v] = train_s1(stores[f"s1_{v}"], workdir / f"s1_{v}", common)["package"]
-                print(f"  ({v}) package {s1_packages[v]}  ({time.perf_counter() - tv:.1f} s)")
+    pre = run_training(cfg)
+    print(f"  package {pre['package']}; MLflow run {pre['mlflow_run_id']}; "
+          f"registered models:/{pre['registered_model']}/{pre['model_version']}  ({time.perf_counter() - t:.1f} s)")
+    s1_packages = {"c": pre["package"]}
+    if s1:
+        t = _section(f"{next(step)}/{n} S1 baselines, same model, recipe and {cfg.trainer.steps} steps: "
+                     f"(a) {HIGH} energies only, (b) {HIGH} energies and forces")
+        for v in ("a", "b"):
+            tv = time.perf_counter()
+            s1_packages[v] = train_s1(stores[f"s1_{v}"], workdir / f"s1_{v}", common)["package"]
+            print(f"  ({v}) package {s1_packages[v]}  ({time.perf_counter() - tv:.1f} s)")
 
-        t = _section(f"{next(step)}/{n} fine-tune to {TARGET} ({N_TARGET_TRAIN} {HIGH} frames), starting from the registry")
-        source = (f"models:/{pre['registered_model']}/{pre['model_version']}" if pre["model_version"] else pre["package"])
-        ft_cfg = load_config(RECIPES / "finetune.yaml", [
-            f"finetune.source={source}", f"data.train={stores['target']}", f"output={workdir / 'finetune'}",
-            f"tracking.uri={cfg.tracking.uri}", f"tracking.experiment={cfg.tracking.experiment}",
-        ] + list(overrides or []))
-        ft = run_training(ft_cfg)
-        print(f"  package {ft['package']}; MLflow run {ft['mlflow_run_id']}  ({time.perf_counter() - t:.1f} s)")
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
+    t = _section(f"{next(step)}/{n} fine-tune to {TARGET} ({N_TARGET_TRAIN} {HIGH} frames), starting from the registry")
+    source = (f"models:/{pre['registered_model']}/{pre['model_version']}" if pre["model_version"] else pre["package"])
+    ft_cfg = load_config(RECIPES / "finetune.yaml", [
+        f"finetune.source={source}", f"data.train={stores['target']}", f"output={workdir / 'finetune'}",
+        f"tracking.uri={cfg.tracking.uri}", f"tracking.experiment={cfg.tracking.experiment}",
+    ] + list(overrides or []))
+    ft = run_training(ft_cfg)
+    print(f"  package {ft['package']}; MLflow run {ft['mlflow_run_id']}  ({time.perf_counter() - t:.1f} s)")
 
     t = _section(f"{next(step)}/{n} evaluate")
     tables = {

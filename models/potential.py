@@ -162,21 +162,21 @@ class Potential(torch.nn.Module):
         n_old = len(self.fidelities)
         delta = self.config.head_design == "delta"
         base = self._next_lower(fidelity, self.fidelities) if delta else None
+        # the new readout row = coef @ old rows: src's effective (summed-over-chain) readout, minus its base's
+        coef = None
+        if src is not None:
+            coef = self.head_sum[src].double()
+            if base is not None:
+                coef = coef - self.head_sum[self.fidelity_index(base)].double()
         with torch.no_grad():
             for n, old in enumerate(self.readouts):
                 new = self._new_readout(n_old + 1).to(device=old.weight.device, dtype=old.weight.dtype)
                 new.weight[:n_old] = old.weight
                 new.bias[:n_old] = old.bias
-                if src is not None:
-                    # the effective (summed-over-chain) readout of src, minus that of the new head's base
-                    m = self.head_sum.to(device=old.weight.device, dtype=torch.float64)
-                    w_eff, b_eff = m @ old.weight.double(), m @ old.bias.double()
-                    w_new, b_new = w_eff[src], b_eff[src]
-                    if base is not None:
-                        k = self.fidelity_index(base)
-                        w_new, b_new = w_new - w_eff[k], b_new - b_eff[k]
-                    new.weight[n_old] = w_new.to(old.weight.dtype)
-                    new.bias[n_old] = b_new.to(old.bias.dtype)
+                if coef is not None:
+                    c = coef.to(old.weight.device)
+                    new.weight[n_old] = (c @ old.weight.double()).to(old.weight.dtype)
+                    new.bias[n_old] = (c @ old.bias.double()).to(old.bias.dtype)
                 new.weight.requires_grad_(old.weight.requires_grad)
                 new.bias.requires_grad_(old.bias.requires_grad)
                 self.readouts[n] = new
