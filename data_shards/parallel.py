@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from polyfid.data_shards.layout import SHARDS, Location, shard_checksum
-from polyfid.data_shards.refs import ReferenceAccumulator
+from polyfid.data_shards.refs import shard_sums
 from polyfid.data_shards.sources import IngestError, _selection, read_frames, scan_frames, split_spec
 from polyfid.data_shards.store import ShardInfo
 from polyfid.data_shards.writer import StoreWriter, shard_arrays, write_group
@@ -83,8 +83,7 @@ def write_task(url: str, tmp: str, task: Task, dataset: int, first_id: int, fids
                               f"counted ({spec}); the file is truncated or malformed")
         arrays, energy, forces, ids = shard_arrays(items, fids, first_id)
         write_group(Location(url).open_group("a", path=SHARDS).create_group(tmp), arrays)
-        refs = ReferenceAccumulator()
-        refs.add_ragged(arrays["atomic_numbers"], arrays["offsets"], {f: arrays[f"energy/{f}"] for f in energy})
+        refs = shard_sums(arrays, energy, forces)
         info = ShardInfo("", len(items), int(arrays["offsets"][-1]), shard_checksum(arrays), tuple(energy),
                          tuple(forces), tuple(ids))
         return {"info": info, "refs": refs, "elements": np.unique(arrays["atomic_numbers"]).tolist()}

@@ -59,11 +59,32 @@ def fit_reference_energies_from_numbers(numbers: Sequence[np.ndarray], energies:
 
 
 class ReferenceAccumulator:
-    """Streams structures into per-fidelity normal equations, so a fit over a huge store stays in O(1) memory."""
+    """Streams structures into per-fidelity sums, so a fit over a huge store stays in O(1) memory.
+
+    Per fidelity it keeps the normal equations of the total energies (XᵀX, Xᵀy, with X the element
+    counts), the same sums per atom (x/n, y/n: for the shift and spread of the per-atom residual after
+    the references) and the sum of squared force components. All are sums over structures, so the sums
+    of several stores are the sums of their union: a fit from them cannot depend on how the data was split.
+    """
+
+    _MATRICES = ("xtx", "pxx")
+    _VECTORS = ("xty", "px", "pxy")
+    _SCALARS = ("n", "py", "pyy", "f2", "fn")
 
     def __init__(self) -> None:
-        self._xtx: dict[str, np.ndarray] = {}
-        self._xty: dict[str, np.ndarray] = {}
+        self._sums: dict[str, dict[str, np.ndarray]] = {}
+
+    def _get(self, fid: str) -> dict[str, np.ndarray]:
+        if fid not in self._sums:
+            z = MAX_Z + 1
+            self._sums[fid] = ({k: np.zeros((z, z)) for k in self._MATRICES} | {k: np.zeros(z) for k in self._VECTORS}
+                               | {k: np.zeros(()) for k in self._SCALARS})
+        return self._sums[fid]
+
+    @property
+    def fidelities(self) -> list[str]:
+        """The fidelities with at least one energy or force label."""
+        return list(self._sums)
 
     def add(self, counts: np.ndarray, energies: dict[str, np.ndarray]) -> None:
         """Add structures: counts [S, MAX_Z+1] (column = Z) and per-fidelity energies [S] (NaN skipped)."""
@@ -72,17 +93,35 @@ class ReferenceAccumulator:
             keep = np.isfinite(y)
             if not keep.any():
                 continue
-            x = counts[keep]
-            xtx = self._xtx.setdefault(fid, np.zeros((MAX_Z + 1, MAX_Z + 1)))
-            xty = self._xty.setdefault(fid, np.zeros(MAX_Z + 1))
-            xtx += x.T @ x
-            xty += x.T @ y[keep]
+            x, y = counts[keep], y[keep]
+            n_atoms = x.sum(1)
+            px, py = x / n_atoms[:, None], y / n_atoms
+            s = self._get(fid)
+            s["xtx"] += x.T @ x
+            s["xty"] += x.T @ y
+            s["n"] += len(y)
+            s["pxx"] += px.T @ px
+            s["px"] += px.sum(0)
+            s["pxy"] += px.T @ py
+            s["py"] += py.sum()
+            s["pyy"] += py @ py
+
+    def add_forces(self, forces: dict[str, np.ndarray]) -> None:
+        """Add force labels [A, 3] per fidelity (rows with NaN skipped): for the force scale of each head."""
+        for fid, f in forces.items():
+            f = np.asarray(f, dtype=np.float64).reshape(-1, 3)
+            f = f[np.isfinite(f).all(1)]
+            if len(f):
+                s = self._get(fid)
+                s["f2"] += float((f * f).sum())
+                s["fn"] += f.size
 
     def merge(self, other: "ReferenceAccumulator") -> None:
-        """Add another accumulator's normal equations (e.g. one filled by a parallel ingest task)."""
-        for fid, xtx in other._xtx.items():
-            self._xtx.setdefault(fid, np.zeros_like(xtx))[...] += xtx
-            self._xty.setdefault(fid, np.zeros_like(other._xty[fid]))[...] += other._xty[fid]
+        """Add another accumulator's sums (e.g. one filled by a parallel ingest task, or another store)."""
+        for fid, sums in other._sums.items():
+            mine = self._get(fid)
+            for k, v in sums.items():
+                mine[k] = mine[k] + v
 
     def add_ragged(self, atomic_numbers: np.ndarray, offsets: np.ndarray,
                    energies: dict[str, np.ndarray]) -> None:
@@ -94,19 +133,57 @@ class ReferenceAccumulator:
             counts = counts_by_z(atomic_numbers[a0:a1], np.asarray(offsets[lo:hi + 1]) - a0)
             self.add(counts, {f: np.asarray(y)[lo:hi] for f, y in energies.items()})
 
+    def to_dict(self) -> dict[str, dict]:
+        """JSON-able sums restricted to the elements seen (for the store manifest)."""
+        out = {}
+        for fid, s in self._sums.items():
+            seen = [int(z) for z in np.nonzero(np.diag(s["xtx"]) + s["px"])[0]]
+            d: dict = {"z": seen}
+            d.update({k: s[k][np.ix_(seen, seen)].tolist() for k in self._MATRICES})
+            d.update({k: s[k][seen].tolist() for k in self._VECTORS})
+            d.update({k: float(s[k]) for k in self._SCALARS})
+            out[fid] = d
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, dict]) -> "ReferenceAccumulator":
+        """The inverse of `to_dict`."""
+        acc = cls()
+        for fid, e in d.items():
+            s, seen = acc._get(fid), [int(z) for z in e["z"]]
+            for k in cls._MATRICES:
+                s[k][np.ix_(seen, seen)] = np.asarray(e[k], dtype=np.float64).reshape(len(seen), len(seen))
+            for k in cls._VECTORS:
+                s[k][seen] = np.asarray(e[k], dtype=np.float64)
+            for k in cls._SCALARS:
+                s[k] = np.asarray(float(e[k]))
+        return acc
+
     def solve(self, fidelities: Iterable[str], elements: Sequence[int]) -> dict[str, dict[int, float]]:
-        """{fidelity: {Z: eV}} for every element; an element never seen at a fidelity gets 0.0."""
+        """{fidelity: {Z: eV}}, each fidelity fitted on its own (a store's own view, as at ingest)."""
         out: dict[str, dict[int, float]] = {}
         for fid in fidelities:
             refs = {int(z): 0.0 for z in elements}
-            if fid in self._xtx:
-                xtx, xty = self._xtx[fid], self._xty[fid]
+            if fid in self._sums:
+                xtx, xty = self._sums[fid]["xtx"], self._sums[fid]["xty"]
                 seen = [int(z) for z in elements if xtx[z, z] > 0]
                 if seen:
                     e = _solve_normal(xtx[np.ix_(seen, seen)], xty[seen])
                     refs.update({z: float(v) for z, v in zip(seen, e)})
             out[fid] = refs
         return out
+
+    def sums(self, fid: str) -> dict[str, np.ndarray] | None:
+        """The raw sums of one fidelity (None if it has no label)."""
+        return self._sums.get(fid)
+
+
+def shard_sums(arrays: dict[str, np.ndarray], energy: Iterable[str], forces: Iterable[str]) -> ReferenceAccumulator:
+    """The sums of one shard's arrays (keys as on disk: 'energy/<fid>', 'forces/<fid>')."""
+    acc = ReferenceAccumulator()
+    acc.add_ragged(arrays["atomic_numbers"], arrays["offsets"], {f: arrays[f"energy/{f}"] for f in energy})
+    acc.add_forces({f: arrays[f"forces/{f}"] for f in forces})
+    return acc
 
 
 def counts_by_z(atomic_numbers: np.ndarray, offsets: np.ndarray) -> np.ndarray:

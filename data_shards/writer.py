@@ -19,7 +19,7 @@ import numpy as np
 import polyfid
 from polyfid.data_shards.layout import (ENERGY_DTYPE, FORCES_DTYPE, SHARDS, Location, chunk_rows, compressor,
                                         is_stale_tmp, shard_checksum, tmp_name)
-from polyfid.data_shards.refs import ReferenceAccumulator
+from polyfid.data_shards.refs import ReferenceAccumulator, shard_sums
 from polyfid.data_shards.schema import FORMAT_VERSION, Fidelity
 from polyfid.data_shards.store import ShardInfo, Store, read_manifest
 
@@ -231,8 +231,7 @@ class StoreWriter:
         arrays, energy, forces, ids = shard_arrays(items, self._fids, self._next_id)
         tmp = self.new_tmp_name()
         write_group(self._shard_group.create_group(tmp), arrays)
-        refs = ReferenceAccumulator()
-        refs.add_ragged(arrays["atomic_numbers"], arrays["offsets"], {f: arrays[f"energy/{f}"] for f in energy})
+        refs = shard_sums(arrays, energy, forces)
         self.adopt(tmp, ShardInfo("", len(items), int(arrays["offsets"][-1]), shard_checksum(arrays),
                                   tuple(energy), tuple(forces), tuple(ids)),
                    refs, np.unique(arrays["atomic_numbers"]))
@@ -290,8 +289,9 @@ class StoreWriter:
             for k in range(self._n_old_shards):
                 info = self._shards[k]
                 group = self._shard_group[info.name]
-                self._refs.add_ragged(group["atomic_numbers"][...], group["offsets"][...],
-                                      {f: group[f"energy/{f}"][...] for f in info.energy})
+                keys = ["atomic_numbers", "offsets"] + [f"{kind}/{f}" for kind, fids in
+                                                        (("energy", info.energy), ("forces", info.forces)) for f in fids]
+                self._refs.merge(shard_sums({k: group[k][...] for k in keys}, info.energy, info.forces))
         elements = sorted(self._elements)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -300,6 +300,7 @@ class StoreWriter:
             "elements": elements,
             "reference_energies": {fid: {str(z): e for z, e in refs.items()}
                                    for fid, refs in self._refs.solve(self._fids, elements).items()},
+            "reference_sums": self._refs.to_dict(),  # a run adds these over its stores (reference_fit.py)
             "shards": [s.to_dict() for s in self._shards],
             "n_structures": int(sum(s.n_structures for s in self._shards)),
             "n_atoms": int(sum(s.n_atoms for s in self._shards)),

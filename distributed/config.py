@@ -135,6 +135,8 @@ class FinetuneConfig:
     replay_fraction: float = 0.0  # share of each batch's atoms drawn from the pretraining stores (anti-forgetting)
     replay_stores: list[str] = dataclasses.field(default_factory=list)  # default: the stores in the parent's lineage
     early_stopping_patience: int = 5  # stop after this many validations without improvement; 0: never
+    early_stopping_min_steps: int = 200  # validations before this step never count against the patience
+    early_stopping_smoothing: float = 0.5  # the score is an exponential average keeping this much of the last
     compare_scratch: bool = False  # also train the same budget from a random init and report both
 
     def __post_init__(self) -> None:
@@ -143,6 +145,8 @@ class FinetuneConfig:
             self.replay_stores = [s for s in self.replay_stores.split(",") if s]
         if not 0.0 <= self.replay_fraction < 1.0:
             raise ConfigError(f"finetune.replay_fraction must be in [0, 1), got {self.replay_fraction}")
+        if not 0.0 <= self.early_stopping_smoothing < 1.0:
+            raise ConfigError(f"finetune.early_stopping_smoothing must be in [0, 1), got {self.early_stopping_smoothing}")
         if self.early_stopping_patience < 0:
             raise ConfigError(f"finetune.early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
 

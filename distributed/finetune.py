@@ -118,13 +118,18 @@ class EarlyStopping:
     """Stop after `patience` validations without improvement of the fine-tuned head; keep the best weights.
 
     The score is the loss's weighting of the head's validation errors: energy_weight × energy MAE per atom
-    (eV) + forces_weight × force MAE (eV/Å). Validation results are all-reduced, so every rank decides alike.
+    (eV) + forces_weight × force MAE (eV/Å), smoothed over validations (an exponential average that keeps
+    `smoothing` of the previous value), because a small validation set is noisy. Validations before
+    `min_steps` never count against patience. Validation results are all-reduced, so every rank decides alike.
     """
 
-    def __init__(self, patience: int, head: str, energy_weight: float = 1.0, forces_weight: float = 1.0) -> None:
+    def __init__(self, patience: int, head: str, energy_weight: float = 1.0, forces_weight: float = 1.0,
+                 min_steps: int = 0, smoothing: float = 0.0) -> None:
         self.patience, self.head = patience, head
         self.weights = (energy_weight, forces_weight)
+        self.min_steps, self.smoothing = min_steps, smoothing
         self.best_score, self.best_step, self.bad = float("inf"), -1, 0
+        self.smoothed: float | None = None
         self.best_state: dict | None = None
 
     def score(self, results: dict[str, dict[str, float]]) -> float:
@@ -139,12 +144,15 @@ class EarlyStopping:
         s = self.score(results)
         if not np.isfinite(s):
             return False
-        if s < self.best_score:
-            self.best_score, self.best_step, self.bad = s, step, 0
+        prev = self.smoothed
+        self.smoothed = s if prev is None else self.smoothing * prev + (1.0 - self.smoothing) * s
+        if self.smoothed < self.best_score:
+            self.best_score, self.best_step, self.bad = self.smoothed, step, 0
             if keep:
                 self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
             return False
-        self.bad += 1
+        if step >= self.min_steps:
+            self.bad += 1
         return 0 < self.patience <= self.bad
 
     def restore_best(self, module) -> None:

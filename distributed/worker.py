@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from polyfid.data_shards.reader import ShardReader
+from polyfid.data_shards.reference_fit import ReferenceFit, fit_stores
 from polyfid.data_shards.store import Store
 from polyfid.distributed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from polyfid.distributed.config import RunConfig
@@ -41,24 +42,24 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def merged_references(stores: list[Store]) -> dict[str, dict[int, float]]:
-    """Reference energies per fidelity, taken from the first store that has that fidelity."""
-    refs: dict[str, dict[int, float]] = {}
-    for s in stores:
-        for fid, table in s.reference_energies.items():
-            refs.setdefault(fid, {int(z): float(e) for z, e in table.items()})
-    return refs
+def build_model(cfg: RunConfig, stores: list[Store]) -> tuple[Potential, ReferenceFit | None]:
+    """A fresh model for pretraining, or the parent package (with its head set up) for fine-tuning.
 
-
-def build_model(cfg: RunConfig, stores: list[Store]) -> Potential:
-    """A fresh model for pretraining, or the parent package (with its head set up) for fine-tuning."""
+    A fresh model's reference energies, head scales and shifts come from one fit over all training stores
+    together (data_shards/reference_fit.py), so they do not depend on how the data was split into stores.
+    """
     torch.manual_seed(cfg.trainer.seed)
     if cfg.finetune.source:
-        return prepare_finetune_model(cfg, stores)
+        return prepare_finetune_model(cfg, stores), None
     fids = {f.name: f for s in stores for f in s.fidelities}
     fidelities = sorted(fids.values(), key=lambda f: (f.rank, f.name))
     elements = sorted({int(z) for s in stores for z in s.elements})
-    return Potential(cfg.model, elements, fidelities, merged_references(stores))
+    fit = fit_stores(stores, fidelities, elements)
+    model = Potential(cfg.model, elements, fidelities, fit.energies)
+    if cfg.model.scale_shift:
+        for f in fidelities:
+            model.set_scale_shift(f.name, fit.scale[f.name], fit.shift[f.name])
+    return model, fit
 
 
 def make_progress(total: int, initial: int, rank: int):
@@ -111,7 +112,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stores = [Store.open(p) for p in cfg.data.train]
     valid = [Store.open(p) for p in cfg.data.valid]
 
-    model = build_model(cfg, stores)
+    model, fit = build_model(cfg, stores)
     replay = [Store.open(p) for p in cfg.finetune.replay_stores] if cfg.finetune.replay_fraction > 0 else []
     # Label columns: the model's heads that the training data has (fine-tuning data may have just one).
     fidelities = heads_in(model, stores + replay)
@@ -159,7 +160,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stopped = early = False
     finetune_head = getattr(model, "finetune_head", None)
     stopper = EarlyStopping(cfg.finetune.early_stopping_patience if finetune_head else 0, finetune_head or "",
-                            cfg.loss.energy_weight, cfg.loss.forces_weight)
+                            cfg.loss.energy_weight, cfg.loss.forces_weight,
+                            cfg.finetune.early_stopping_min_steps, cfg.finetune.early_stopping_smoothing)
     if valid and finetune_head and step == 0:  # the step-0 error, after the reference refit: report it
         res = validate(engine.module, cfg, valid, valid_fidelities, dtype, device, rank, world)
         stopper.update(res, engine.module, 0, keep=rank == 0)
@@ -219,7 +221,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             (Path(cfg.output) / "best.json").write_text(json.dumps(
                 {"best_step": stopper.best_step, "best_score": stopper.best_score, "last_step": step,
                  "stopped_early": early}, indent=2))
-        write_package(module, cfg, stores, run_id, parent=config.get("parent_uri"), valid=valid)
+        write_package(module, cfg, stores, run_id, parent=config.get("parent_uri"), valid=valid, fit=fit)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -316,7 +318,7 @@ def mixed_reader(stores, replay, reader_cfg, fraction: float, fidelities, rank: 
 
 def write_package(
     module: torch.nn.Module, cfg: RunConfig, stores: list[Store], run_id: str | None, parent: str | None = None,
-    valid: list[Store] | None = None,
+    valid: list[Store] | None = None, fit: ReferenceFit | None = None,
 ) -> Path:
     """Save the trained model (in float32) as a package with lineage, at <output>/package."""
     import copy
@@ -338,6 +340,7 @@ def write_package(
         "parent": parent or cfg.finetune.source,  # the URI the user gave, not the downloaded copy
         "mode": cfg.trainer.mode,
         "steps": cfg.trainer.steps,
+        "reference_fit": fit.to_dict() if fit is not None else None,  # the joint fit over the training stores
     }
     if cfg.finetune.source:
         parent_meta = getattr(module, "package_metadata", {}) or {}

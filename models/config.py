@@ -46,6 +46,9 @@ class ModelConfig:
     head_base: dict[str, str] = dataclasses.field(default_factory=dict)
     """delta only: fidelity -> the head it corrects. Fidelities left out take the head of the next-lower
     rank; the Potential fills this in, so a saved package keeps its chain when heads are added later."""
+    scale_shift: bool = True
+    """Give each head a scale and a per-atom energy shift fitted on the training data (as MACE does), so that
+    every head's readout works in units of its own level; False: scale 1 and shift 0."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

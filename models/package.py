@@ -37,6 +37,7 @@ def package_metadata(model: Potential, lineage: dict | None = None, extra: dict 
         "reference_energies": {
             name: {str(z): e for z, e in refs.items()} for name, refs in model.reference_energy_dict().items()
         },
+        "head_scale_shift": model.scale_shift_dict(),  # also in the weights; here for people to read
         "lineage": dict(lineage or {}),
         "extra": dict(extra or {}),
     }
@@ -118,6 +119,9 @@ def load_package(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     dtype = tensors.get("backbone.embed.weight", torch.empty(0)).dtype
     if dtype.is_floating_point:
         model.to(dtype)
+    for key, value in model.state_dict().items():  # packages written before heads had a scale and a shift
+        if key in ("head_scale", "head_shift"):
+            tensors.setdefault(key, value)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:

@@ -18,12 +18,14 @@ READOUT_INIT_STD = 0.01  # small, so that a fresh model's energies start near th
 class Potential(torch.nn.Module):
     """Energies [S, F] in eV for every fidelity, and forces −∂E_k/∂R for the requested heads.
 
-    E_k(structure) = Σ_layers Σ_atoms readout_layer(h)[k] + Σ_atoms ref_k[Z]. Reference energies are a
-    float64 buffer [F, max_Z+1] that stays float64 when the model is cast, because bfloat16 cannot hold
-    a molecule's total energy to better than several eV.
+    E_k(structure) = Σ_atoms (scale_k · Σ_layers readout_layer(h)[k] + shift_k + ref_k[Z]). Reference
+    energies are a float64 buffer [F, max_Z+1] that stays float64 when the model is cast, because bfloat16
+    cannot hold a molecule's total energy to better than several eV. scale_k and shift_k (eV/atom) are set
+    from the training data (data_shards/reference_fit.py), so that every head's readout works in units
+    of its own level's spread, whatever the levels' absolute energies.
 
     With `config.head_design == "delta"` a head's readout is a correction on its base head's:
-    E_k − Σ ref_k = readout[k] + (E_base(k) − Σ ref_base(k)), recursively down the chain (head_sum [F, F]
+    E_k − Σ ref_k = scale_k·readout[k] + (E_base(k) − Σ ref_base(k)) + the shift difference, recursively down the chain (head_sum [F, F]
     holds, for each head, 1 on itself and its ancestors). Reference energies stay per fidelity.
     """
 
@@ -51,6 +53,9 @@ class Potential(torch.nn.Module):
         self.register_buffer("species_index", lookup, persistent=False)
         self.register_buffer("reference_energies", torch.zeros(len(names), max_z + 1, dtype=torch.float64))
         self.register_buffer("head_sum", self._head_sum_matrix(), persistent=False)
+        # Per-head scale and per-atom shift (MACE's scale/shift): E_k = scale_k·readout_k + shift_k·n + Σ ref_k.
+        self.register_buffer("head_scale", torch.ones(len(names), dtype=torch.float64))
+        self.register_buffer("head_shift", torch.zeros(len(names), dtype=torch.float64))
         self.backbone = Backbone(config, len(self.elements))
         self.readouts = torch.nn.ModuleList(
             self._new_readout(len(names)) for _ in range(config.n_interactions + 1)
@@ -90,6 +95,20 @@ class Potential(torch.nn.Module):
                 if z not in self.elements:
                     raise ValueError(f"reference energy for atomic number {z}, which is not among the model's elements {self.elements}")
                 self.reference_energies[k, z] = float(value)
+
+    def set_scale_shift(self, name: str, scale: float, shift: float) -> None:
+        """Set head `name`'s scale (its readout is multiplied by it) and per-atom energy shift (eV/atom)."""
+        if not scale > 0:
+            raise ValueError(f"the scale of head {name!r} must be positive, got {scale}")
+        k = self.fidelity_index(name)
+        with torch.no_grad():
+            self.head_scale[k] = float(scale)
+            self.head_shift[k] = float(shift)
+
+    def scale_shift_dict(self) -> dict[str, dict[str, float]]:
+        """{fidelity: {"scale": ..., "shift": eV/atom}}."""
+        sc, sh = self.head_scale.detach().cpu().tolist(), self.head_shift.detach().cpu().tolist()
+        return {f: {"scale": sc[k], "shift": sh[k]} for k, f in enumerate(self.fidelity_names)}
 
     def reference_energy_dict(self) -> dict[str, dict[int, float]]:
         """Reference energies as {fidelity: {Z: eV}} over the model's elements."""
@@ -164,10 +183,11 @@ class Potential(torch.nn.Module):
         base = self._next_lower(fidelity, self.fidelities) if delta else None
         # the new readout row = coef @ old rows: src's effective (summed-over-chain) readout, minus its base's
         coef = None
-        if src is not None:
+        if src is not None:  # in units of the new head's readout, which takes src's scale
             coef = self.head_sum[src].double()
             if base is not None:
                 coef = coef - self.head_sum[self.fidelity_index(base)].double()
+            coef = coef * self.head_scale.to(coef.device) / float(self.head_scale[src])
         with torch.no_grad():
             for n, old in enumerate(self.readouts):
                 new = self._new_readout(n_old + 1).to(device=old.weight.device, dtype=old.weight.dtype)
@@ -183,6 +203,10 @@ class Potential(torch.nn.Module):
             ref = self.reference_energies
             row = ref[src] if src is not None else torch.zeros_like(ref[0])
             self.reference_energies = torch.cat([ref, row.unsqueeze(0)], dim=0)
+            for key, default in (("head_scale", 1.0), ("head_shift", 0.0)):
+                old_v = getattr(self, key)
+                new_v = old_v[src : src + 1] if src is not None else torch.full_like(old_v[:1], default)
+                setattr(self, key, torch.cat([old_v, new_v.clone()]))
         self.fidelities.append(fidelity)
         if base is not None:
             self.config.head_base[fidelity.name] = base
@@ -198,11 +222,12 @@ class Potential(torch.nn.Module):
         return list(self.readouts.parameters())
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        # Keep the reference energies in float64 through .to(dtype), .half(), .bfloat16(); move devices only.
-        ref = self._buffers["reference_energies"]
+        # Keep the reference energies, scales and shifts in float64 through .to(dtype), .half(), .bfloat16(); move devices only.
+        keep = ("reference_energies", "head_scale", "head_shift")
+        before = {k: self._buffers[k] for k in keep}
         out = super()._apply(fn, recurse)
-        moved = self._buffers["reference_energies"]
-        self._buffers["reference_energies"] = ref.to(device=moved.device, dtype=torch.float64)
+        for k, ref in before.items():
+            self._buffers[k] = ref.to(device=self._buffers[k].device, dtype=torch.float64)
         return out
 
     # ---- forward ---------------------------------------------------------------------------------
@@ -241,9 +266,15 @@ class Potential(torch.nn.Module):
         total = self.readouts[0](features[0])
         for readout, h in zip(self.readouts[1:], features[1:]):
             total = total + readout(h)
-        if self.config.head_design == "delta":  # sum in the energy dtype (float32 under bf16)
-            acc = self.energy_dtype
-            total = total.to(acc) @ self.head_sum.to(device=total.device, dtype=acc).T
+        acc = self.energy_dtype  # scale, shift and the delta sum in the energy dtype (float32 under bf16)
+        shift = self.head_shift.to(total.device)
+        delta = self.config.head_design == "delta"
+        if delta:  # column shifts whose sums along each chain are the heads' shifts
+            head_sum = self.head_sum.to(device=total.device, dtype=torch.float64)
+            shift = torch.linalg.solve(head_sum, shift)
+        total = total.to(acc) * self.head_scale.to(device=total.device, dtype=acc) + shift.to(acc)
+        if delta:
+            total = total @ head_sum.to(acc).T
         return total
 
     def forward(
