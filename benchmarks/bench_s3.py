@@ -98,6 +98,8 @@ def main() -> None:
     ap.add_argument("--replay", type=float, default=0.25, help="replay fraction of the with-replay fine-tuning")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--lr-sweep", default="", help="fine-tuning learning rates to compare (comma-separated; no replay)")
+    ap.add_argument("--warmup-sweep", default="", help="fine-tuning warm-up steps to compare with each --lr-sweep value")
     a = ap.parse_args()
     t_start = time.perf_counter()
     work = a.workdir.resolve()
@@ -115,7 +117,8 @@ def main() -> None:
     for mode, steps in (("multifidelity", a.pretrain_steps), ("reptile", max(1, a.pretrain_steps // k))):
         sets = [f"data.train={','.join(stores['train'])}", f"data.valid={','.join(stores['valid'])}",
                 f"trainer.mode={mode}", f"trainer.steps={steps}", f"trainer.workers={a.workers}",
-                f"trainer.valid_every={steps}", f"trainer.checkpoint_every={steps}", f"output={work / mode}"] + common
+                f"trainer.valid_every={max(1, steps // 12)}", f"trainer.checkpoint_every={steps}",
+                f"output={work / mode}"] + common
         t0 = time.perf_counter()
         parents[mode] = train("demo.yaml", sets)
         parents[mode]["pretrain_s"] = time.perf_counter() - t0
@@ -131,6 +134,7 @@ def main() -> None:
                                         f"output={out}"] + ft_common)
             rows.append({"pretraining": mode, "replay": replay, "package": s["package"], "summary": s})
             print(f"fine-tuned {mode} replay {replay}: {s['package']}", flush=True)
+    sweep = sweep_finetuning(a, parents, ft_common, work) if a.lr_sweep else []
     # no pretraining: the same architecture and budget from a random init on the target alone
     from polyfid.distributed.finetune import scratch_config
     from polyfid.models.package import read_metadata
@@ -150,11 +154,42 @@ def main() -> None:
         r["forgetting"] = r["summary"].get("forgetting")
         r["step0"] = (r["summary"].get("step0_validation") or {}).get(EXTRA)
         r["best"] = r["summary"].get("best")
-    text = report(rows, a, time.perf_counter() - t_start)
+    for r in sweep:
+        r["test"] = test_errors(r["package"], stores["target_test"][0])
+    text = report(rows, a, time.perf_counter() - t_start) + sweep_report(sweep)
     print(text)
     (work / "results.json").write_text(json.dumps(rows, indent=2, default=str))
     if a.out:
         a.out.write_text(text)
+
+
+def sweep_finetuning(a, parents: dict[str, dict], ft_common: list[str], work: Path) -> list[dict]:
+    """Fine-tune each parent (no replay) at every (lr, warm-up) of the sweep: how the defaults were chosen."""
+    rows = []
+    warmups = [int(w) for w in a.warmup_sweep.split(",") if w] or [None]
+    for mode, parent in parents.items():
+        for lr in (float(x) for x in a.lr_sweep.split(",") if x):
+            for warmup in warmups:
+                extra = [f"trainer.lr={lr}"] + ([f"trainer.warmup_steps={warmup}"] if warmup is not None else [])
+                out = work / f"sweep_{mode}_lr{lr:g}_w{warmup}"
+                s = train("finetune.yaml", [f"finetune.source={parent['package']}", f"output={out}"] + extra + ft_common)
+                rows.append({"pretraining": mode, "lr": lr, "warmup": warmup, "package": s["package"],
+                             "best": s.get("best")})
+                print(f"sweep {mode} lr {lr:g} warm-up {warmup}: {s['package']}", flush=True)
+    return rows
+
+
+def sweep_report(rows: list[dict]) -> str:
+    """The fine-tuning learning-rate / warm-up table."""
+    if not rows:
+        return ""
+    lines = ["", "## Fine-tuning learning rate and warm-up (no replay; test frames)", "",
+             "| pretraining | lr | warm-up | best step | test E MAE (meV) | test F MAE (meV/Å) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        best = (r.get("best") or {}).get("best_step", "-")
+        lines.append(f"| {r['pretraining']} | {r['lr']:g} | {r['warmup'] if r['warmup'] is not None else 'recipe'} | "
+                     f"{best} | {r['test']['energy_mae'] * 1000:.1f} | {r['test']['forces_mae'] * 1000:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def report(rows: list[dict], a, wall: float) -> str:
@@ -170,12 +205,12 @@ def report(rows: list[dict], a, wall: float) -> str:
              f"{a.finetune_steps} steps, early stopping on 20 validation frames; test on 30 other frames. "
              "None: the same architecture trained from a random init on the same 50 frames and budget.", "",
              "## Target: formic acid at ωB97X/6-31G*", "",
-             "| pretraining | replay | step-0 F MAE | test E MAE (meV) | test F MAE (meV/Å) | bond scan MAE (meV) | "
+             "| pretraining | replay | step-0 E / F MAE | test E MAE (meV) | test F MAE (meV/Å) | bond scan MAE (meV) | "
              "bond roughness (ref) | bond spurious extrema | torsion scan MAE (meV) | torsion spurious extrema |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t, b, tor = r["test"], r["scans"]["bond"], r["scans"]["torsion"]
-        s0 = f"{r['step0']['forces_mae'] * 1000:.0f}" if r.get("step0") else "-"
+        s0 = f"{r['step0']['energy_mae'] * 1000:.0f} / {r['step0']['forces_mae'] * 1000:.0f}" if r.get("step0") else "-"
         rep = "-" if r["replay"] is None else f"{r['replay']:g}"
         lines.append(f"| {r['pretraining']} | {rep} | {s0} | {t['energy_mae'] * 1000:.1f} | {t['forces_mae'] * 1000:.1f} | "
                      f"{b['mae_offset_ev'] * 1000:.1f} | {b['roughness']:.3g} ({b['roughness_ref']:.3g}) | "

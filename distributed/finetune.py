@@ -204,6 +204,25 @@ def measure_forgetting(parent: str, child: str, parent_meta: dict, max_structure
     return out
 
 
+FORGETTING_RATIO = 3.0  # fine-tuned / parent error on the parent's data above which forgetting is "huge"
+
+
+def forgetting_advice(forgetting: dict | None, replay_fraction: float) -> str | None:
+    """A hint to replay when fine-tuning without replay made a parent head much worse on the parent's data."""
+    if not forgetting or replay_fraction > 0:
+        return None
+    worst = []
+    for fid, r in forgetting.items():
+        for key, unit in (("energy_mae", "meV"), ("forces_mae", "meV/Å")):
+            before, after = r.get(f"{key}_parent"), r.get(f"{key}_finetuned")
+            if before is not None and after is not None and after > FORGETTING_RATIO * max(before, 1e-3):
+                worst.append(f"{fid} {key.split('_')[0]} MAE {before * 1000:.0f} → {after * 1000:.0f} {unit}")
+    if not worst:
+        return None
+    return ("fine-tuning without replay forgot the parent's levels (" + "; ".join(worst) + "). To keep them, "
+            "fine-tune again with --replay 0.25 (a quarter of each batch from the pretraining stores).")
+
+
 def scratch_config(cfg: RunConfig, parent_meta: dict) -> RunConfig:
     """The same run from a random init: the parent's architecture, the target data, the same step budget.
 

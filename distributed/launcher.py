@@ -13,7 +13,7 @@ from typing import Any
 from polyfid.data_shards.store import Store
 from polyfid.distributed.config import ConfigError, RunConfig, save_config
 from polyfid.distributed.engine import ensure_extension_cache
-from polyfid.distributed.finetune import measure_forgetting
+from polyfid.distributed.finetune import forgetting_advice, measure_forgetting
 from polyfid.distributed.replay import lineage_stores, open_replay_stores
 from polyfid.distributed.steps import get_step_function
 from polyfid.distributed.tracking import Tracker, download_package
@@ -171,9 +171,12 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
     tracker.log_artifact(package, "package")
     version = tracker.register(cfg.tracking.register_as) if cfg.tracking.register_as else None
     tracker.log_metrics({"train_wall_s": wall}, cfg.trainer.steps)
-    forgetting = None
+    forgetting = hint = None
     if cfg.finetune.source:
         forgetting = measure_forgetting(cfg.finetune.source, str(package), parent_meta)
+        hint = forgetting_advice(forgetting, cfg.finetune.replay_fraction)
+        if hint:
+            log.warning(hint)
         if forgetting:
             tracker.log_metrics({f"forgetting/{fid}/{k}": v for fid, r in forgetting.items() for k, v in r.items()
                                  if isinstance(v, float)}, cfg.trainer.steps)
@@ -192,6 +195,7 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
         "wall_s": wall,
         "parent": parent_uri,
         "forgetting": forgetting,
+        "forgetting_hint": hint,
     }
     for name in ("step0_validation.json", "best.json"):
         if (out / name).exists():

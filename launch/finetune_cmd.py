@@ -77,3 +77,5 @@ def print_finetune_summary(s: dict) -> None:
     for fid, r in (s.get("forgetting") or {}).items():
         print(f"forgetting on the parent's data, {fid} (fine-tuned − parent, meV or meV/Å): " + ", ".join(
             f"{k[:-len('_increase')]} {r[k] * 1000:+.1f}" for k in r if k.endswith("_increase")))
+    if s.get("forgetting_hint"):
+        print("hint: " + s["forgetting_hint"])

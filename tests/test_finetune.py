@@ -122,3 +122,31 @@ def test_refit_with_anchors_keeps_the_head_on_pretraining_data(stores):
     # ... but only the anchored refit leaves the pretraining molecules where they were
     assert _high_energy_error(anchored, pre) < 1.5 * before_pre + 0.05
     assert _high_energy_error(free, pre) > 10 * _high_energy_error(anchored, pre)
+
+
+def test_early_stopping_smooths_and_waits_for_min_steps():
+    m = torch.nn.Linear(2, 1)
+    res = lambda e: {"hi": {"energy_mae_per_atom": e, "forces_mae": 0.0}}  # noqa: E731
+    es = EarlyStopping(patience=1, head="hi", min_steps=100, smoothing=0.5)
+    assert not es.update(res(1.0), m, 0, keep=True)
+    assert not es.update(res(3.0), m, 25, keep=True)  # worse, but before min_steps: no patience spent
+    assert es.bad == 0 and es.smoothed == pytest.approx(2.0)
+    # one noisy good validation does not become "best" on its own: the smoothed score is 1.1, not 0.2
+    assert not es.update(res(0.2), m, 50, keep=True)
+    assert es.best_score == pytest.approx(1.0) and es.best_step == 0
+    assert not es.update(res(0.2), m, 75, keep=True)  # smoothed 0.65: a real improvement
+    assert es.best_step == 75
+    assert es.update(res(5.0), m, 125, keep=True)  # after min_steps a worse validation counts: stop
+
+
+def test_forgetting_advice_only_when_huge_and_without_replay():
+    from polyfid.distributed.finetune import forgetting_advice
+
+    big = {HIGH: {"energy_mae_parent": 0.028, "energy_mae_finetuned": 1.104,
+                  "forces_mae_parent": 0.185, "forces_mae_finetuned": 0.445}}
+    hint = forgetting_advice(big, 0.0)
+    assert hint is not None and "--replay 0.25" in hint and HIGH in hint and "28 → 1104 meV" in hint
+    assert forgetting_advice(big, 0.25) is None  # replay was on: no hint
+    small = {HIGH: {"energy_mae_parent": 0.028, "energy_mae_finetuned": 0.040,
+                    "forces_mae_parent": 0.185, "forces_mae_finetuned": 0.190}}
+    assert forgetting_advice(small, 0.0) is None and forgetting_advice(None, 0.0) is None
