@@ -151,3 +151,26 @@ def test_training_on_one_store_or_one_per_molecule_agrees(layouts, tmp_path):
     assert max(f) / min(f) < 1.3, table
     lineage = results["split"]["lineage"]["reference_fit"]
     assert set(lineage["energies"]) == {LOW, HIGH} and lineage["report"][LOW]["n_structures"] == 96
+    _step0_of_a_new_head(tmp_path / "split" / "package", layouts["tmp"])
+
+
+def _step0_of_a_new_head(package, tmp):
+    """Fine-tuning a new level (ωB97X) on an unseen molecule: after the reference refit the step-0 energy
+    error is about the spread of the target's energies, not eV off."""
+    from polyfid.data_shards.demo import EXTRA
+    from polyfid.data_shards.reader import iter_all
+    from polyfid.distributed.config import RunConfig
+    from polyfid.distributed.evaluate import evaluate_batches
+    from polyfid.distributed.finetune import prepare_finetune_model
+
+    fa = {p.name.split(".")[0]: p for p in demo_files()}["formic_acid"]
+    target = ingest([f"{fa}@:20"], tmp / "target.zarr", dataset="formic_acid", energy={EXTRA: f"energy_{EXTRA}"},
+                    forces={EXTRA: f"forces_{EXTRA}"}, ranks={EXTRA: 2}, progress=False)
+    cfg = RunConfig.from_dict({"finetune": {"source": str(package)}})
+    model = prepare_finetune_model(cfg, [target])
+    k = model.fidelity_index(EXTRA)
+    assert model.head_scale[k] == model.head_scale[model.fidelity_index(HIGH)]  # the base head's scale
+    res = evaluate_batches(model, iter_all([target], fidelities=[EXTRA]), [EXTRA]).results()[EXTRA]
+    labels = np.concatenate([b["energy"][:, 0] for b in iter_all([target], fidelities=[EXTRA])])
+    spread = np.abs(labels - labels.mean()).mean()
+    assert res["energy_mae"] < 2.0 * spread, (res, spread)
