@@ -163,3 +163,33 @@ def test_bf16_delta_model_keeps_float64_references():
     assert out["energy"].dtype == torch.float32 and torch.isfinite(out["forces"]).all()
     assert (out["energy"].double() - reference["energy"]).abs().max() < 0.5  # eV; totals are ~ -4000 eV
     assert np.isfinite(out["forces"].double().numpy()).all()
+
+
+@pytest.mark.parametrize("design", ["independent", "delta"])
+def test_scale_and_shift_per_head(design):
+    """With zeroed readouts each head is its references plus its own per-atom shift (delta chains included);
+    a head added from a scaled source reproduces the source's energies and forces exactly."""
+    model = _delta() if design == "delta" else tiny_potential("hipnn_ts", dtype=torch.float64, fidelities=FIDELITIES)
+    if design != "delta":
+        for name, refs in REFS.items():
+            model.set_reference_energies(name, refs)
+    model.set_scale_shift("low", 2.5, 0.3)
+    model.set_scale_shift("high", 0.4, -0.2)
+    with pytest.raises(ValueError, match="must be positive"):
+        model.set_scale_shift("high", 0.0, 0.0)
+    before = _run(model)
+    n_atoms = torch.tensor([len(a) for a in SYSTEMS], dtype=torch.float64)
+    zeroed = tiny_potential("hipnn_ts", dtype=torch.float64, fidelities=FIDELITIES, head_design=design)
+    zeroed.load_state_dict(model.state_dict())
+    for name in ("low", "high"):
+        _zero_head(zeroed, name)
+    e = _run(zeroed)["energy"]
+    torch.testing.assert_close(e[:, 0], _ref_sum("low") + 0.3 * n_atoms, rtol=0, atol=1e-9)
+    torch.testing.assert_close(e[:, 1], _ref_sum("high") - 0.2 * n_atoms, rtol=0, atol=1e-9)
+    new = model.add_fidelity(Fidelity("wb97x", rank=3), init_from="low")
+    assert model.scale_shift_dict()["wb97x"] == {"scale": 2.5, "shift": 0.3}
+    after = _run(model)
+    torch.testing.assert_close(after["energy"][:, :2], before["energy"], rtol=0, atol=1e-9)
+    torch.testing.assert_close(after["energy"][:, new], after["energy"][:, 0], rtol=0, atol=1e-9)
+    torch.testing.assert_close(after["forces"][:, new], after["forces"][:, 0], rtol=0, atol=1e-12)
+    assert finite_difference_error(model, SYSTEMS[0], head=1) < 1e-5  # forces stay −∂E/∂R with a scale
