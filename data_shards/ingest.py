@@ -1,10 +1,13 @@
-"""Ingest extxyz(.gz), ASE db, ANI-style HDF5 and MD17 npz files into a store, validating every frame.
+"""Ingest extxyz(.gz), ASE db, ANI-style HDF5, SPICE HDF5, ASE-LMDB and MD17 npz files into a store, validating
+every frame.
 
 `energy` maps a fidelity to the key holding its energy (atoms.info key, db key_value_pairs/data key, HDF5
 dataset or npz array); `forces` maps a fidelity to the per-atom key holding its forces. The keys 'energy'
 and 'forces' also find ASE calculator results (extxyz stores those there). A frame without a mapped key
 gets NaN (a missing label). Energies are converted from `energy_unit` (default: the format's own unit, see
-`sources.DEFAULT_ENERGY_UNIT`) to eV, lengths to Å.
+`sources.DEFAULT_ENERGY_UNIT`) to eV, lengths from `length_unit` (default: the format's own, Bohr for SPICE,
+else Å) to Å, forces accordingly. `dataset` names the structures' dataset; `{KEY}` in it is filled from each
+frame's text field KEY, so `'{subset}'` keeps SPICE's subsets apart (`sources.dataset_name`).
 
 Any bad input raises `IngestError` naming the file, the frame and the field, and leaves nothing behind:
 a new store is never created, an existing one is left exactly as it was. Three ways to run:
@@ -22,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from polyfid.data_shards.schema import Fidelity, energy_factor, length_factor
-from polyfid.data_shards.sources import (DEFAULT_ENERGY_UNIT, Frame, IngestError, read_frames, source_format,
-                                         split_spec)
+from polyfid.data_shards.sources import (DEFAULT_ENERGY_UNIT, DEFAULT_LENGTH_UNIT, Frame, IngestError,
+                                         dataset_name, read_frames, source_format, split_spec)
 from polyfid.data_shards.store import Store
 from polyfid.data_shards.writer import StoreWriter, Structure, check_name
 
@@ -75,15 +78,19 @@ class Converter:
     energy: dict[str, str]
     forces: dict[str, str]
     energy_unit: str | None = None  # None: each file's format default
-    length_unit: str = "angstrom"
+    length_unit: str | None = None  # None: each file's format default (Bohr for SPICE, else Å)
     min_distance: float = MIN_DISTANCE
 
     def unit(self, spec: str) -> str:
         """The energy unit of an input: the one given, else its format's published unit."""
         return self.energy_unit or DEFAULT_ENERGY_UNIT[source_format(split_spec(spec)[0])]
 
+    def length(self, spec: str) -> str:
+        """The length unit of an input: the one given, else its format's published unit."""
+        return self.length_unit or DEFAULT_LENGTH_UNIT.get(source_format(split_spec(spec)[0]), "angstrom")
+
     def __call__(self, spec: str, i: int, frame: Frame) -> Structure:
-        e_factor, l_factor = energy_factor(self.unit(spec)), length_factor(self.length_unit)
+        e_factor, l_factor = energy_factor(self.unit(spec)), length_factor(self.length(spec))
         if frame.where:
             spec = f"{spec}:{frame.where}"
         z = np.asarray(frame.numbers, dtype=np.int64)
@@ -155,7 +162,7 @@ def _serial(writer: StoreWriter, inputs: Sequence[str], conv: Converter, dataset
     for spec in inputs:
         count = 0
         for i, frame in read_frames(spec):
-            writer.add([conv(spec, i, frame)], dataset)
+            writer.add([conv(spec, i, frame)], dataset_name(dataset, spec, i, frame))
             count += 1
             bar.update(1)
         if count == 0:
@@ -168,7 +175,7 @@ def ingest(inputs: Sequence[str], out: str, dataset: str, energy: Mapping[str, s
            forces: Mapping[str, str] | None = None, ranks: Mapping[str, int] | None = None,
            energy_unit: str | None = None, append: bool = False, shard_size: int = 50_000,
            fidelity_meta: Mapping[str, Mapping] | None = None, progress: bool = True,
-           length_unit: str = "angstrom", min_distance: float = MIN_DISTANCE, merge_on: str | None = None,
+           length_unit: str | None = None, min_distance: float = MIN_DISTANCE, merge_on: str | None = None,
            workers: int = 1) -> Store:
     """Read the inputs, convert to eV/Å, and write (or append) one dataset into the store at `out`."""
     inputs = [os.fspath(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
@@ -183,10 +190,10 @@ def ingest(inputs: Sequence[str], out: str, dataset: str, energy: Mapping[str, s
             raise IngestError(spec, None, "energy_unit", str(err)) from err
         if not os.path.exists(split_spec(spec)[0]):
             raise IngestError(spec, None, "path", "no such file")
-    try:
-        length_factor(length_unit)
-    except ValueError as err:
-        raise IngestError(first, None, "length_unit", str(err)) from err
+        try:
+            length_factor(conv.length(spec))
+        except ValueError as err:
+            raise IngestError(spec, None, "length_unit", str(err)) from err
     names = list(dict.fromkeys(list(conv.energy) + list(conv.forces)))
     if not names:
         raise IngestError(first, None, "energy", "map at least one fidelity to an energy or forces key")
@@ -196,6 +203,8 @@ def ingest(inputs: Sequence[str], out: str, dataset: str, energy: Mapping[str, s
     except ValueError as err:
         raise IngestError(first, None, "dataset", str(err)) from err
     how = None
+    if merge_on and ("{" in dataset or "}" in dataset):
+        raise IngestError(first, None, "dataset", "a per-frame dataset template is not supported with merge_on")
     if merge_on:
         from polyfid.data_shards.merge import parse_merge_on
 
@@ -227,8 +236,9 @@ def ingest(inputs: Sequence[str], out: str, dataset: str, energy: Mapping[str, s
             bar.close()
         writer.add_provenance({"dataset": dataset, "inputs": inputs, "n_structures": total,
                                "energy_unit": {spec: conv.unit(spec) for spec in inputs},
-                               "length_unit": length_unit, "energy_keys": dict(conv.energy),
-                               "forces_keys": dict(conv.forces), "min_distance": conv.min_distance,
+                               "length_unit": {spec: conv.length(spec) for spec in inputs},
+                               "energy_keys": dict(conv.energy), "forces_keys": dict(conv.forces),
+                               "min_distance": conv.min_distance,
                                "merge_on": merge_on, **record})
     return Store.open(out)
 

@@ -3,7 +3,10 @@
 The plan cuts each input's selected frames into runs of `shard_size`; a task reads its run, validates and
 converts every frame, and writes one temporary shard group straight into the store being built. For a
 plain extxyz file the plan also records where each run starts and ends in the file, so a task reads just
-those bytes instead of scanning the file from its start (ASE indexes frames from the top).
+those bytes instead of scanning the file from its start (ASE indexes frames from the top); for every other
+format a task reads its `path@start:stop:step` range (SPICE: just the molecule groups it covers; ASE-LMDB and
+ASE db: just those rows). A per-frame dataset template (`'{subset}'`) is resolved to names before the
+tasks start (`sources.dataset_names`), registered in the order a serial run would meet them.
 
 Starting Ray takes seconds of CPU (tens of seconds of wall time on a small, busy host), and each Ray
 worker then imports zarr and ASE. So this process does not wait for Ray: it takes tasks from the shared
@@ -34,7 +37,8 @@ import numpy as np
 
 from polyfid.data_shards.layout import SHARDS, Location, shard_checksum
 from polyfid.data_shards.refs import shard_sums
-from polyfid.data_shards.sources import IngestError, _selection, read_frames, scan_frames, split_spec
+from polyfid.data_shards.sources import (IngestError, _selection, dataset_name, dataset_names, read_frames,
+                                         scan_frames, split_spec)
 from polyfid.data_shards.store import ShardInfo
 from polyfid.data_shards.writer import StoreWriter, shard_arrays, write_group
 
@@ -71,13 +75,20 @@ def plan_tasks(inputs: Sequence[str], shard_size: int) -> list[Task] | None:
     return tasks
 
 
-def write_task(url: str, tmp: str, task: Task, dataset: int, first_id: int, fids: list[str],
-               conv: Any) -> dict[str, Any]:
-    """Read, convert and write one shard as `shards/<tmp>`; returns its manifest entry parts or the error."""
+def write_task(url: str, tmp: str, task: Task, dataset: int | tuple[str, dict[str, int]], first_id: int,
+               fids: list[str], conv: Any) -> dict[str, Any]:
+    """Read, convert and write one shard as `shards/<tmp>`; returns its manifest entry parts or the error.
+
+    `dataset` is the dataset's index, or (template, index of each name it gives) for a per-frame dataset.
+    """
     spec, expect, span = task
     original = spec.rsplit("@", 1)[0]
+
+    def index(i: int, frame: Any) -> int:
+        return dataset if isinstance(dataset, int) else dataset[1][dataset_name(dataset[0], original, i, frame)]
+
     try:
-        items = [(conv(original, i, frame), dataset) for i, frame in read_frames(spec, span)]
+        items = [(conv(original, i, frame), index(i, frame)) for i, frame in read_frames(spec, span)]
         if len(items) != expect:
             raise IngestError(original, None, "frames", f"read {len(items)} frames where {expect} were "
                               f"counted ({spec}); the file is truncated or malformed")
@@ -176,7 +187,11 @@ def ingest_parallel(writer: StoreWriter, inputs: Sequence[str], conv: Any, datas
         from polyfid.data_shards.ingest import _serial
 
         return _serial(writer, inputs, conv, dataset, bar), {}
-    d = writer.add_dataset(dataset)
+    if "{" in dataset or "}" in dataset:  # per-frame datasets: registered in the order a serial run meets them
+        names = dict.fromkeys(name for spec in inputs for name in dataset_names(spec, dataset))
+        d: int | tuple[str, dict[str, int]] = (dataset, {name: writer.add_dataset(name) for name in names})
+    else:
+        d = writer.add_dataset(dataset)
     fids = [f.name for f in writer.fidelities]
     sizes = [n for _, n, _ in tasks]
     starts = writer.next_id + np.concatenate([[0], np.cumsum(sizes)]).astype(int)

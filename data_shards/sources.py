@@ -1,13 +1,29 @@
-"""Input formats, read into one source-neutral frame: extxyz(.gz), ASE db, ANI-style HDF5, MD17/rMD17 npz.
+"""Input formats, read into one source-neutral frame: extxyz(.gz), ASE db, ANI-style HDF5, SPICE HDF5, ASE-LMDB,
+MD17/rMD17 npz.
 
 Every reader yields (index in file, `Frame`) and honours ASE's `path@slice` syntax. The energy unit each
-format is published in is `DEFAULT_ENERGY_UNIT[format]` (ANI: Hartree; MD17: kcal/mol); positions are Å.
+format is published in is `DEFAULT_ENERGY_UNIT[format]` (ANI and SPICE: Hartree; MD17: kcal/mol), the
+length unit `DEFAULT_LENGTH_UNIT.get(format, "angstrom")` (SPICE: Bohr). The readers pass values on in the
+file's own units; `ingest.Converter` converts them.
 
 - **ANI HDF5** (ANI-1x, ANI-1ccx, ANI-2x): any group holding `coordinates` [C, n, 3] and `atomic_numbers`
   [n] (or `species`, element symbols) is a molecule with C conformers; its other datasets with C rows are
   labels: 1-D ones (`wb97x_dz.energy`) energies, [C, n, 3] ones (`wb97x_dz.forces`) forces. Frames are
   numbered across groups in the order h5py lists them (by name). NaN is ANI's own "not computed" marker,
   so a NaN energy (or an all-NaN forces block) there is a missing label, not an error; inf still is.
+- **SPICE HDF5** (SPICE 1/2, MACE-OFF's training data): an `.h5`/`.hdf5` file whose first group holds
+  `conformations` (the format is told from the content; ANI files hold `coordinates`). One group per
+  molecule: `atomic_numbers` [n], `conformations` [C, n, 3] (Bohr), and per-conformation datasets such as
+  `dft_total_energy` [C] (Hartree) and `dft_total_gradient` [C, n, 3] (Hartree/Bohr). Labels are keyed by
+  their dataset names: 1-D ones are energies, [C, n, 3] ones per-atom arrays, and a `*_gradient` dataset
+  is read as **forces, its negative**, so `forces=dft_total_gradient` gives -dE/dR. The string datasets
+  (`smiles`, `subset`) are text fields of every conformation (for `ingest`'s `--dataset '{subset}'`). A
+  float label with another row count than `conformations` is refused; NaN is not a missing marker here (an
+  error when mapped). Groups are read one at a time, frames numbered across groups as h5py lists them.
+- **ASE-LMDB** (`.aselmdb`, fairchem's format: OMol25, OMat24, OC20...): read with fairchem's own backend,
+  `ase-db-backends`' `LMDBDatabase`, read-only. Frame j is the j-th row in id order (as for `.db`); the
+  keys are those of an ASE db row: `energy`/`forces` (its calculator results), `key_value_pairs`, and
+  `data` (scalars as energies, [n, 3] arrays as forces, strings as text fields).
 - **MD17 / rMD17 npz**: `nuclear_charges` (or `z`), `coords` (or `R`), and per-frame labels such as
   `energies`/`forces` (or `E`/`F`).
 """
@@ -16,15 +32,19 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import functools
 import gzip
 import io
 import os
+import string
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
-DEFAULT_ENERGY_UNIT = {"extxyz": "eV", "db": "eV", "ani-h5": "hartree", "md17-npz": "kcal/mol"}
+DEFAULT_ENERGY_UNIT = {"extxyz": "eV", "db": "eV", "ani-h5": "hartree", "md17-npz": "kcal/mol",
+                       "spice-h5": "hartree", "aselmdb": "eV"}
+DEFAULT_LENGTH_UNIT = {"spice-h5": "bohr"}  # every other format: angstrom
 
 
 class IngestError(ValueError):
@@ -61,15 +81,62 @@ def split_spec(spec: str) -> tuple[str, Any]:
 
 
 def source_format(path: str) -> str:
-    """The format of an input file, from its name: ani-h5, md17-npz, db or extxyz (anything ASE reads)."""
+    """The format of an input file: ani-h5 or spice-h5 (by content), md17-npz, db, aselmdb or extxyz (anything
+    ASE reads), from its name."""
     low = path.lower()
     if low.endswith((".h5", ".hdf5")):
-        return "ani-h5"
+        try:
+            st = os.stat(path)
+        except OSError:
+            return "ani-h5"
+        return "spice-h5" if _is_spice(os.path.abspath(path), st.st_mtime_ns, st.st_size) else "ani-h5"
     if low.endswith(".npz"):
         return "md17-npz"
     if low.endswith(".db"):
         return "db"
+    if low.endswith(".aselmdb"):
+        return "aselmdb"
     return "extxyz"
+
+
+@functools.lru_cache(maxsize=256)
+def _is_spice(path: str, mtime_ns: int, size: int) -> bool:
+    """Whether an HDF5 file is SPICE-style: its first group holds `conformations` (cached per file version)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            for name in f:
+                if hasattr(f[name], "keys"):
+                    return "conformations" in f[name]
+    except OSError:
+        pass  # unreadable: the reader says so
+    return False
+
+
+def dataset_name(template: str, spec: str, i: int, frame: Frame) -> str:
+    """A frame's dataset: `template` with each `{KEY}` filled from the frame's text field KEY (SPICE: `subset`).
+
+    A template without braces is the name itself; `{{` and `}}` are literal braces.
+    """
+    if "{" not in template and "}" not in template:
+        return template
+    where = f"{spec}:{frame.where}" if frame.where else spec
+    try:
+        keys = [key for _, key, _, _ in string.Formatter().parse(template) if key is not None]
+    except ValueError as err:
+        raise IngestError(where, i, "dataset", f"bad dataset template {template!r}: {err}") from err
+    values = {}
+    for key in keys:
+        value = frame.scalars.get(key)
+        if isinstance(value, bytes):
+            value = value.decode()
+        if not isinstance(value, str) or not value.strip():
+            texts = sorted(k for k, v in frame.scalars.items() if isinstance(v, (str, bytes)))
+            raise IngestError(where, i, key, f"the dataset template {template!r} needs a text field {key!r}; "
+                              f"this frame's text fields are {texts}")
+        values[key] = value
+    return template.format_map(values)
 
 
 def _absolute(index: Any, i: int) -> int:
@@ -169,6 +236,104 @@ def _read_ani(spec: str, path: str, index: Any) -> Iterator[tuple[int, Frame]]:
                 yield lo + j, _molecule(z, coords[j], scalars, arrays, g.name)
 
 
+def _text(dataset: Any) -> str:
+    value = np.asarray(dataset[()]).reshape(-1)[0]
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _spice_groups(spec: str, f: Any, index: Any) -> Iterator[tuple[Any, int, list[int], dict[str, str]]]:
+    """(group, index of its first frame, its selected conformations, its text fields) for each SPICE molecule
+    with a selected conformation, opening one group at a time."""
+    names = [name for name in f if hasattr(f[name], "keys")]
+    sizes = []
+    for name in names:
+        if "conformations" not in f[name]:
+            raise IngestError(f"{spec}:/{name}", None, "conformations", "SPICE molecule group has no conformations")
+        sizes.append(int(f[name]["conformations"].shape[0]))
+    _no_zero(spec, sum(sizes))
+    chosen = _selection(index, sum(sizes))
+    if len(chosen) == 0:
+        return
+    first, last = min(chosen[0], chosen[-1]), max(chosen[0], chosen[-1])
+    hi = 0
+    for name, c in zip(names, sizes):
+        lo, hi = hi, hi + c
+        if hi <= first or lo > last:
+            continue
+        js = [j for j in range(c) if lo + j in chosen]
+        if js:
+            g = f[name]
+            texts = {k: _text(d) for k, d in g.items() if hasattr(d, "dtype") and d.dtype.kind in "SOU" and d.size}
+            yield g, lo, js, texts
+
+
+def _spice_arrays(where: str, lo: int, g: Any) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """A SPICE molecule's atomic numbers, conformations and labels (1-D and [C, n, 3] float datasets)."""
+    if "atomic_numbers" not in g:
+        raise IngestError(where, lo, "atomic_numbers", "SPICE molecule group has no atomic_numbers")
+    c = int(g["conformations"].shape[0])
+    labels = {}
+    try:
+        for k, d in g.items():
+            if k in ("atomic_numbers", "conformations") or not hasattr(d, "dtype") or d.dtype.kind not in "fiu":
+                continue
+            if d.ndim in (1, 3) and d.shape[0] != c:
+                raise IngestError(where, lo, k, f"has shape {d.shape}; a SPICE label has one row per "
+                                  f"conformation ({c})")
+            if d.ndim in (1, 3):
+                labels[k] = np.asarray(d[...])
+        return np.asarray(g["atomic_numbers"][...]), np.asarray(g["conformations"][...]), labels
+    except (OSError, KeyError, RuntimeError) as err:  # a damaged dataset
+        raise IngestError(where, lo, "format", f"cannot read the group: {err}") from err
+
+
+def _read_spice(spec: str, path: str, index: Any) -> Iterator[tuple[int, Frame]]:
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise IngestError(spec, None, "format", f"not a readable HDF5 file: {err}") from err
+    with f:
+        for g, lo, js, texts in _spice_groups(spec, f, index):
+            where = f"{spec}:{g.name}"
+            z, coords, labels = _spice_arrays(where, lo, g)
+            for j in js:
+                scalars = {k: v[j] for k, v in labels.items() if v.ndim == 1} | texts
+                arrays = {k: -v[j] if k.endswith("_gradient") else v[j] for k, v in labels.items() if v.ndim == 3}
+                yield lo + j, _molecule(z, coords[j], scalars, arrays, g.name)
+
+
+def _open_aselmdb(spec: str, path: str) -> Any:
+    import lmdb
+    from ase_db_backends.aselmdb import LMDBDatabase
+
+    try:  # checked with lmdb first: a failed LMDBDatabase() retries the open in its __del__ and prints noise
+        with lmdb.open(path, subdir=False, readonly=True, lock=False) as env:
+            need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    except lmdb.Error as err:
+        raise IngestError(spec, None, "format", f"not a readable ASE-LMDB file: {err}") from err
+    if os.path.getsize(path) < need:  # reading a page past the end of the map would kill the process (SIGBUS)
+        raise IngestError(spec, None, "format", f"truncated ASE-LMDB file: {os.path.getsize(path)} bytes, its "
+                          f"pages need {need}")
+    return LMDBDatabase(path, readonly=True, use_lock_file=False)
+
+
+def _read_aselmdb(spec: str, path: str, index: Any) -> Iterator[tuple[int, Frame]]:
+    db = _open_aselmdb(spec, path)
+    try:
+        ids = list(db.ids)
+        _no_zero(spec, len(ids))
+        for j in _selection(index, len(ids)):
+            try:
+                row = db.get(id=ids[j])
+            except Exception as err:  # a missing or corrupt entry
+                raise IngestError(spec, j, "format", f"cannot read row id {ids[j]}: {err}") from err
+            yield j, _from_row(row)
+    finally:
+        db.close()
+
+
 def _read_npz(spec: str, path: str, index: Any) -> Iterator[tuple[int, Frame]]:
     try:
         data = dict(np.load(path, allow_pickle=False))
@@ -232,7 +397,8 @@ def _read_ase(spec: str, path: str, index: Any,
         i += 1
 
 
-_READERS = {"ani-h5": _read_ani, "md17-npz": _read_npz, "db": _read_db, "extxyz": _read_ase}
+_READERS = {"ani-h5": _read_ani, "spice-h5": _read_spice, "md17-npz": _read_npz, "db": _read_db,
+            "aselmdb": _read_aselmdb, "extxyz": _read_ase}
 
 
 def read_frames(spec: str, span: tuple[int, int, int] | None = None) -> Iterator[tuple[int, Frame]]:
@@ -252,6 +418,24 @@ def read_frames(spec: str, span: tuple[int, int, int] | None = None) -> Iterator
     yield from _READERS[source_format(path)](spec, path, index)
 
 
+def dataset_names(spec: str, template: str) -> list[str]:
+    """The distinct datasets `template` gives an input's selected frames, in order of first appearance.
+
+    SPICE reads just each group's text fields; other formats read the frames.
+    """
+    if "{" not in template and "}" not in template:
+        return [template]
+    path, index = split_spec(spec)
+    if source_format(path) != "spice-h5":
+        return list(dict.fromkeys(dataset_name(template, spec, i, frame) for i, frame in read_frames(spec)))
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return list(dict.fromkeys(
+            dataset_name(template, spec, lo + js[0], _molecule(np.zeros(0), np.zeros((0, 3)), texts, {}, g.name))
+            for g, lo, js, texts in _spice_groups(spec, f, index)))
+
+
 def scan_frames(path: str) -> tuple[int, np.ndarray | None]:
     """(frames in a file, byte offsets of their starts plus the end of the last, for a plain extxyz, else None).
 
@@ -264,6 +448,18 @@ def scan_frames(path: str) -> tuple[int, np.ndarray | None]:
 
         with h5py.File(path, "r") as f:
             return sum(int(g["coordinates"].shape[0]) for g in _ani_groups(f)), None
+    if fmt == "spice-h5":
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return sum(int(g["conformations"].shape[0]) for g in f.values() if hasattr(g, "keys")
+                       and "conformations" in g), None
+    if fmt == "aselmdb":
+        db = _open_aselmdb(path, path)
+        try:
+            return len(db.ids), None
+        finally:
+            db.close()
     if fmt == "md17-npz":
         with np.load(path) as data:
             return int(data["coords" if "coords" in data else "R"].shape[0]), None
