@@ -1,0 +1,49 @@
+"""Turn the corpus files into polyfid stores: one store per level and split, plus the S3 target's.
+
+    python -m polyfid.data_shards.corpus.stores OUT_DIR [--workers N]
+
+Each level's files become ``OUT_DIR/<level>_<split>.zarr`` (dataset ``corpus_<level>``) with the fidelity's
+method, basis, code, dispersion and rank from ``levels.LEVELS``. The target's files become
+``OUT_DIR/target_paracetamol_<split>.zarr`` with every target level in one store.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from polyfid.data_shards.corpus.levels import LEVELS
+from polyfid.data_shards.ingest import ingest
+
+FILES = Path(__file__).resolve().parent / "extxyz"
+
+
+def make_stores(out: Path, files: Path = FILES, workers: int = 1) -> list[Path]:
+    """Ingest every corpus file into its own store under ``out``; returns the store paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    for path in sorted(files.glob("*.extxyz.gz")):
+        stem = path.name[: -len(".extxyz.gz")]
+        target = stem.startswith("target_")
+        levels = [lv for lv in LEVELS if (lv.target if target else stem.startswith(lv.name + "_"))]
+        store = out / f"{stem}.zarr"
+        ingest([str(path)], str(store), dataset=stem.rsplit("_", 1)[0] if target else f"corpus_{levels[0].name}",
+               energy={lv.name: f"energy_{lv.name}" for lv in levels},
+               forces={lv.name: f"forces_{lv.name}" for lv in levels},
+               fidelity_meta={lv.name: lv.meta() for lv in levels}, workers=workers, progress=False)
+        print(f"{store}: {path.name}", flush=True)
+        made.append(store)
+    return made
+
+
+def main() -> None:
+    """Command line."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out", type=Path, help="directory for the stores (replaced store by store)")
+    ap.add_argument("--files", type=Path, default=FILES)
+    ap.add_argument("--workers", type=int, default=1)
+    args = ap.parse_args()
+    make_stores(args.out, args.files, args.workers)
+
+
+if __name__ == "__main__":
+    main()
