@@ -1,9 +1,10 @@
 """Generate the pretraining corpus on Ray: sample every molecule, then label it at every level, resumably.
 
 One Ray task samples one molecule; one Ray task labels one chunk of one molecule's structures at one
-level. Work runs cheapest first: sampling, the xTB levels, HF, then the S3 target's wB97X labels, then
-the main wB97X labels (within a level, chunks go round-robin over the molecules, and each molecule's
-structures in order of their hash fraction, so a partial level is an even random subset). Finished labels
+level. Work runs cheapest first: the xTB levels of the molecules sampled so far, sampling of the next
+molecule, and once all are sampled HF, then the S3 target's wB97X labels, then the main wB97X labels
+(within a level, chunks go round-robin over the molecules, and each molecule's structures in order of
+their hash fraction, so a partial level is an even random subset). Finished labels
 are kept in the result store (``store.py``) under their content key; a restarted run skips them.
 
     python -m polyfid.data_shards.corpus.generate [--root DIR] [--address HOST:PORT] [--set key=value ...]
@@ -124,7 +125,8 @@ def label_jobs(mol: Molecule, mol_index: int, st: Structures, levels: Sequence[L
                 rows.append(i), keys.append(key), forces.append(f)
         for c, s in enumerate(range(0, len(rows), level.chunk)):
             sl = slice(s, s + level.chunk)
-            prio = (1 + li, 0 if mol.role == "target" else 1, c, mol_index)
+            group = 0 if level.chunk > 1 else 2  # cheap levels before sampling more molecules, DFT after
+            prio = (group, li, 0 if mol.role == "target" else 1, c, mol_index)
             jobs.append(Job(prio, mol, level, rows[sl], keys[sl], forces[sl]))
     return jobs
 
@@ -188,7 +190,7 @@ class Run:
         for i, mol in enumerate(mols):
             st = Structures.load(self.root, mol.name)
             if st is None:
-                self.push(Job((0, 0, 0, i), mol))
+                self.push(Job((1, 0, 0, 0, i), mol))
                 self.bars["sample"].total += 1
             else:
                 self.structures[mol.name] = st
@@ -197,7 +199,7 @@ class Run:
 
     def submit(self, job: Job) -> Any:
         if job.level is None:
-            return self.sample_fn.remote(job.mol, job.priority[3], self.cfg)
+            return self.sample_fn.remote(job.mol, job.priority[-1], self.cfg)
         st = self.structures[job.mol.name]
         x = dequantise(st.qpos[job.rows])
         return self.label_fn.remote(job.level, st.numbers, x, job.keys, job.forces, self.cfg.call_log,
@@ -209,7 +211,7 @@ class Run:
             result.save(self.root)
             self.structures[job.mol.name] = result
             self.bars["sample"].update(1)
-            for lj in label_jobs(job.mol, job.priority[3], result, self.levels, self.stores,
+            for lj in label_jobs(job.mol, job.priority[-1], result, self.levels, self.stores,
                                  self.cfg.label_all):
                 self.push(lj)
         else:
