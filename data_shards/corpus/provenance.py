@@ -154,6 +154,11 @@ def write_provenance(corpus: Corpus, root: Path, cfg, files: dict[str, int]) -> 
              "Written by `python -m polyfid.data_shards.corpus.generate` (or `--export-only`) from the result "
              "store (`structures/`, `labels/`); it reflects everything computed so far. Resume the labelling "
              f"with `{RESUME}`.", "",
+             "Order of the work: GFN2 and GFN1 labels of each sampled molecule before the next molecule is "
+             "sampled; then HF/6-31G; then the S3 target at wB97X/6-31G* (scans first; a small set that is only "
+             "useful complete); then the main wB97X/6-31G* labels. Within a level, chunks go round-robin over "
+             "the molecules and each molecule's structures in hash order, so a partial level is an even random "
+             "subset of the planned one.", "",
              "Energies are total energies in eV, forces in eV/A (= -gradient); info key `energy_<fidelity>`, "
              "array `forces_<fidelity>`; positions in A, rounded to 1e-5 A (labels computed on the rounded "
              "positions). Neutral singlets, no cell, no pbc.", "",
