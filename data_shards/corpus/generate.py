@@ -170,7 +170,6 @@ class Run:
         self.cfg, self.root, self.levels = cfg, root, list(levels)
         self.stores = {lv.name: LabelStore(root, lv.name) for lv in self.levels}
         self.queue: list[Job] = []
-        self.seq = 0
         self.finished = 0
         tty = sys.stderr.isatty()
         kw = dict(mininterval=0.5 if tty else 60.0, file=sys.stderr, dynamic_ncols=tty)
@@ -180,6 +179,7 @@ class Run:
         self.structures: dict[str, Structures] = {}
 
     def push(self, job: Job) -> None:
+        """Queue a job and add its structures to its level's bar."""
         heapq.heappush(self.queue, job)
         if job.level is not None:
             self.bars[job.level.name].total += len(job.keys)
@@ -198,6 +198,7 @@ class Run:
                     self.push(job)
 
     def submit(self, job: Job) -> Any:
+        """Start a job's Ray task; returns its object ref."""
         if job.level is None:
             return self.sample_fn.remote(job.mol, job.priority[-1], self.cfg)
         st = self.structures[job.mol.name]
@@ -250,10 +251,12 @@ class Run:
         self.flush()
 
     def flush(self) -> None:
+        """Write every level's open segment."""
         for store in self.stores.values():
             store.flush()
 
     def close(self) -> None:
+        """Close the progress bars."""
         for bar in self.bars.values():
             bar.close()
 
