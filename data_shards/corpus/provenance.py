@@ -136,9 +136,10 @@ def _failures_section(corpus: Corpus) -> list[str]:
     names = {}
     for mol in corpus.molecules:
         if mol.name in corpus.structures:
-            for h in corpus.structures[mol.name].hashes():
+            st = corpus.structures[mol.name]
+            for h, sampler in zip(st.hashes(), st.sampler):
                 for lv in corpus.levels:
-                    names[label_key(h, lv.name)] = mol.name
+                    names[label_key(h, lv.name)] = f"{mol.name} ({sampler})"
     fails = [(lv.name, r) for lv in corpus.levels for r in corpus.stores[lv.name].records.values() if not r.ok]
     lines.append(f"{len(fails)} calculations failed twice (default, then safe settings) and were dropped.")
     lines += [f"- `{lv}` {names.get(r.key, '?')} key {r.key}: {r.error}" for lv, r in fails[:50]]

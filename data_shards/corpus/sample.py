@@ -134,7 +134,7 @@ def normal_mode_frames(start: Atoms, n: int, rng: np.random.Generator, t_range: 
     order = np.argsort(np.abs(evals))[n_rigid:]
     evals, evecs = np.abs(evals[order]), evecs[:, order]
     # floor: k = (2 pi c nu)^2 in eV/(A^2 amu); 1 cm^-1 -> omega in 1/s, then to ASE units
-    omega_min = 2 * np.pi * 2.99792458e10 * min_wavenumber * 1e-15 * units.fs  # rad per ASE time unit
+    omega_min = 2 * np.pi * 2.99792458e10 * min_wavenumber * 1e-15 / units.fs  # rad per ASE time unit
     evals = np.maximum(evals, omega_min ** 2)
     out = np.empty((n, len(start), 3))
     for i in range(n):
