@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--lr-sweep", default="", help="fine-tuning learning rates to compare (comma-separated; no replay)")
     ap.add_argument("--warmup-sweep", default="", help="fine-tuning warm-up steps to compare with each --lr-sweep value")
+    ap.add_argument("--sweep-modes", default="multifidelity,reptile", help="pretraining modes whose parents are swept")
     a = ap.parse_args()
     t_start = time.perf_counter()
     work = a.workdir.resolve()
@@ -168,6 +169,8 @@ def sweep_finetuning(a, parents: dict[str, dict], ft_common: list[str], work: Pa
     rows = []
     warmups = [int(w) for w in a.warmup_sweep.split(",") if w] or [None]
     for mode, parent in parents.items():
+        if mode not in a.sweep_modes.split(","):
+            continue
         for lr in (float(x) for x in a.lr_sweep.split(",") if x):
             for warmup in warmups:
                 extra = [f"trainer.lr={lr}"] + ([f"trainer.warmup_steps={warmup}"] if warmup is not None else [])

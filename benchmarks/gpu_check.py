@@ -24,14 +24,15 @@ def timed_steps(kind: str, precision: str, stores, batches, n_warm: int = 5) -> 
     from polyfid.distributed.config import LossConfig, TrainerConfig
     from polyfid.distributed.engine import build_engine, compute_dtype
     from polyfid.distributed.steps import StepContext, multifidelity_step, prepare
-    from polyfid.distributed.worker import merged_references
-    from polyfid.models.config import ModelConfig
-    from polyfid.models.potential import Potential
+    from polyfid.distributed.config import RunConfig
+    from polyfid.distributed.worker import build_model
 
-    fids = sorted({f.name: f for s in stores for f in s.fidelities}.values(), key=lambda f: (f.rank, f.name))
-    elements = sorted({int(z) for s in stores for z in s.elements})
-    mcfg = ModelConfig(kind=kind, width=128, n_interactions=2, n_atom_layers=3, l_max=3 if kind == "hiphop" else 2)
-    model = Potential(mcfg, elements, fids, merged_references(stores))
+    cfg = RunConfig()
+    cfg.model.kind, cfg.model.width, cfg.model.n_interactions, cfg.model.n_atom_layers = kind, 128, 2, 3
+    cfg.model.l_max = 3 if kind == "hiphop" else 2
+    model, _ = build_model(cfg, stores)  # the joint reference fit with per-head scale/shift, as in training
+    mcfg = cfg.model
+    fids = model.fidelities
     device = torch.device("cuda")
     engine, prec = build_engine(model, TrainerConfig(precision=precision, workers=1, steps=10**6), device)
     dtype = compute_dtype(prec)
@@ -61,8 +62,8 @@ def timed_steps(kind: str, precision: str, stores, batches, n_warm: int = 5) -> 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--train", required=True)
-    p.add_argument("--valid", required=True)
+    p.add_argument("--train", required=True, help="training stores, comma-separated (one per dataset, as users ingest)")
+    p.add_argument("--valid", required=True, help="validation stores, comma-separated")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--target", help="a fine-tuning target store: also fine-tune the bf16 package on the GPU")
@@ -89,8 +90,8 @@ def main() -> None:
     train_loop_per_worker({"run": cfg.to_dict(), "mlflow_run_id": None})
     report["bf16_run"] = {"steps": a.steps, "wall_s": time.perf_counter() - t0, "precision": "auto (bf16 on GPU)"}
     model = load_package(out / "bf16_run" / "package")
-    valid = [Store.open(a.valid)]
-    fids = [f.name for f in valid[0].fidelities]
+    valid = [Store.open(v) for v in a.valid.split(",")]
+    fids = sorted({f.name for v in valid for f in v.fidelities})
     report["bf16_run"]["valid_errors_fp32_eval"] = evaluate_batches(model, iter_all(valid, fidelities=fids), fids).results()
 
     if a.target:  # fine-tuning on the GPU: a new or existing head, replay from the pretraining store, early stopping
@@ -120,7 +121,7 @@ def main() -> None:
         report["finetune"]["valid_errors"] = evaluate_batches(load_package(pkg), iter_all(tv, fidelities=tf), tf).results()
         print("finetune", json.dumps(report["finetune"], indent=1), flush=True)
 
-    stores = [Store.open(a.train)]
+    stores = [Store.open(t) for t in a.train.split(",")]
     reader = ShardReader(stores, ShardReader.Config(atom_budget=4096, shuffle=True, loop=True, prefetch=0), fidelities=fids)
     it = iter(reader)
     batches = [next(it) for _ in range(35)]

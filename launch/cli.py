@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rank", action="append", metavar="FIDELITY=N", help="fidelity rank; higher = more accurate")
     s.add_argument("--energy-unit", default=None,
                    help="eV | hartree | kcal/mol | kJ/mol (default: the format's own: eV, ANI h5 hartree, "
-                   "MD17 kcal/mol)")
-    s.add_argument("--length-unit", default="angstrom", help="angstrom | bohr (default angstrom)")
+                   "MD17 kcal/mol, SPICE hartree)")
+    s.add_argument("--length-unit", default=None,
+                   help="angstrom | bohr (default: the format's own: bohr for SPICE HDF5, else angstrom)")
     s.add_argument("--append", action="store_true", help="add to an existing store")
     s.add_argument("--merge-on", metavar="id:KEY|geometry",
                    help="one row per structure: merge frames (and, with --append, the store's structures) "
