@@ -79,6 +79,7 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0
     log_every: int = 10
+    progress_every_s: float = 30.0  # a plain progress line this often when the output is not a terminal
     valid_every: int = 100
     checkpoint_every: int = 100
     max_failures: int = 0  # Ray Train restarts of the worker group from the latest checkpoint

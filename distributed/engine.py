@@ -10,6 +10,7 @@ from typing import Any, Iterable
 import torch
 
 from polyfid.distributed.config import ConfigError, TrainerConfig
+from polyfid.distributed.progress import quiet_stdout
 
 
 def ensure_extension_cache() -> None:
@@ -151,12 +152,13 @@ def build_engine(
         ds_config["zero_allow_untested_optimizer"] = True  # plain SGD, checked against Reptile in tests
         optimizer = torch.optim.SGD(trainable, lr=reptile_epsilon)
         schedule = lambda s: max(0.0, 1.0 - s / cfg.steps)  # noqa: E731
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=trainable,
-        optimizer=optimizer,
-        config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-        dist_init_required=False,
-    )
+    with quiet_stdout():  # DeepSpeed prints "... built successfully" per rank for its CPU comm op
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=trainable,
+            optimizer=optimizer,
+            config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            dist_init_required=False,
+        )
     return engine, precision

@@ -14,6 +14,7 @@ from polyfid.data_shards.store import Store
 from polyfid.distributed.config import ConfigError, RunConfig, save_config
 from polyfid.distributed.engine import ensure_extension_cache
 from polyfid.distributed.finetune import forgetting_advice, measure_forgetting
+from polyfid.distributed.progress import interactive, quiet_libraries, verbose
 from polyfid.distributed.replay import lineage_stores, open_replay_stores
 from polyfid.distributed.steps import get_step_function
 from polyfid.distributed.tracking import Tracker, download_package
@@ -60,13 +61,19 @@ def _resolve_replay(cfg: RunConfig, parent_meta: dict) -> None:
 
 
 def _init_ray(cfg: RunConfig) -> None:
+    """Start or join Ray. Unless POLYFID_LOG_LEVEL=debug, Ray's own INFO/WARNING chatter (start-up, token
+    set-up, scheduling) stays in Ray's session logs, out of the user's output."""
     import ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if not interactive():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in a log file
     if ray.is_initialized():
         return
+    quiet = not verbose()
+    level = logging.ERROR if quiet else logging.DEBUG
     if cfg.trainer.address:
-        ray.init(address=cfg.trainer.address, log_to_driver=True)
+        ray.init(address=cfg.trainer.address, log_to_driver=True, logging_level=level)
     else:
         env = {"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"], "PYTHONWARNINGS": "ignore::FutureWarning"}
         if not cfg.trainer.use_gpu:
@@ -74,12 +81,24 @@ def _init_ray(cfg: RunConfig) -> None:
 
             if not torch.cuda.is_available():
                 env["DS_ACCELERATOR"] = "cpu"  # says so once here instead of a warning on every worker
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), log_to_driver=True, runtime_env={"env_vars": env})
+        hook = "polyfid.distributed.launcher.pin_ray_address"
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), log_to_driver=True, logging_level=level,
+                 runtime_env={"env_vars": env, "worker_process_setup_hook": hook})
+
+
+def pin_ray_address() -> None:
+    """Ray's worker set-up hook: name this cluster in RAY_ADDRESS inside every worker. Ray Train's clean-up
+    actor looks its cluster up by address; with several local Ray instances on one machine (two runs side by
+    side) it otherwise fails with "Found multiple active Ray instances" and prints a traceback."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
     """Run pretraining or fine-tuning (cfg.finetune.source set) on Ray Train workers; returns a summary."""
     ensure_extension_cache()
+    quiet_libraries()
     cfg.resolve_paths()
     get_step_function(cfg.trainer.mode)  # fail now for a mode without a step function
     out = Path(cfg.output)
@@ -114,7 +133,7 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
         tracker.log_params(cfg.flat())
     tracker.log_artifact(out / "config.yaml")
 
-    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     _init_ray(cfg)
@@ -126,7 +145,8 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         _worker_entry,
-        train_loop_config={"run": cfg.to_dict(), "mlflow_run_id": tracker.run_id, "parent_uri": parent_uri},
+        train_loop_config={"run": cfg.to_dict(), "mlflow_run_id": tracker.run_id, "parent_uri": parent_uri,
+                           "live_progress": interactive()},
         scaling_config=ScalingConfig(
             num_workers=cfg.trainer.workers,
             use_gpu=use_gpu,
@@ -138,6 +158,7 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
             name=f"{cfg.name}-{int(time.time())}",
             storage_path=str(out / "ray"),
             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+            logging_config=LoggingConfig(log_level="DEBUG" if verbose() else "ERROR"),
         ),
     )
     t0 = time.perf_counter()

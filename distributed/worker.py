@@ -26,6 +26,7 @@ from polyfid.distributed.engine import (
 )
 from polyfid.distributed.evaluate import evaluate_batches
 from polyfid.distributed.finetune import EarlyStopping, prepare_finetune_model
+from polyfid.distributed.progress import make_progress, quiet_libraries
 from polyfid.distributed.replay import MixedReader, split_budget
 from polyfid.distributed.reptile import TaskStreams, list_tasks, task_weights
 from polyfid.distributed.steps import StepContext, get_step_function
@@ -62,26 +63,6 @@ def build_model(cfg: RunConfig, stores: list[Store]) -> tuple[Potential, Referen
     return model, fit
 
 
-def make_progress(total: int, initial: int, rank: int):
-    """A progress bar on rank 0: Ray's bar under Ray (shown by the driver), else tqdm."""
-    if rank != 0:
-        return None
-    try:
-        import ray
-
-        if ray.is_initialized():
-            from ray.experimental.tqdm_ray import tqdm as ray_tqdm
-
-            bar = ray_tqdm(total=total, desc="train")
-            bar.update(initial)
-            return bar
-    except Exception:  # noqa: BLE001 - a progress bar is never worth a crash
-        pass
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
-
-
 def heads_in(model: Potential, stores: list[Store]) -> list[str]:
     """The model's fidelity names that any of the stores holds, in head order."""
     present = {f.name for s in stores for f in s.fidelities}
@@ -107,6 +88,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = RunConfig.from_dict(config["run"])
     run_id: str | None = config.get("mlflow_run_id")
     rank, world = rank_and_world()
+    quiet_libraries()
     Path(cfg.output).mkdir(parents=True, exist_ok=True)  # the launcher makes it; a direct caller may not have
     device = resolve_device(cfg.trainer)
     stores = [Store.open(p) for p in cfg.data.train]
@@ -152,7 +134,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tracker = Tracker(cfg.tracking.uri, run_id, enabled=cfg.tracking.enabled and rank == 0)
     step_fn = get_step_function(cfg.trainer.mode)
     ctx = StepContext(engine, cfg.loss, fidelities, model.config.cutoff, dtype, device, heads, extra)
-    bar = make_progress(cfg.trainer.steps, step, rank)
+    bar = make_progress(cfg.trainer.steps, step, rank, config.get("live_progress"), cfg.trainer.progress_every_s)
     trace = Trace(cfg.trainer.trace_dir, rank)
     stop_file = Path(cfg.output) / STOP_FILE
     batches = iter(reader)
@@ -190,7 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 tracker.log_metrics(metrics, step)
                 if bar is not None:
-                    bar.set_description(f"train loss {metrics['loss']:.4f} {metrics['atoms_per_s']:.0f} atoms/s")
+                    bar.set_metrics(loss=metrics["loss"], atoms_per_s=metrics["atoms_per_s"])
         if valid and (step % cfg.trainer.valid_every == 0 or step == cfg.trainer.steps):
             res = validate(engine.module, cfg, valid, valid_fidelities, dtype, device, rank, world)
             if rank == 0:
