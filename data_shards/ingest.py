@@ -217,7 +217,8 @@ def ingest(inputs: Sequence[str], out: str, dataset: str, energy: Mapping[str, s
     except (ValueError, FileExistsError) as err:
         raise IngestError(first, None, "out", str(err)) from err
     with writer:
-        bar = tqdm(desc=f"ingest {dataset}", unit="frame", disable=not progress)
+        # disable=None: no bar when stderr is not a terminal (a log file gets the summary line, not \r updates)
+        bar = tqdm(desc=f"ingest {dataset}", unit="frame", disable=None if progress else True)
         record: dict[str, Any] = {}
         try:
             if how is not None:
