@@ -45,10 +45,10 @@ class Graph:
         )
 
 
-def neighbor_pairs(
+def neighbor_cells(
     positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Directed pairs (i, j, shift vector in Å) within `cutoff` for one structure."""
+    """Directed pairs (i, j, integer cell shift S) within `cutoff` for one structure; the shift vector is S @ cell."""
     positions = np.ascontiguousarray(positions, dtype=np.float64)
     pbc = np.asarray(pbc, dtype=bool).reshape(3)
     cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
@@ -56,8 +56,17 @@ def neighbor_pairs(
         cell = np.zeros((3, 3))
     nl = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
     i, j, s = nl.compute(points=positions, box=cell, periodic=[bool(p) for p in pbc], quantities="ijS")
-    shift = s.astype(np.float64) @ cell
-    return i.astype(np.int64), j.astype(np.int64), shift
+    return i.astype(np.int64), j.astype(np.int64), s.astype(np.int64)
+
+
+def neighbor_pairs(
+    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Directed pairs (i, j, shift vector in Å) within `cutoff` for one structure."""
+    i, j, s = neighbor_cells(positions, cell, pbc, cutoff)
+    periodic = np.asarray(pbc, dtype=bool).any()
+    cell = np.asarray(cell, dtype=np.float64).reshape(3, 3) if periodic else np.zeros((3, 3))
+    return i, j, s.astype(np.float64) @ cell
 
 
 def build_graph(

@@ -6,7 +6,7 @@ import torch
 
 from polyfid.models.config import ModelConfig
 from polyfid.models.interaction import Interaction, Pairs
-from polyfid.models.invariants import direction_tensors
+from polyfid.models.invariants import TensorAlgebra
 
 _ACTIVATIONS = {
     "silu": torch.nn.SiLU,
@@ -65,11 +65,12 @@ class Backbone(torch.nn.Module):
             AtomLayer(config.width, config.activation) for _ in range(config.n_atom_layers - 1)
         )
         self.blocks = torch.nn.ModuleList(Block(config) for _ in range(config.n_interactions))
+        self.algebra = TensorAlgebra()
 
     def pairs(self, r_vec: torch.Tensor, pair_i: torch.Tensor, pair_j: torch.Tensor) -> Pairs:
         """Distances and direction tensors of the pairs from their displacement vectors [P, 3]."""
         r = torch.linalg.vector_norm(r_vec, dim=1)
-        tensors = direction_tensors(r_vec / r.unsqueeze(1), self.l_max)
+        tensors = self.algebra.direction_tensors(r_vec / r.unsqueeze(1), self.l_max)
         return Pairs(i=pair_i, j=pair_j, r=r, tensors=tensors)
 
     def forward(self, onehot: torch.Tensor, pairs: Pairs) -> list[torch.Tensor]:

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from polyfid.models.invariants import hop_invariants, invariant_names, n_components, norm_invariants
+from polyfid.models.invariants import TensorAlgebra, invariant_names, n_components
 from polyfid.models.pair_ops import gather_contract, scatter_outer
 from polyfid.models.sensitivity import InverseSensitivity
 
@@ -49,6 +49,8 @@ class Interaction(torch.nn.Module):
         self.l_max = 0 if invariants == "scalar" else l_max
         self.n_max = n_max
         self.width_out = width_out
+        self.n_components = n_components(self.l_max)
+        self.algebra = TensorAlgebra()
         self.sensitivity = InverseSensitivity(n_sensitivities, soft_min, soft_max, cutoff)
         # Mixing weights over (ν, input feature) → output feature, as one [ν, in, out] tensor.
         std = math.sqrt(2.0 / (n_sensitivities * width_in + width_out))
@@ -72,7 +74,7 @@ class Interaction(torch.nn.Module):
         """Mixed environment sums [C, A, width_out]: Σ_p T_c(p) Σ_ν s_ν(r_p) Σ_f W[ν, f, o] h[j_p, f]."""
         n_atoms, width_in = h.shape
         n_sens = self.weight.shape[0]
-        c = n_components(self.l_max)
+        c = self.n_components
         # Mixing first and summing after is the same linear map, with a [P, ν, out] intermediate
         # instead of [P, C·ν, in].
         w = self.weight.permute(1, 0, 2).reshape(width_in, n_sens * self.width_out)
@@ -89,18 +91,19 @@ class Interaction(torch.nn.Module):
         """New features [A, width_out] (before the activation) from features h [A, width_in]."""
         env = self.environment(h, pairs)
         n_atoms = h.shape[0]
-        if self.invariants == "scalar":
+        group_norm, mix = self.group_norm, self.mix
+        if group_norm is None or mix is None:  # "scalar"
             out = env[0]
         else:
             flat = env.reshape(env.shape[0], -1)
             if self.invariants == "norms":
-                inv = norm_invariants(flat, self.l_max)
+                inv = self.algebra.norms(flat, self.l_max)
             else:
-                inv = hop_invariants(flat, self.names, self.l_max)
+                inv = self.algebra.hop(flat, self.names, self.l_max)
             # [n_inv, A, out] → [A, n_inv·out]: channels grouped by invariant, so GroupNorm
             # normalises each invariant over the features of one atom.
             inv = inv.view(-1, n_atoms, self.width_out).transpose(0, 1).reshape(n_atoms, -1)
-            out = self.group_norm(inv) @ self.mix
+            out = group_norm(inv) @ mix
         return out + self.self_term(h)
 
     def extra_repr(self) -> str:

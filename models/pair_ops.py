@@ -12,6 +12,10 @@ chunks of pairs and save only their inputs:
 
 The derivative of each is built from the other two, so forces with create_graph=True (a force loss)
 and higher derivatives work.
+
+TorchScript cannot compile an autograd.Function. Under `torch.jit.script` (the metatomic export)
+`gather_contract` and `scatter_outer` therefore take their plain-torch forms: the same maps, one gather and
+one index_add, which autograd differentiates but which keep the [P, ν, width] gather for the backward pass.
 """
 
 from __future__ import annotations
@@ -110,6 +114,8 @@ class _ScatterOuter(torch.autograd.Function):
 
 def gather_contract(s: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """[P, O]: Σ_n s[p, n] y[idx[p], n, o], for s [P, N], y [A, N, O], idx int64 [P]."""
+    if torch.jit.is_scripting():
+        return torch.bmm(s.unsqueeze(1), y.index_select(0, idx)).squeeze(1)
     return _GatherContract.apply(s, y, idx)
 
 
@@ -120,4 +126,7 @@ def gather_project(g: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch
 
 def scatter_outer(s: torch.Tensor, g: torch.Tensor, idx: torch.Tensor, n_atoms: int) -> torch.Tensor:
     """[A, N, O]: Σ_{p: idx[p]=a} s[p, n] g[p, o], for s [P, N], g [P, O], idx int64 [P]."""
+    if torch.jit.is_scripting():
+        out = torch.zeros(n_atoms, s.shape[1], g.shape[1], dtype=g.dtype, device=g.device)
+        return out.index_add(0, idx, s.unsqueeze(2) * g.unsqueeze(1))
     return _ScatterOuter.apply(s, g, idx, int(n_atoms))

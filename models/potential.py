@@ -15,6 +15,11 @@ from polyfid.models.hipnn import Backbone
 READOUT_INIT_STD = 0.01  # small, so that a fresh model's energies start near the reference energies
 
 
+def _energy_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of energies and forces for weights of `dtype`: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class Potential(torch.nn.Module):
     """Energies [S, F] in eV for every fidelity, and forces −∂E_k/∂R for the requested heads.
 
@@ -47,6 +52,7 @@ class Potential(torch.nn.Module):
         if len(set(names)) != len(names):
             raise ValueError(f"fidelity names must be unique, got {names}")
         self.config = self._resolve_bases(config)
+        self.delta_heads = config.head_design == "delta"
         max_z = self.elements[-1]
         lookup = torch.full((max_z + 1,), -1, dtype=torch.int64)
         lookup[self.elements] = torch.arange(len(self.elements))
@@ -77,7 +83,7 @@ class Potential(torch.nn.Module):
     @property
     def energy_dtype(self) -> torch.dtype:
         """Dtype of the returned energies and forces: float64 for a float64 model, else float32."""
-        return torch.float64 if self.dtype == torch.float64 else torch.float32
+        return _energy_dtype(self.dtype)
 
     def fidelity_index(self, name: str) -> int:
         """Column of the head named `name`."""
@@ -230,7 +236,11 @@ class Potential(torch.nn.Module):
             self._buffers[k] = ref.to(device=self._buffers[k].device, dtype=torch.float64)
         return out
 
-    # ---- forward ---------------------------------------------------------------------------------
+    # ---- forward ----------------------------------------------------------------------------------
+    # The methods from `_species` to `total_atom_energies` compile with TorchScript (models/metatomic.py);
+    # `forward` takes a Graph, which does not, and is left out of a scripted model.
+    __jit_unused_properties__ = ["fidelity_names", "dtype", "energy_dtype"]
+
     def _species(self, z: torch.Tensor) -> torch.Tensor:
         """Index of each atom's element in the model's element list; unknown elements raise."""
         lookup = self.species_index
@@ -240,6 +250,8 @@ class Potential(torch.nn.Module):
         idx = lookup[z.clamp(0, lookup.numel() - 1)]
         bad = ~known | (idx < 0)
         if bool(bad.any()):
+            if torch.jit.is_scripting():
+                raise ValueError("an atomic number is not among the model's elements")
             unknown = sorted({int(x) for x in z[bad].tolist()})
             raise ValueError(f"atomic number(s) {unknown} not among the model's elements {self.elements}")
         return idx
@@ -254,29 +266,48 @@ class Potential(torch.nn.Module):
             raise IndexError(f"force_heads {heads} out of range for {n} fidelities {self.fidelity_names}")
         return heads
 
+    @staticmethod
+    def displacements(graph: Graph, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Pair vectors r_p = pos[j] − pos[i] + shift [P, 3] in `dtype`."""
+        x = pos.to(dtype)
+        return x.index_select(0, graph.pair_j) - x.index_select(0, graph.pair_i) + graph.pair_shift.to(dtype)
+
     def atom_energies(self, graph: Graph, pos: torch.Tensor) -> torch.Tensor:
         """Per-atom energy contributions [A, F] without the reference energies (delta heads: summed over the chain)."""
-        species = self._species(graph.z)
-        dtype = self.dtype
-        x = pos.to(dtype)
-        r_vec = x.index_select(0, graph.pair_j) - x.index_select(0, graph.pair_i) + graph.pair_shift.to(dtype)
-        pairs = self.backbone.pairs(r_vec, graph.pair_i, graph.pair_j)
+        r_vec = self.displacements(graph, pos, self.dtype)
+        return self.pair_atom_energies(graph.z, r_vec, graph.pair_i, graph.pair_j)
+
+    def pair_atom_energies(
+        self, z: torch.Tensor, r_vec: torch.Tensor, pair_i: torch.Tensor, pair_j: torch.Tensor
+    ) -> torch.Tensor:
+        """atom_energies from atomic numbers [A] and the pairs' vectors [P, 3] (pos[j] − pos[i] + shift)."""
+        species = self._species(z)
+        dtype = self.backbone.embed.weight.dtype
+        pairs = self.backbone.pairs(r_vec.to(dtype), pair_i, pair_j)
         onehot = torch.nn.functional.one_hot(species, len(self.elements)).to(dtype)
         features = self.backbone(onehot, pairs)
-        total = self.readouts[0](features[0])
-        for readout, h in zip(self.readouts[1:], features[1:]):
-            total = total + readout(h)
-        acc = self.energy_dtype  # scale, shift and the delta sum in the energy dtype (float32 under bf16)
+        total = features[0]
+        for n, readout in enumerate(self.readouts):
+            out = readout(features[n])
+            total = out if n == 0 else total + out
+        acc = _energy_dtype(dtype)  # scale, shift and the delta sum in the energy dtype (float32 under bf16)
         shift = self.head_shift.to(total.device)
-        delta = self.config.head_design == "delta"
-        if delta:  # column shifts whose sums along each chain are the heads' shifts
-            head_sum = self.head_sum.to(device=total.device, dtype=torch.float64)
+        head_sum = self.head_sum.to(device=total.device, dtype=torch.float64)
+        if self.delta_heads:  # column shifts whose sums along each chain are the heads' shifts
             shift = torch.linalg.solve(head_sum, shift)
         total = total.to(acc) * self.head_scale.to(device=total.device, dtype=acc) + shift.to(acc)
-        if delta:
+        if self.delta_heads:
             total = total @ head_sum.to(acc).T
         return total
 
+    def total_atom_energies(
+        self, z: torch.Tensor, r_vec: torch.Tensor, pair_i: torch.Tensor, pair_j: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-atom energies [A, F] with the reference energies, in the energy dtype; they sum to E_k."""
+        e_atom = self.pair_atom_energies(z, r_vec, pair_i, pair_j)
+        return e_atom + self.reference_energies[:, z].T.to(e_atom.dtype)
+
+    @torch.jit.unused
     def forward(
         self, graph: Graph, force_heads: Sequence[int] | None = None, create_graph: bool = False
     ) -> dict[str, torch.Tensor]:
@@ -287,10 +318,9 @@ class Potential(torch.nn.Module):
             pos = graph.pos
             if heads and not pos.requires_grad:
                 pos = pos.detach().requires_grad_(True)
-            acc = self.energy_dtype
-            e_atom = self.atom_energies(graph, pos).to(acc)
-            e_atom = e_atom + self.reference_energies[:, graph.z].T.to(acc)
-            energy = torch.zeros(graph.n_structures, e_atom.shape[1], dtype=acc, device=e_atom.device)
+            r_vec = self.displacements(graph, pos, self.dtype)
+            e_atom = self.total_atom_energies(graph.z, r_vec, graph.pair_i, graph.pair_j)
+            energy = torch.zeros(graph.n_structures, e_atom.shape[1], dtype=e_atom.dtype, device=e_atom.device)
             energy = energy.index_add(0, graph.batch, e_atom)
             out = {"energy": energy}
             if heads is not None:
