@@ -1,4 +1,4 @@
-"""The `polyfid` command: ingest, pretrain, finetune, evaluate, ui, demo."""
+"""The `polyfid` command: ingest, pretrain, finetune, evaluate, export, ui, demo."""
 
 from __future__ import annotations
 
@@ -118,6 +118,28 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return evaluate_cmd.run(a)
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from polyfid.data_shards.schema import highest_rank
+    from polyfid.models.package import load_package
+
+    try:
+        from polyfid.models.metatomic import export_metatomic
+    except ImportError as e:
+        print(f"polyfid export: error: {e}; install the exporters with: pip install 'polyfid[export]'", file=sys.stderr)
+        return 2
+    try:
+        model = load_package(a.package)
+        out = export_metatomic(model, a.out, fidelity=a.fidelity, dtype=a.dtype)
+    except (ValueError, KeyError) as e:
+        print(f"polyfid export: error: {e}", file=sys.stderr)
+        return 2
+    default = a.fidelity or highest_rank(model.fidelities).name
+    variants = ", ".join(f"energy/{name}" for name in model.fidelity_names)
+    print(f"{out}: metatomic model ({a.dtype}), outputs energy ({default}) and {variants}. "
+          "Load it with metatomic-ase, LAMMPS (pair_style metatomic), i-PI or TorchSim.")
+    return 0
+
+
 def cmd_ui(a: argparse.Namespace) -> int:
     from polyfid.distributed.config import resolve_tracking_uri
 
@@ -189,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="errors per fidelity, parity plots, PES scans, NVE drift; to MLflow")
     evaluate_cmd.add_arguments(s)
     s.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("export", help="write a package as a model for other engines (metatomic: LAMMPS, i-PI, ASE, TorchSim)")
+    s.add_argument("--to", required=True, choices=["metatomic"], help="the target format")
+    s.add_argument("package", help="the model package folder")
+    s.add_argument("out", help="the file to write, e.g. model.pt")
+    s.add_argument("--fidelity", help="the head of the default `energy` output (default: highest rank); "
+                   "every head is also exported as the variant energy/<fidelity>")
+    s.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="dtype of the model (default float32)")
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("ui", help="serve the MLflow dashboard on 127.0.0.1")
     s.add_argument("--port", type=int, default=5000)
