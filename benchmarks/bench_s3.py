@@ -56,11 +56,28 @@ def build_stores(work: Path) -> dict[str, list[str]]:
     return out
 
 
+REUSE = False  # --reuse: a run whose output folder already holds summary.json and its package is not run again
+
+
+def stores_of(work: Path) -> dict[str, list[str]]:
+    """The stores that build_stores wrote into `work` earlier (for --reuse)."""
+    d = work / "stores"
+    out = {split: [str(d / f"{name}_{split}.zarr") for name in TASKS] for split in ("train", "valid")}
+    for split in ("target", "target_valid", "target_test"):
+        out[split] = [str(d / f"{TARGET}_{split}.zarr")]
+    return out
+
+
 def train(recipe: str, sets: list[str]) -> dict:
     from polyfid.distributed.config import load_config
     from polyfid.distributed.launcher import run_training
 
-    return run_training(load_config(RECIPES / recipe, sets), shutdown_ray=False)
+    cfg = load_config(RECIPES / recipe, sets)
+    done = Path(cfg.output) / "summary.json"
+    if REUSE and done.exists() and Path(json.loads(done.read_text())["package"]).exists():
+        print(f"reused {done}", flush=True)
+        return json.loads(done.read_text())
+    return run_training(cfg, shutdown_ray=False)
 
 
 def scans(package: str) -> dict[str, dict]:
@@ -101,14 +118,18 @@ def main() -> None:
     ap.add_argument("--lr-sweep", default="", help="fine-tuning learning rates to compare (comma-separated; no replay)")
     ap.add_argument("--warmup-sweep", default="", help="fine-tuning warm-up steps to compare with each --lr-sweep value")
     ap.add_argument("--sweep-modes", default="multifidelity,reptile", help="pretraining modes whose parents are swept")
+    ap.add_argument("--reuse", action="store_true",
+                    help="resume an interrupted benchmark in the same --workdir: keep its stores and finished runs")
     a = ap.parse_args()
+    global REUSE
+    REUSE = a.reuse
     t_start = time.perf_counter()
     work = a.workdir.resolve()
-    if work.exists():
+    if work.exists() and not a.reuse:
         import shutil
 
         shutil.rmtree(work)
-    stores = build_stores(work)
+    stores = stores_of(work) if a.reuse and (work / "stores").exists() else build_stores(work)
     uri = f"sqlite:///{work / 'mlflow.db'}"
     common = [f"tracking.uri={uri}", "tracking.experiment=s3", "tracking.register_as=null", f"trainer.seed={a.seed}"]
     from polyfid.distributed.config import load_config
@@ -122,7 +143,7 @@ def main() -> None:
                 f"output={work / mode}"] + common
         t0 = time.perf_counter()
         parents[mode] = train("demo.yaml", sets)
-        parents[mode]["pretrain_s"] = time.perf_counter() - t0
+        parents[mode].setdefault("pretrain_s", parents[mode].get("wall_s", time.perf_counter() - t0))
         print(f"pretrained {mode}: {parents[mode]['package']} ({parents[mode]['pretrain_s']:.0f} s)", flush=True)
 
     rows = []
@@ -146,7 +167,8 @@ def main() -> None:
     sc.output = str(work / "none")
     from polyfid.distributed.launcher import run_training
 
-    s = run_training(sc, shutdown_ray=False)
+    done = work / "none" / "summary.json"
+    s = json.loads(done.read_text()) if a.reuse and done.exists() else run_training(sc, shutdown_ray=False)
     rows.append({"pretraining": "none", "replay": None, "package": s["package"], "summary": s})
 
     for r in rows:

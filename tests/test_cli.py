@@ -40,7 +40,7 @@ def test_ui_serves_the_dashboard(tmp_path):
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        deadline, status = time.time() + 120, None
+        deadline, status = time.time() + 300, None  # MLflow server start took >120 s at load average 15
         while time.time() < deadline and status is None:
             try:
                 status = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status

@@ -29,7 +29,8 @@ def _cli(root: Path, sets: list[str]) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "polyfid.data_shards.corpus.generate", "--root", str(root)]
     for s in sets:
         args += ["--set", s]
-    return subprocess.run(args, capture_output=True, text=True, timeout=240, start_new_session=True)
+    # 480 s: a Ray start on a loaded 2-core machine can take minutes (timed out at 240 s at load average 15)
+    return subprocess.run(args, capture_output=True, text=True, timeout=480, start_new_session=True)
 
 
 def _calls(path: Path) -> list[tuple[str, str, str]]:
