@@ -20,15 +20,26 @@ __all__ = [
     "save_package",
     "load_package",
     "Calculator",
+    "TorchSimModel",
+    "export_metatomic",
     "invariant_count",
     "invariant_names",
 ]
 
 
 def __getattr__(name: str):
-    # The calculator pulls in ase.calculators; import it only when asked for.
+    # The calculator pulls in ase.calculators, and the exporters need the `export` extra (torch-sim-atomistic,
+    # metatomic-torch); import them only when asked for.
     if name == "Calculator":
         from polyfid.models.calculator import Calculator
 
         return Calculator
+    if name == "TorchSimModel":
+        from polyfid.models.torchsim import TorchSimModel
+
+        return TorchSimModel
+    if name == "export_metatomic":
+        from polyfid.models.metatomic import export_metatomic
+
+        return export_metatomic
     raise AttributeError(f"module 'polyfid.models' has no attribute {name!r}")

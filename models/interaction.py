@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -12,9 +12,8 @@ from polyfid.models.pair_ops import gather_contract, scatter_outer
 from polyfid.models.sensitivity import InverseSensitivity
 
 
-@dataclasses.dataclass
-class Pairs:
-    """Geometry of the directed neighbour pairs shared by every interaction layer."""
+class Pairs(NamedTuple):
+    """Geometry of the directed neighbour pairs shared by every interaction layer (a NamedTuple: TorchScript compiles it)."""
 
     i: torch.Tensor  # int64 [P], the atom that receives the sum
     j: torch.Tensor  # int64 [P], the neighbour
@@ -91,8 +90,7 @@ class Interaction(torch.nn.Module):
         """New features [A, width_out] (before the activation) from features h [A, width_in]."""
         env = self.environment(h, pairs)
         n_atoms = h.shape[0]
-        group_norm, mix = self.group_norm, self.mix
-        if group_norm is None or mix is None:  # "scalar"
+        if self.group_norm is None or self.mix is None:  # "scalar"
             out = env[0]
         else:
             flat = env.reshape(env.shape[0], -1)
@@ -103,7 +101,7 @@ class Interaction(torch.nn.Module):
             # [n_inv, A, out] → [A, n_inv·out]: channels grouped by invariant, so GroupNorm
             # normalises each invariant over the features of one atom.
             inv = inv.view(-1, n_atoms, self.width_out).transpose(0, 1).reshape(n_atoms, -1)
-            out = group_norm(inv) @ mix
+            out = self.group_norm(inv) @ self.mix
         return out + self.self_term(h)
 
     def extra_repr(self) -> str:

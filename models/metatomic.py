@@ -10,9 +10,9 @@ is also offered as the variant `energy/<fidelity>`. Per-atom energies (sample ki
 n_interactions × cutoff, because every interaction passes messages one cutoff further.
 
 Needs `metatomic-torch` (the `export` extra). The engines need a metatomic build of the same major torch.
+This module does not use `from __future__ import annotations`: metatomic checks the real types of
+`forward`'s annotations.
 """
-
-from __future__ import annotations
 
 import copy
 import os

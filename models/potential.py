@@ -250,9 +250,7 @@ class Potential(torch.nn.Module):
         idx = lookup[z.clamp(0, lookup.numel() - 1)]
         bad = ~known | (idx < 0)
         if bool(bad.any()):
-            if torch.jit.is_scripting():
-                raise ValueError("an atomic number is not among the model's elements")
-            unknown = sorted({int(x) for x in z[bad].tolist()})
+            unknown: list[int] = torch.unique(z[bad]).tolist()
             raise ValueError(f"atomic number(s) {unknown} not among the model's elements {self.elements}")
         return idx
 

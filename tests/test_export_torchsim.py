@@ -101,14 +101,28 @@ def _nve_run(model: TorchSimModel, systems, steps: int, dt_fs: float) -> tuple[n
 
 
 def test_nve_conserves_energy():
-    """Batched NVE of three molecules: the total energy stays within a few meV, and its error shrinks as dt²."""
+    """Batched NVE of three molecules (20 fs): the total energy stays within a few meV, and its error shrinks as dt².
+
+    The tiny random model is stiff (its atoms collide hard), hence the short time steps.
+    """
     model = TorchSimModel(tiny_potential("hiphop", readout_std=0.01), device="cpu")
     systems = [molecule("CH3CH2OH"), molecule("C6H6"), molecule("CH3CONH2")]
-    coarse, kinetic = _nve_run(model, systems, steps=100, dt_fs=0.5)
-    fine, _ = _nve_run(model, systems, steps=200, dt_fs=0.25)
+    coarse, kinetic = _nve_run(model, systems, steps=80, dt_fs=0.25)
+    fine, _ = _nve_run(model, systems, steps=160, dt_fs=0.125)
     dev_coarse = np.abs(coarse - coarse[0]).max(axis=0)
     dev_fine = np.abs(fine - fine[0]).max(axis=0)
-    print(f"NVE: mean KE {kinetic} eV; max |ΔE| dt=0.5 fs {dev_coarse} eV, dt=0.25 fs {dev_fine} eV")
+    print(f"NVE: mean KE {kinetic} eV; max |ΔE| dt=0.25 fs {dev_coarse} eV, dt=0.125 fs {dev_fine} eV")
     assert (kinetic > 0.05).all()  # the atoms move
     assert (dev_coarse < 5e-3).all(), dev_coarse
-    assert (dev_fine < dev_coarse / 2.5).all(), (dev_coarse, dev_fine)
+    assert (dev_fine < dev_coarse / 3.0).all(), (dev_coarse, dev_fine)
+
+
+def test_exporters_never_import_ray_deepspeed_or_mlflow():
+    """models/ stays free of the distributed stack, with the TorchSim and metatomic modules loaded too."""
+    import subprocess
+    import sys
+
+    code = ("import sys, polyfid.models.torchsim, polyfid.models.metatomic;"
+            "print(sorted(m for m in ('ray', 'deepspeed', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
