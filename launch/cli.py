@@ -158,6 +158,18 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export_parser(sub) -> None:
+    """The `export` subcommand: `polyfid export --to metatomic PACKAGE OUT.pt`."""
+    s = sub.add_parser("export", help="write a package as a model for other engines (metatomic: LAMMPS, i-PI, ASE, TorchSim)")
+    s.add_argument("--to", required=True, choices=["metatomic"], help="the target format")
+    s.add_argument("package", help="the model package folder")
+    s.add_argument("out", help="the file to write, e.g. model.pt")
+    s.add_argument("--fidelity", help="the head of the default `energy` output (default: highest rank); "
+                   "every head is also exported as the variant energy/<fidelity>")
+    s.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="dtype of the model (default float32)")
+    s.set_defaults(fn=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="polyfid", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -212,14 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_arguments(s)
     s.set_defaults(fn=cmd_evaluate)
 
-    s = sub.add_parser("export", help="write a package as a model for other engines (metatomic: LAMMPS, i-PI, ASE, TorchSim)")
-    s.add_argument("--to", required=True, choices=["metatomic"], help="the target format")
-    s.add_argument("package", help="the model package folder")
-    s.add_argument("out", help="the file to write, e.g. model.pt")
-    s.add_argument("--fidelity", help="the head of the default `energy` output (default: highest rank); "
-                   "every head is also exported as the variant energy/<fidelity>")
-    s.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="dtype of the model (default float32)")
-    s.set_defaults(fn=cmd_export)
+    _add_export_parser(sub)
 
     s = sub.add_parser("ui", help="serve the MLflow dashboard on 127.0.0.1")
     s.add_argument("--port", type=int, default=5000)

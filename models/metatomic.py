@@ -17,7 +17,7 @@ This module does not use `from __future__ import annotations`: metatomic checks 
 import copy
 import os
 import pathlib
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
@@ -38,7 +38,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 REFERENCES = {
     "architecture": [
         "HIP-NN: Lubbers, Smith, Barros, J. Chem. Phys. 148, 241715 (2018)",
-        "HIP-NN-TS: Chigaev et al., J. Chem. Phys. 158, 184108 (2023)",
+        "HIP-NN-TS: Chigaev et al., J. Chem. Phys. (2023), arXiv:2212.03195",
+        "HIP-HOP-NN: Allen, Shinkle, Bujack, Lubbers, arXiv:2503.23515 (2025)",
     ],
 }
 
@@ -88,7 +89,9 @@ class MetatomicPotential(torch.nn.Module):
             results[name] = TensorMap(keys, [block])
         return results
 
-    def _batch(self, systems: List[System]):
+    def _batch(
+        self, systems: List[System]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Concatenated atoms and pairs of all systems, with each atom's system and index in it (int32)."""
         zs, vectors, firsts, seconds, system_of, atom_of = [], [], [], [], [], []
         offset = 0
@@ -115,12 +118,13 @@ class MetatomicPotential(torch.nn.Module):
         for system in systems:
             starts.append(starts[-1] + len(system))
         offsets = torch.tensor(starts[:-1], dtype=torch.int64, device=device)
-        chosen = selected_atoms.values.to(device=device, dtype=torch.int64)
-        index = offsets[chosen[:, 0]] + chosen[:, 1]
+        system = selected_atoms.column("system").to(device=device, dtype=torch.int64)
+        atom = selected_atoms.column("atom").to(device=device, dtype=torch.int64)
+        index = offsets[system] + atom
         return torch.sort(index).values
 
 
-def _outputs(potential: Potential, default: str) -> tuple[Dict[str, int], Dict[str, ModelOutput]]:
+def _outputs(potential: Potential, default: str) -> Tuple[Dict[str, int], Dict[str, ModelOutput]]:
     """Output name -> head column, and the declared outputs: `energy` and `energy/<fidelity>` for every head."""
     heads = {"energy": potential.fidelity_index(default)}
     declared = {"energy": ModelOutput(unit="eV", sample_kind="atom",
