@@ -16,6 +16,15 @@ from polyfid.models.torchsim import TorchSimModel
 REFS = {1: -13.6, 6: -1029.8, 7: -1484.2, 8: -2041.5, 11: -4418.0, 14: -7871.0, 17: -12522.0}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tensors here are small: one thread is faster, and OpenMP threads stall on a loaded machine (70 s vs 3 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     model = tiny_potential("hiphop", head_design="delta")
