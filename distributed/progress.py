@@ -52,6 +52,8 @@ def quiet_libraries() -> None:
     if verbose():
         return
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    if not interactive():  # MLflow's artifact download bar writes \r updates into a log file
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic", "DeepSpeed", "deepspeed", "ray", "ray.train", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
