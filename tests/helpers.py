@@ -45,3 +45,18 @@ def tiny_model(kind: str = "hipnn_ts", seed: int = 0, width: int = 8):
     fids = [Fidelity("lo", rank=0), Fidelity("hi", rank=1)]
     refs = {"lo": {1: -13.0, 6: -1000.0, 7: -1400.0, 8: -2000.0}, "hi": {1: -13.5, 6: -1001.0, 7: -1401.0, 8: -2001.0}}
     return Potential(cfg, [1, 6, 7, 8], fids, refs)
+
+
+# Element references (eV) for the export tests' tiny models: H, C, N, O, Na, Si, Cl.
+EXPORT_REFS = {1: -13.6, 6: -1029.8, 7: -1484.2, 8: -2041.5, 11: -4418.0, 14: -7871.0, 17: -12522.0}
+
+
+def one_torch_thread():
+    """Generator for an autouse fixture: small tensors run faster on one thread, and OpenMP threads stall on a
+    loaded machine (an NVE test took 70 s with two threads, 3 s with one)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,21 +11,14 @@ from metatensor.torch import Labels
 from metatomic.torch import ModelOutput, load_atomistic_model
 from metatomic_ase import MetatomicCalculator
 
+from helpers import EXPORT_REFS, one_torch_thread
 from polyfid.launch.cli import main
 from polyfid.models import Calculator, save_package
 from polyfid.models.metatomic import export_metatomic
 from polyfid.models.testing import tiny_potential
 
-REFS = {1: -13.6, 6: -1029.8, 7: -1484.2, 8: -2041.5, 11: -4418.0, 14: -7871.0, 17: -12522.0}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tensors here are small: one thread is faster, and OpenMP threads stall on a loaded machine (70 s vs 3 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+REFS = EXPORT_REFS
+one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
 
 def _rattled(atoms, seed: int):

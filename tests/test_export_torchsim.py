@@ -9,20 +9,13 @@ import torch_sim as ts
 from ase.build import bulk, molecule
 from torch_sim.models.interface import validate_model_outputs
 
+from helpers import EXPORT_REFS, one_torch_thread
 from polyfid.models import Calculator, save_package
 from polyfid.models.testing import tiny_potential
 from polyfid.models.torchsim import TorchSimModel
 
-REFS = {1: -13.6, 6: -1029.8, 7: -1484.2, 8: -2041.5, 11: -4418.0, 14: -7871.0, 17: -12522.0}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tensors here are small: one thread is faster, and OpenMP threads stall on a loaded machine (70 s vs 3 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+REFS = EXPORT_REFS
+one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")
