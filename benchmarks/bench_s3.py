@@ -84,7 +84,7 @@ def scans(package: str) -> dict[str, dict]:
     """Bond and torsion scans of the fine-tuned head against the ωB97X/6-31G* reference scans."""
     import ase.io
 
-    from polyfid.distributed.pes import ScanResult, as_calculator, energies
+    from polyfid.evaluation.pes import ScanResult, as_calculator, energies
     from polyfid.models.package import load_package
 
     frames = ase.io.read(demo_scans(), ":")

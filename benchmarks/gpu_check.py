@@ -75,7 +75,7 @@ def main() -> None:
     from polyfid.data_shards.reader import ShardReader, iter_all
     from polyfid.data_shards.store import Store
     from polyfid.distributed.config import load_config
-    from polyfid.distributed.evaluate import evaluate_batches
+    from polyfid.evaluation.metrics import evaluate_batches
     from polyfid.distributed.worker import train_loop_per_worker
     from polyfid.models.package import load_package
 

@@ -20,7 +20,7 @@ import numpy as np
 from polyfid.data_shards.demo import HIGH, LOW
 from polyfid.data_shards.reader import iter_all
 from polyfid.data_shards.store import Store
-from polyfid.distributed.evaluate import predict
+from polyfid.evaluation.metrics import predict
 from polyfid.models.package import load_package
 
 

@@ -13,7 +13,7 @@ from polyfid.data_shards.refs import composition_matrix, fit_reference_energies
 from polyfid.data_shards.schema import Fidelity
 from polyfid.data_shards.store import Store
 from polyfid.distributed.config import RunConfig
-from polyfid.distributed.evaluate import predict
+from polyfid.evaluation.metrics import predict
 from polyfid.models.package import load_package
 from polyfid.models.potential import Potential
 
@@ -168,7 +168,7 @@ def measure_forgetting(parent: str, child: str, parent_meta: dict, max_structure
     `max_structures`). `*_increase` = fine-tuned − parent: positive values are forgetting. None when the
     parent's stores cannot be read.
     """
-    from polyfid.distributed.evaluate import evaluate_batches
+    from polyfid.evaluation.metrics import evaluate_batches
     from polyfid.distributed.replay import open_replay_stores
 
     lineage = parent_meta.get("lineage") or {}
@@ -251,7 +251,7 @@ def scratch_config(cfg: RunConfig, parent_meta: dict) -> RunConfig:
 
 def compare_table(packages: dict[str, str], stores: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
     """{label: {fidelity: errors}} of each package on the stores (the fidelities every package has)."""
-    from polyfid.distributed.evaluate import evaluate_batches
+    from polyfid.evaluation.metrics import evaluate_batches
 
     opened = [Store.open(p) for p in stores]
     present = {f.name for s in opened for f in s.fidelities}

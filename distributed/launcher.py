@@ -202,7 +202,7 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
             tracker.log_metrics({f"forgetting/{fid}/{k}": v for fid, r in forgetting.items() for k, v in r.items()
                                  if isinstance(v, float)}, cfg.trainer.steps)
     if tracker.run_id and cfg.data.valid:  # parity plots, learning curves and final errors in the run
-        from polyfid.distributed.evaluate import report_to_mlflow
+        from polyfid.evaluation.report import report_to_mlflow
 
         report_to_mlflow(str(package), cfg.data.valid, tracker.run_id, cfg.tracking.uri, out / "eval",
                          step=cfg.trainer.steps)

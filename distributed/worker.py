@@ -24,7 +24,7 @@ from polyfid.distributed.config import RunConfig
 from polyfid.distributed.engine import (
     all_gather_host, all_reduce_host, build_engine, compute_dtype, drain_comm_time, resolve_device,
 )
-from polyfid.distributed.evaluate import evaluate_batches
+from polyfid.evaluation.metrics import evaluate_batches
 from polyfid.distributed.finetune import EarlyStopping, prepare_finetune_model
 from polyfid.distributed.progress import make_progress, quiet_libraries
 from polyfid.distributed.replay import MixedReader, split_budget

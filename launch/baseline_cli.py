@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
-
-
-def resolve_package(model: str, tracking_uri: str) -> str:
-    """A local package folder for a path, `runs:/ID/package` or `models:/NAME/VERSION`."""
-    if not model.startswith(("runs:/", "models:/")):
-        return model
-    from polyfid.distributed.config import resolve_tracking_uri
-    from polyfid.distributed.tracking import download_package
-
-    return str(download_package(model, resolve_tracking_uri(tracking_uri), tempfile.mkdtemp()))
 
 
 def cmd_baseline(a: argparse.Namespace) -> int:
     """Fit the linear baseline, evaluate it (and the network if given) and print one table."""
     from polyfid.data_shards.store import Store
-    from polyfid.distributed.baseline import BaselineConfig, format_comparison, run_baseline
+    from polyfid.evaluation.baseline import BaselineConfig, format_comparison, run_baseline
+    from polyfid.evaluation.resolve import resolve_package
 
     data = [Store.open(p) for p in a.data.split(",")]
     test = [Store.open(p) for p in a.test.split(",")] if a.test else None

@@ -139,7 +139,7 @@ def evaluate(package: str, store: str, refit_on: str | None = None, anchor: str 
     anchored on store `anchor` (the pretraining data), as `polyfid finetune` does before step 0."""
     from polyfid.data_shards.reader import iter_all
     from polyfid.data_shards.store import Store
-    from polyfid.distributed.evaluate import evaluate_batches
+    from polyfid.evaluation.metrics import evaluate_batches
     from polyfid.distributed.finetune import refit_references
     from polyfid.models.package import load_package
 
@@ -199,7 +199,7 @@ def run_demo(workdir: Path, steps: int | None = None, workers: int = 2, override
              s1: bool = True) -> dict:
     """Run the whole demo in `workdir` (wiped first); returns the error tables. `s1`: also train S1's (a), (b)."""
     from polyfid.distributed.config import load_config
-    from polyfid.distributed.evaluate import format_table
+    from polyfid.evaluation.metrics import format_table
     from polyfid.distributed.launcher import run_training
 
     t_start = time.perf_counter()

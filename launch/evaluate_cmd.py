@@ -102,25 +102,51 @@ def physics_metrics(scans: list[Any], nve: Any | None) -> dict[str, float]:
     return out
 
 
+def run_physics(a: argparse.Namespace, model, store, reference, plot_dir: Path | None,
+                ) -> tuple[dict[str, Any], list[Path], list[Any], Any | None]:
+    """The --scan and --nve-steps part; prints its table, returns (results to add, plots, scans, NVE or None)."""
+    from polyfid.evaluation import pes
+
+    atoms = pes.structure_from_store(store, a.scan_structure)
+    chosen = parse_scan_atoms(a.scan_atoms)
+    scans, nve, res, plots = [], None, {}, []
+    for kind in SCAN_KINDS.get(a.scan or "", []):
+        try:
+            scans.append(pes.scan(model, atoms, kind, chosen.get(kind), points=a.scan_points,
+                                  fidelity=a.scan_fidelity, reference=reference,
+                                  reference_name=f"reference ({a.reference_calc})"))
+        except ValueError as e:
+            raise SystemExit(f"polyfid evaluate: {kind} scan of structure {a.scan_structure}: {e}") from None
+    if a.nve_steps > 0:
+        nve = pes.nve_drift(model, atoms, a.scan_fidelity, steps=a.nve_steps, dt_fs=a.nve_dt,
+                            temperature_K=a.nve_temperature, seed=a.seed)
+    print()
+    print(format_physics(scans, nve))
+    if scans:
+        res["smoothness"] = {"structure": a.scan_structure, "scans": [r.to_dict() for r in scans]}
+    if nve is not None:
+        res["nve"] = {"structure": a.scan_structure, **nve.to_dict()}
+    if plot_dir is not None and scans:
+        plots.append(pes.plot_scans(scans, plot_dir / "pes_scans.png"))
+    if plot_dir is not None and nve is not None:
+        plots.append(pes.plot_nve(nve, plot_dir / "nve.png"))
+    return res, plots, scans, nve
+
+
 def run(a: argparse.Namespace) -> int:
     """Evaluate a package on stores; optionally scan, run NVE, write JSON and plots, log to MLflow."""
     from tqdm import tqdm
 
-    from polyfid.data_shards.reader import iter_all
     from polyfid.data_shards.store import Store
-    from polyfid.distributed import pes
     from polyfid.distributed.config import resolve_tracking_uri
-    from polyfid.distributed.evaluate import (evaluate_batches, flatten, format_table, learning_curve_plot,
-                                              log_to_run, parity_plots, store_fidelities, write_json)
+    from polyfid.evaluation.metrics import evaluate_stores, flatten, format_table, store_fidelities, write_json
+    from polyfid.evaluation.plots import parity_plots
+    from polyfid.evaluation.report import log_report
+    from polyfid.evaluation.resolve import resolve_package
     from polyfid.models.package import load_package
 
     uri = resolve_tracking_uri(a.tracking_uri)
-    model_path = a.model
-    if a.model.startswith(("runs:/", "models:/")):
-        from polyfid.distributed.tracking import download_package
-
-        model_path = str(download_package(a.model, uri, tempfile.mkdtemp()))
-    model = load_package(model_path)
+    model = load_package(resolve_package(a.model, uri))
     stores = [Store.open(p) for p in a.data.split(",")]
     try:
         fids = store_fidelities(stores, a.fidelity)
@@ -134,46 +160,20 @@ def run(a: argparse.Namespace) -> int:
 
     total = sum(s.n_structures for s in stores)
     with tqdm(total=total, desc="evaluate", unit="structure", disable=a.quiet) as bar:
-        stats = evaluate_batches(model, iter_all(stores, fidelities=fids), fids,
-                                 keep_points=plot_dir is not None, progress=bar)
+        stats = evaluate_stores(model, stores, fids, keep_points=plot_dir is not None, progress=bar)
     res: dict[str, Any] = stats.results()
     print(format_table(res, title=f"{a.model} on {a.data}"))
     plots = parity_plots(stats, plot_dir) if plot_dir is not None else []
-
     scans, nve = [], None
     if a.scan or a.nve_steps > 0:
-        atoms = pes.structure_from_store(stores[0], a.scan_structure)
-        chosen = parse_scan_atoms(a.scan_atoms)
-        for kind in SCAN_KINDS.get(a.scan or "", []):
-            try:
-                scans.append(pes.scan(model, atoms, kind, chosen.get(kind), points=a.scan_points,
-                                      fidelity=a.scan_fidelity, reference=reference,
-                                      reference_name=f"reference ({a.reference_calc})"))
-            except ValueError as e:
-                raise SystemExit(f"polyfid evaluate: {kind} scan of structure {a.scan_structure}: {e}") from None
-        if a.nve_steps > 0:
-            nve = pes.nve_drift(model, atoms, a.scan_fidelity, steps=a.nve_steps, dt_fs=a.nve_dt,
-                                temperature_K=a.nve_temperature, seed=a.seed)
-        print()
-        print(format_physics(scans, nve))
-        if scans:
-            res["smoothness"] = {"structure": a.scan_structure, "scans": [r.to_dict() for r in scans]}
-        if nve is not None:
-            res["nve"] = {"structure": a.scan_structure, **nve.to_dict()}
-        if plot_dir is not None and scans:
-            plots.append(pes.plot_scans(scans, plot_dir / "pes_scans.png"))
-        if plot_dir is not None and nve is not None:
-            plots.append(pes.plot_nve(nve, plot_dir / "nve.png"))
+        extra, more_plots, scans, nve = run_physics(a, model, stores[0], reference, plot_dir)
+        res.update(extra)
+        plots += more_plots
 
     if a.mlflow_run:
-        try:
-            curve = learning_curve_plot(a.mlflow_run, uri, plot_dir / "learning_curve.png")
-        except Exception as e:  # noqa: BLE001 - no run or no server: the local results still stand
-            print(f"polyfid evaluate: no learning curve for run {a.mlflow_run} ({type(e).__name__}: {str(e)[:200]})")
-            curve = None
-        plots += [curve] if curve else []
         metrics = {**flatten({f: r for f, r in res.items() if f in fids}, "eval"), **physics_metrics(scans, nve)}
-        failures = log_to_run(a.mlflow_run, uri, metrics, plots)
+        plots, failures = log_report(a.mlflow_run, uri, metrics, plots, plot_dir,
+                                     warn=lambda msg: print(f"polyfid evaluate: {msg}"))
         if failures:
             print(f"polyfid evaluate: logging to MLflow run {a.mlflow_run} at {uri} failed; results are local only")
         else:

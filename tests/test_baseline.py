@@ -14,10 +14,10 @@ from polyfid.data_shards.demo import HIGH, LOW, demo_files
 from polyfid.data_shards.reader import iter_all
 from polyfid.data_shards.schema import Fidelity
 from polyfid.data_shards.store import Store
-from polyfid.distributed.baseline import (
+from polyfid.evaluation.baseline import (
     LINEAR, NETWORK, REFS, BaselineConfig, InvariantFeatures, LinearBaseline, design, fit_ridge, run_baseline,
 )
-from polyfid.distributed.evaluate import evaluate_batches
+from polyfid.evaluation.metrics import evaluate_batches
 from polyfid.launch.cli import main
 from polyfid.models.graph import build_graph
 

@@ -15,8 +15,9 @@ from ase.calculators.emt import EMT
 
 from conftest import emt_frames
 from helpers import tiny_model
-from polyfid.distributed import pes
-from polyfid.distributed.evaluate import learning_curve_plot, report_to_mlflow
+from polyfid.evaluation import pes
+from polyfid.evaluation.plots import learning_curve_plot
+from polyfid.evaluation.report import report_to_mlflow
 from polyfid.distributed.tracking import Tracker
 from polyfid.launch.cli import main
 from polyfid.models.package import save_package

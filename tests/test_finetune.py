@@ -13,7 +13,7 @@ from polyfid.data_shards.demo import HIGH, LOW, demo_files
 from polyfid.data_shards.ingest import ingest
 from polyfid.data_shards.reader import ShardReader, iter_all
 from polyfid.data_shards.store import Store
-from polyfid.distributed.evaluate import predict
+from polyfid.evaluation.metrics import predict
 from polyfid.distributed.finetune import EarlyStopping, refit_references
 from polyfid.distributed.replay import MixedReader, replay_share, split_budget
 from polyfid.distributed.worker import mixed_reader

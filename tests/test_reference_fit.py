@@ -160,7 +160,7 @@ def _step0_of_a_new_head(package, tmp):
     from polyfid.data_shards.demo import EXTRA
     from polyfid.data_shards.reader import iter_all
     from polyfid.distributed.config import RunConfig
-    from polyfid.distributed.evaluate import evaluate_batches
+    from polyfid.evaluation.metrics import evaluate_batches
     from polyfid.distributed.finetune import prepare_finetune_model
 
     fa = {p.name.split(".")[0]: p for p in demo_files()}["formic_acid"]

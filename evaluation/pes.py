@@ -1,7 +1,7 @@
 """PES smoothness (S3): bond and torsion scans with roughness and spurious extrema; NVE energy drift; plots.
 
 Units: positions Å, energies eV, bond coordinates Å, torsion coordinates in degrees for the user and in
-radians inside `roughness`. Nothing here talks to MLflow; `distributed/evaluate.py` logs what this writes to a run.
+radians inside `roughness`. Nothing here talks to MLflow; `polyfid evaluate` logs what this writes to a run.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import BaseCalculator
 
-from polyfid.distributed.evaluate import pyplot, save_figure
+from polyfid.evaluation.plots import pyplot, save_figure
 
 # Valence of a heavy atom whose bonds are all single; a bond with such an atom at one end is rotatable.
 SATURATED_VALENCE = {5: 3, 6: 4, 7: 3, 8: 2, 9: 1, 14: 4, 15: 3, 16: 2, 17: 1}

@@ -33,7 +33,7 @@ import torch
 
 from polyfid.data_shards.reader import iter_all
 from polyfid.data_shards.store import Store
-from polyfid.distributed.evaluate import ErrorStats, evaluate_batches
+from polyfid.evaluation.metrics import ErrorStats, evaluate_batches
 from polyfid.models.graph import Graph, build_graph
 from polyfid.models.invariants import direction_tensors, hop_invariants, invariant_names, n_components
 from polyfid.models.pair_ops import scatter_outer

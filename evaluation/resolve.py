@@ -1,0 +1,34 @@
+"""One way from a `--model` or `finetune.source` value to a local package folder."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from polyfid.models.package import METADATA_FILE
+
+MLFLOW_SCHEMES = ("runs:/", "models:/")
+
+
+def resolve_package(uri_or_path: str, tracking_uri: str | None, dst: str | os.PathLike | None = None) -> str:
+    """A local package folder for a package path, `runs:/ID/package` or `models:/NAME/VERSION`.
+
+    An MLflow URI is downloaded from `tracking_uri` (a relative `sqlite:///` is taken from the working folder)
+    into `dst`, a new temporary folder when None, and the package folder inside it is returned. A local
+    path is returned as given. Raises FileNotFoundError naming the folder when it holds no polyfid.json,
+    and ValueError for an MLflow URI without a tracking URI.
+    """
+    path = str(uri_or_path)
+    if path.startswith(MLFLOW_SCHEMES):
+        if not tracking_uri:
+            raise ValueError(f"{path} is an MLflow URI, but no tracking URI was given to fetch it from")
+        from polyfid.distributed.config import resolve_tracking_uri
+        from polyfid.distributed.tracking import download_package
+
+        dst = dst if dst is not None else tempfile.mkdtemp()
+        return str(download_package(path, resolve_tracking_uri(tracking_uri), dst))
+    if not (Path(path) / METADATA_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a polyfid package folder (no {METADATA_FILE} in it) "
+                                f"nor a runs:/ or models:/ URI")
+    return path
