@@ -6,6 +6,7 @@ Every part of polyfid that hands data to another part uses the names defined her
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import Any, TypedDict
 
 import numpy as np
@@ -63,9 +64,18 @@ class Fidelity:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def _rank_key(f: Fidelity) -> tuple[int, str]:
+    return f.rank, f.name
+
+
 def highest_rank(fidelities: list[Fidelity]) -> Fidelity:
     """The most accurate fidelity (ties broken by name, for determinism)."""
-    return max(fidelities, key=lambda f: (f.rank, f.name))
+    return max(fidelities, key=_rank_key)
+
+
+def by_rank(fidelities: Iterable[Fidelity]) -> list[Fidelity]:
+    """The fidelities from least to most accurate (ties broken by name, as in `highest_rank`)."""
+    return sorted(fidelities, key=_rank_key)
 
 
 # ---- batches -------------------------------------------------------------------------------------

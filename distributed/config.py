@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from polyfid._util import split_list
 from polyfid.models.config import ModelConfig
 
 
@@ -40,7 +41,7 @@ class DataConfig:
         for name in ("train", "valid"):
             v = getattr(self, name)
             if isinstance(v, str):
-                setattr(self, name, [s for s in v.split(",") if s])
+                setattr(self, name, split_list(v))
         if self.atom_budget < 1:
             raise ConfigError(f"data.atom_budget must be positive, got {self.atom_budget}")
 
@@ -143,7 +144,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         _choice("finetune", "freeze", self.freeze, ("none", "backbone"))
         if isinstance(self.replay_stores, str):
-            self.replay_stores = [s for s in self.replay_stores.split(",") if s]
+            self.replay_stores = split_list(self.replay_stores)
         if not 0.0 <= self.replay_fraction < 1.0:
             raise ConfigError(f"finetune.replay_fraction must be in [0, 1), got {self.replay_fraction}")
         if not 0.0 <= self.early_stopping_smoothing < 1.0:
@@ -267,7 +268,7 @@ def _coerce(t: Any, v: Any, key: str) -> Any:
         raise ConfigError(f"{key}={v!r} does not match {t}")
     if origin is list:
         if isinstance(v, str):
-            v = [s for s in v.split(",") if s]
+            v = split_list(v)
         return [_coerce(args[0], x, key) for x in v] if args else list(v)
     if origin is dict:
         if not isinstance(v, dict):
@@ -310,7 +311,7 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"--set {key}: {p} is not a section")
         value = yaml.safe_load(raw) if raw.strip() else None
         if isinstance(value, str) and "," in value and parts[-1] in ("train", "valid"):
-            value = [s for s in value.split(",") if s]
+            value = split_list(value)
         node[parts[-1]] = value
     return d
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from polyfid._util import split_list
 from polyfid.data_shards.corpus.config import CorpusConfig
 from polyfid.data_shards.corpus.levels import LEVELS, Level
 from polyfid.data_shards.corpus.sample import load_molecules, optimise, rdkit_start
@@ -87,7 +88,7 @@ def main() -> None:
     ap.add_argument("--levels", default="", help="comma-separated level names (default all)")
     ap.add_argument("--root", type=Path, default=ROOT)
     args = ap.parse_args()
-    levels = tuple(lv for lv in LEVELS if not args.levels or lv.name in args.levels.split(","))
+    levels = tuple(lv for lv in LEVELS if not args.levels or lv.name in split_list(args.levels))
     seed = CorpusConfig().seed
     if args.check == "cost":
         lines = measure_costs(args.molecule or "indole", args.structures, seed, levels)

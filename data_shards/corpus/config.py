@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+from polyfid._util import split_list
+
 
 @dataclasses.dataclass(frozen=True)
 class CorpusConfig:
@@ -76,7 +78,7 @@ def _parse(default: Any, value: str) -> Any:
     if isinstance(default, bool):
         return value.lower() in ("1", "true", "yes")
     if isinstance(default, tuple):
-        items = [v for v in value.split(",") if v]
+        items = split_list(value)
         if not default:
             return tuple(items)
         return tuple(type(default[min(i, len(default) - 1)])(v) for i, v in enumerate(items))
