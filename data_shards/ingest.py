@@ -10,9 +10,9 @@ else Å) to Å, forces accordingly. `dataset` names the structures' dataset; `{K
 frame's text field KEY, so `'{subset}'` keeps SPICE's subsets apart (`sources.dataset_name`).
 
 Any bad input raises `IngestError` naming the file, the frame and the field, and leaves nothing behind:
-a new store is never created, an existing one is left exactly as it was. Three ways to run:
-serial (default), `workers > 1` (Ray tasks, one per output shard; `parallel.py`), and `merge_on`
-(labels for the same structures from several sources merge into one row; `merge.py`).
+a new store is never created, an existing one is left exactly as it was. Three ways to run: serial
+(default; `parallel.ingest_serial`), `workers > 1` (Ray tasks, one per output shard; `parallel.py`), and
+`merge_on` (labels for the same structures from several sources merge into one row; `merge.py`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from polyfid.data_shards.parallel import ingest_parallel, ingest_serial
 from polyfid.data_shards.schema import Fidelity, energy_factor, length_factor
 from polyfid.data_shards.sources import (DEFAULT_ENERGY_UNIT, DEFAULT_LENGTH_UNIT, Frame, IngestError,
-                                         dataset_name, read_frames, source_format, split_spec)
+                                         read_frames, source_format, split_spec)
 from polyfid.data_shards.store import Store
 from polyfid.data_shards.writer import StoreWriter, Structure, check_name
 
@@ -121,12 +122,6 @@ class Converter:
         return Structure(z, positions, cell, pbc, energies, frc)
 
 
-def to_structure(spec: str, i: int, frame: Frame, energy: Mapping[str, str], forces: Mapping[str, str],
-                 energy_unit: str = "eV", min_distance: float = MIN_DISTANCE) -> Structure:
-    """Validate one frame and convert it to a Structure (see `Converter`)."""
-    return Converter(dict(energy), dict(forces), energy_unit, min_distance=min_distance)(spec, i, frame)
-
-
 def _fidelities(out: str, names: Sequence[str], append: bool, ranks: Mapping[str, int],
                 meta: Mapping[str, Mapping], unit: str, file: str) -> list[Fidelity]:
     """Fidelity records for the mapped names: the store's own where it has them, updated by ranks/meta."""
@@ -155,20 +150,6 @@ def _fidelities(out: str, names: Sequence[str], append: bool, ranks: Mapping[str
         base = existing.get(fid, Fidelity(fid, source_unit=unit))
         fids.append(dataclasses.replace(base, **extra))
     return fids
-
-
-def _serial(writer: StoreWriter, inputs: Sequence[str], conv: Converter, dataset: str, bar: Any) -> int:
-    total = 0
-    for spec in inputs:
-        count = 0
-        for i, frame in read_frames(spec):
-            writer.add([conv(spec, i, frame)], dataset_name(dataset, spec, i, frame))
-            count += 1
-            bar.update(1)
-        if count == 0:
-            raise IngestError(spec, None, "frames", "input is empty (no frames selected)")
-        total += count
-    return total
 
 
 def ingest(inputs: Sequence[str], out: str, dataset: str, energy: Mapping[str, str],
@@ -227,12 +208,10 @@ def ingest(inputs: Sequence[str], out: str, dataset: str, energy: Mapping[str, s
                 record = ingest_merged(writer, old, inputs, conv, dataset, how, bar)
                 total = record["n_frames"]
             elif workers > 1:
-                from polyfid.data_shards.parallel import ingest_parallel
-
                 total, stats = ingest_parallel(writer, inputs, conv, dataset, workers, bar)
                 record = {"parallel": stats} if stats else {}
             else:
-                total = _serial(writer, inputs, conv, dataset, bar)
+                total = ingest_serial(writer, inputs, conv, dataset, bar)
         finally:
             bar.close()
         writer.add_provenance({"dataset": dataset, "inputs": inputs, "n_structures": total,

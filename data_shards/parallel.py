@@ -42,7 +42,7 @@ from polyfid.data_shards.sources import (IngestError, _selection, dataset_name, 
 from polyfid.data_shards.store import ShardInfo
 from polyfid.data_shards.writer import StoreWriter, shard_arrays, write_group
 
-TASK_CPUS = 0.5  # on the 2-core machines a whole CPU per task starves the rest of Ray (DESIGN.md)
+TASK_CPUS = 0.5  # Ray CPUs per task: on 2-core machines a whole CPU per task starves the rest of Ray
 RAY_MIN_SAVING_S = 30.0  # start Ray only if it would save this much wall time (see ingest_parallel)
 Task = tuple[str, int, "tuple[int, int, int] | None"]  # (spec 'path@a:b:step', frames, (first, byte lo, hi))
 
@@ -175,6 +175,21 @@ def _ray_helper(queue: _Queue, slots: int, run: Callable[[int], tuple]) -> None:
             ray.shutdown()
 
 
+def ingest_serial(writer: StoreWriter, inputs: Sequence[str], conv: Any, dataset: str, bar: Any) -> int:
+    """Ingest in this process, frame by frame (the path without `workers`); returns the structures written."""
+    total = 0
+    for spec in inputs:
+        count = 0
+        for i, frame in read_frames(spec):
+            writer.add([conv(spec, i, frame)], dataset_name(dataset, spec, i, frame))
+            count += 1
+            bar.update(1)
+        if count == 0:
+            raise IngestError(spec, None, "frames", "input is empty (no frames selected)")
+        total += count
+    return total
+
+
 def ingest_parallel(writer: StoreWriter, inputs: Sequence[str], conv: Any, dataset: str, workers: int,
                     bar: Any) -> tuple[int, dict[str, int]]:
     """Ingest with this process and up to `workers - 1` Ray tasks writing shards.
@@ -184,9 +199,7 @@ def ingest_parallel(writer: StoreWriter, inputs: Sequence[str], conv: Any, datas
     """
     tasks = plan_tasks(inputs, writer.shard_size)
     if importlib.util.find_spec("ray") is None or tasks is None or len(tasks) < 2:
-        from polyfid.data_shards.ingest import _serial
-
-        return _serial(writer, inputs, conv, dataset, bar), {}
+        return ingest_serial(writer, inputs, conv, dataset, bar), {}
     if "{" in dataset or "}" in dataset:  # per-frame datasets: registered in the order a serial run meets them
         names = dict.fromkeys(name for spec in inputs for name in dataset_names(spec, dataset))
         d: int | tuple[str, dict[str, int]] = (dataset, {name: writer.add_dataset(name) for name in names})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Sequence
 
@@ -39,3 +40,27 @@ def imbalance(plan: list[list[int]], shard_atoms: Sequence[int]) -> float:
     loads = np.array([sum(int(shard_atoms[k]) for k in ks) for ks in plan], dtype=np.float64)
     mean = loads.mean() if loads.size else 0.0
     return float((loads.max() - mean) / mean) if mean > 0 else 0.0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Unit:
+    """A unit of work: structures [start, stop) (or the listed `keep`) of one shard; g = global shard index.
+
+    What the reader plans and reads, and what a resume on another world size re-plans (resume.py).
+    """
+
+    g: int
+    store: int
+    shard: int
+    start: int
+    stop: int
+    atoms: int
+    keep: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return self.stop - self.start if self.keep is None else len(self.keep)
+
+    def indices(self) -> np.ndarray:
+        """Structure indices within the shard, in order."""
+        return np.arange(self.start, self.stop) if self.keep is None else self.keep

@@ -24,33 +24,12 @@ from typing import Any
 import numpy as np
 
 from polyfid.data_shards import resume
-from polyfid.data_shards.plan import plan_shards
+from polyfid.data_shards.plan import Unit, plan_shards
 from polyfid.data_shards.prefetch import prefetched
-from polyfid.data_shards.schema import Batch, Fidelity
+from polyfid.data_shards.schema import Batch, Fidelity, by_rank
 from polyfid.data_shards.store import Store
 
 STATE_VERSION = 1
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Unit:
-    """A unit of work: structures [start, stop) (or the listed `keep`) of one shard; g = global shard index."""
-
-    g: int
-    store: int
-    shard: int
-    start: int
-    stop: int
-    atoms: int
-    keep: np.ndarray | None = None
-
-    @property
-    def n(self) -> int:
-        return self.stop - self.start if self.keep is None else len(self.keep)
-
-    def indices(self) -> np.ndarray:
-        """Structure indices within the shard, in order."""
-        return np.arange(self.start, self.stop) if self.keep is None else self.keep
 
 
 class _ShardCache:
@@ -71,7 +50,7 @@ class _ShardCache:
         self._future: tuple[int, Future] | None = None
         self._following: int | None = None  # the shard of the next unit, to read ahead
 
-    def enter(self, unit: _Unit, following: _Unit | None = None) -> np.ndarray:
+    def enter(self, unit: Unit, following: Unit | None = None) -> np.ndarray:
         """Atoms per structure of a unit entering the buffer (loads the shard unless replaying)."""
         if unit.g in self._data:
             offsets = self._data[unit.g]["offsets"]
@@ -263,7 +242,7 @@ class ShardReader:
             for f in st.fidelities:
                 known.setdefault(f.name, f)
         if fidelities is None:
-            fidelities = [f.name for f in sorted(known.values(), key=lambda f: (f.rank, f.name))]
+            fidelities = [f.name for f in by_rank(known.values())]
         missing = [f for f in fidelities if f not in known]
         if missing:
             raise ValueError(f"fidelities {missing} are in none of the stores; known: {sorted(known)}")
@@ -281,14 +260,14 @@ class ShardReader:
         self.epoch = 0
         self._consumed = 0  # batches of `epoch` already handed to the caller
         self._replan: dict[str, Any] | None = None  # set when resumed from a different world size
-        self._replan_units: list[_Unit] = []
+        self._replan_units: list[Unit] = []
         self._warned = False
 
     # ---- planning ---------------------------------------------------------------------------------
-    def _make_units(self) -> list[_Unit]:
+    def _make_units(self) -> list[Unit]:
         """One unit per shard; with fewer than 2×world_size shards, shards are split into structure ranges."""
         shards = [(s, k, info) for s, st in enumerate(self.stores) for k, info in enumerate(st.shards)]
-        units = [_Unit(g, s, k, 0, info.n_structures, info.n_atoms) for g, (s, k, info) in enumerate(shards)]
+        units = [Unit(g, s, k, 0, info.n_structures, info.n_atoms) for g, (s, k, info) in enumerate(shards)]
         if len(units) >= 2 * self.world_size or not units:
             return units
         pieces = math.ceil(2 * self.world_size / len(units))
@@ -297,7 +276,7 @@ class ShardReader:
             offsets = self.stores[s].read_array(k, "offsets")
             for part in np.array_split(np.arange(info.n_structures), min(pieces, info.n_structures)):
                 lo, hi = int(part[0]), int(part[-1]) + 1
-                split.append(_Unit(g, s, k, lo, hi, int(offsets[hi] - offsets[lo])))
+                split.append(Unit(g, s, k, lo, hi, int(offsets[hi] - offsets[lo])))
         return split
 
     def _offsets(self, g: int) -> np.ndarray:
@@ -310,7 +289,7 @@ class ShardReader:
             self._offsets_memo[g] = offsets
         return offsets
 
-    def _epoch_units(self, epoch: int) -> list[_Unit]:
+    def _epoch_units(self, epoch: int) -> list[Unit]:
         """The units this rank reads in `epoch`, in read order."""
         units = self._units
         if self._replan is not None and epoch == self._replan["epoch"]:

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from polyfid.data_shards.reader import ShardReader, _Unit
+from polyfid.data_shards.plan import Unit
+
+if TYPE_CHECKING:  # for annotations only: the reader imports this module
+    from polyfid.data_shards.reader import ShardReader
 
 STATE_VERSION = 1
 SETTINGS = ("version", "seed", "atom_budget", "shuffle_buffer", "shuffle", "fidelities", "stores")
@@ -48,8 +50,6 @@ def check_settings(reader: "ShardReader", states: Sequence[dict[str, Any]], own:
 
 def consumed_masks(reader: "ShardReader", states: Sequence[dict[str, Any]]) -> dict[int, np.ndarray]:
     """{global shard: bool mask of consumed structures} of the old world's earliest unfinished epoch."""
-    from polyfid.data_shards.reader import ShardReader
-
     epoch = min(int(s["epoch"]) for s in states)
     # All ranks of one world share the re-plan they were started with; ranks still in that epoch carry it.
     shared = next((s["replan"] for s in states if s.get("replan") and s["replan"]["epoch"] == epoch), None)
@@ -60,7 +60,7 @@ def consumed_masks(reader: "ShardReader", states: Sequence[dict[str, Any]]) -> d
         masks = {g: m.copy() for g, m in shared_masks.items()}
     cfg = dataclasses.replace(reader.config, prefetch=0)
     for state in states:
-        shadow = ShardReader(reader.stores, cfg, rank=int(state["rank"]), world_size=int(state["world_size"]),
+        shadow = type(reader)(reader.stores, cfg, rank=int(state["rank"]), world_size=int(state["world_size"]),
                              fidelities=reader.fidelities)
         shadow._offsets_memo = reader._offsets_memo
         if shared is not None:
@@ -75,10 +75,8 @@ def consumed_masks(reader: "ShardReader", states: Sequence[dict[str, Any]]) -> d
     return masks
 
 
-def remaining_units(reader: "ShardReader", masks: dict[int, np.ndarray]) -> list["_Unit"]:
+def remaining_units(reader: "ShardReader", masks: dict[int, np.ndarray]) -> list[Unit]:
     """Units over the structures not in `masks`, split into ranges if there are fewer than 2×world_size."""
-    from polyfid.data_shards.reader import _Unit
-
     def atoms(g: int, idx: np.ndarray) -> int:
         off = reader._offsets(g)
         return int((off[idx + 1] - off[idx]).sum())
@@ -87,13 +85,13 @@ def remaining_units(reader: "ShardReader", masks: dict[int, np.ndarray]) -> list
     for g, (s, k) in enumerate(reader._shard_keys):
         info = reader.stores[s].shards[k]
         if g not in masks:
-            units.append(_Unit(g, s, k, 0, info.n_structures, info.n_atoms))
+            units.append(Unit(g, s, k, 0, info.n_structures, info.n_atoms))
             continue
         keep = np.flatnonzero(~masks[g])
         if keep.size:
-            units.append(_Unit(g, s, k, 0, info.n_structures, atoms(g, keep), keep))
+            units.append(Unit(g, s, k, 0, info.n_structures, atoms(g, keep), keep))
     if not units or len(units) >= 2 * reader.world_size:
         return units
     pieces = math.ceil(2 * reader.world_size / len(units))
-    return [_Unit(u.g, u.store, u.shard, 0, 0, atoms(u.g, part), part)
+    return [Unit(u.g, u.store, u.shard, 0, 0, atoms(u.g, part), part)
             for u in units for part in np.array_split(u.indices(), min(pieces, u.n))]

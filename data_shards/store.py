@@ -1,10 +1,10 @@
 """A polyfid store: a zarr v3 group of shards plus a manifest, opened read-only for training.
 
-Layout (see DESIGN.md, "The store"): root attrs["polyfid"] holds the manifest; shard k lives at
-`shards/<name>` with atomic_numbers[A] uint8, positions[A,3], offsets[S+1], cell[S,3,3], pbc[S,3],
-dataset[S] int16, structure_id[S] int64, energy/<fid>[S] float64 and forces/<fid>[A,3] float32.
-A label array that a shard does not have (all NaN, or a fidelity added later) reads as NaN.
-Writing lives in `writer.py` (`StoreWriter`, `Structure`, `write_structures`, re-exported here).
+Layout: root attrs["polyfid"] holds the manifest; shard k lives at `shards/<name>` with atomic_numbers[A]
+uint8, positions[A,3], offsets[S+1], cell[S,3,3], pbc[S,3], dataset[S] int16, structure_id[S] int64,
+energy/<fid>[S] float64 and forces/<fid>[A,3] float32. A label array that a shard does not have (all NaN,
+or a fidelity added later) reads as NaN. Writing lives in `writer.py` (`StoreWriter`, `Structure`,
+`write_structures`), which builds on this module.
 """
 
 from __future__ import annotations
@@ -208,12 +208,3 @@ def read_manifest(loc: Location) -> dict[str, Any] | None:
         raise ValueError(f"{loc.path} is not a polyfid store: no zarr v3 group at its root ({err})") from err
     manifest = root.attrs.get(MANIFEST_KEY)
     return None if manifest is None else dict(manifest)
-
-
-def __getattr__(name: str) -> Any:
-    # The writer imports this module, so it is re-exported lazily (PEP 562) to avoid an import cycle.
-    if name in ("StoreWriter", "Structure", "write_structures"):
-        from polyfid.data_shards import writer
-
-        return getattr(writer, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-import polyfid
+from polyfid._version import __version__
 from polyfid.data_shards.layout import (ENERGY_DTYPE, FORCES_DTYPE, SHARDS, Location, chunk_rows, compressor,
                                         is_stale_tmp, shard_checksum, tmp_name)
 from polyfid.data_shards.refs import ReferenceAccumulator, shard_sums
@@ -304,7 +304,7 @@ class StoreWriter:
             "shards": [s.to_dict() for s in self._shards],
             "n_structures": int(sum(s.n_structures for s in self._shards)),
             "n_atoms": int(sum(s.n_atoms for s in self._shards)),
-            "created_by": f"polyfid {polyfid.__version__}",
+            "created_by": f"polyfid {__version__}",
             "provenance": self._provenance,
         }
         self._root.attrs["polyfid"] = manifest

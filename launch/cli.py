@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from polyfid.launch import evaluate_cmd
+from polyfid.launch import evaluate_cmd, finetune_cmd
+from polyfid.launch.summary import print_summary
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -90,28 +91,14 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
     extra = [f"trainer.address={a.address}"] if a.address else []
     summary = run_training(_run_config(a, extra))
-    _print_summary(summary)
+    print_summary(summary)
     return 0
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
     from polyfid.distributed.config import load_config
-    from polyfid.launch import finetune_cmd
 
     return finetune_cmd.run(a, load_config)
-
-
-def _print_summary(s: dict) -> None:
-    if s.get("stopped"):
-        print(f"stopped on request; checkpoint in {s['checkpoints']}. Run the same command again to resume"
-              f" (MLflow run {s['mlflow_run_id']} continues).")
-        return
-    print(f"package: {s['package']}")
-    if s.get("mlflow_run_id"):
-        print(f"MLflow run: {s['mlflow_run_id']}  (runs:/{s['mlflow_run_id']}/package)")
-    if s.get("model_version"):
-        print(f"registered: models:/{s['registered_model']}/{s['model_version']}")
-    print(f"training wall time: {s['wall_s']:.1f} s")
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
@@ -215,8 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT")
             s.set_defaults(fn=cmd_pretrain)
         else:
-            from polyfid.launch import finetune_cmd
-
             finetune_cmd.add_arguments(s)
             s.set_defaults(fn=cmd_finetune)
 

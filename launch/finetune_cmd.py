@@ -7,6 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+from polyfid.launch.summary import print_summary
+
 RECIPES = Path(__file__).parent / "recipes"
 
 
@@ -61,9 +63,7 @@ def run(a: argparse.Namespace, load_config) -> int:
 
 def print_finetune_summary(s: dict) -> None:
     """Package, MLflow run and version, the step-0 error, early stopping and forgetting."""
-    from polyfid.launch.cli import _print_summary
-
-    _print_summary(s)
+    print_summary(s)
     if s.get("stopped"):
         return
     if s.get("step0_validation"):

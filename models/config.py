@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
-
-if TYPE_CHECKING:
-    from polyfid.data_shards.schema import Fidelity
-    from polyfid.models.potential import Potential
+from typing import Any, Mapping
 
 KINDS = ("hipnn", "hipnn_ts", "hiphop")
 ACTIVATIONS = ("silu", "softplus", "tanh", "gelu", "celu")
@@ -16,7 +12,7 @@ HEAD_DESIGNS = ("independent", "delta")
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Architecture of the backbone; `build()` makes a Potential from it."""
+    """Architecture of the backbone; `Potential(config, elements, fidelities)` makes a model from it."""
 
     kind: str = "hipnn_ts"
     """Network family: "hipnn" (l=0), "hipnn_ts" (adds norms of l=1..l_max sums), "hiphop" (S2 invariants)."""
@@ -102,14 +98,3 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig keys {unknown}; known keys: {sorted(known)}")
         return cls(**dict(d))
-
-    def build(
-        self,
-        elements: Sequence[int],
-        fidelities: "Sequence[Fidelity]",
-        reference_energies: Mapping[str, Mapping[int, float]] | None = None,
-    ) -> "Potential":
-        """Make a freshly initialised Potential with this architecture."""
-        from polyfid.models.potential import Potential
-
-        return Potential(self, elements, fidelities, reference_energies)

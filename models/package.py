@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from polyfid._version import __version__
 from polyfid.data_shards.schema import Fidelity
 from polyfid.models.config import ModelConfig
 from polyfid.models.potential import Potential
@@ -25,8 +26,6 @@ REQUIRED_KEYS = ("format", "format_version", "config", "elements", "fidelities",
 
 def package_metadata(model: Potential, lineage: dict | None = None, extra: dict | None = None) -> dict[str, Any]:
     """The contents of polyfid.json for `model`."""
-    from polyfid import __version__
-
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -11,8 +11,9 @@ import zarr
 
 from polyfid.data_shards.refs import fit_reference_energies, fit_reference_energies_from_numbers
 from polyfid.data_shards.schema import Fidelity
-from polyfid.data_shards.store import CorruptShardError, Store, StoreWriter, Structure, write_structures
+from polyfid.data_shards.store import CorruptShardError, Store
 from polyfid.data_shards.synthetic import random_structures
+from polyfid.data_shards.writer import StoreWriter, Structure, write_structures
 
 FIDS = [Fidelity("lo", rank=0, method="xtb"), Fidelity("hi", rank=1, method="b3lyp", basis="6-31g*")]
 

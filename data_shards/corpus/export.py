@@ -1,4 +1,5 @@
-"""Write the corpus files (gzipped extxyz, one per level and split) and PROVENANCE.md from the result store.
+"""Write the corpus files (gzipped extxyz, one per level and split) from the result store (with PROVENANCE.md:
+`provenance.export_all`).
 
 Splits: a held-out molecule's structures are all ``heldout``; a training molecule's structures are
 ``train`` / ``valid`` / ``test`` (80/10/10) by the structure hash's split fraction. The S3 target's files
@@ -11,7 +12,7 @@ import gzip
 import io
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import ase.io
 import numpy as np
@@ -134,13 +135,3 @@ def export_files(corpus: Corpus, root: Path) -> dict[str, int]:
             path.unlink()
     return written
 
-
-def export_all(root: Path, cfg, levels: Sequence[Level], argv: Optional[Sequence[str]] = None) -> dict[str, int]:
-    """Write the files and PROVENANCE.md for everything computed so far under ``root``."""
-    from polyfid.data_shards.corpus.provenance import write_provenance
-
-    root = Path(root)
-    corpus = Corpus.load(root, levels)
-    files = export_files(corpus, root)
-    write_provenance(corpus, root, cfg, files)
-    return files

@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from polyfid.data_shards.corpus.config import CorpusConfig
 from polyfid.data_shards.corpus.levels import LEVELS, LabelError, Level
-from polyfid.data_shards.corpus.sample import Molecule, load_molecules, sample_structures, target_molecule
+from polyfid.data_shards.corpus.sample import (Molecule, load_molecules, sample_structures, target_molecule,
+                                               wanted)
 from polyfid.data_shards.corpus.store import (LabelStore, Record, Structures, dequantise, fractions,
                                               label_key, quantise)
 
@@ -94,15 +95,6 @@ class Job:
     rows: list[int] = dataclasses.field(compare=False, default_factory=list)
     keys: list[str] = dataclasses.field(compare=False, default_factory=list)
     forces: list[bool] = dataclasses.field(compare=False, default_factory=list)
-
-
-def wanted(level: Level, mol: Molecule, shash: str, label_all: bool) -> tuple[bool, bool]:
-    """(energy, forces) that ``level`` wants for a structure of ``mol``."""
-    if label_all or (mol.role == "target" and level.target):
-        return True, True
-    if mol.role == "target":
-        return False, False
-    return level.wants(fractions(shash)[0])
 
 
 def label_jobs(mol: Molecule, mol_index: int, st: Structures, levels: Sequence[Level],
@@ -304,7 +296,7 @@ def run(cfg: CorpusConfig, root: Path = CORPUS_ROOT, address: Optional[str] = No
     finally:
         lock.close()
     if cfg.export:
-        from polyfid.data_shards.corpus.export import export_all
+        from polyfid.data_shards.corpus.provenance import export_all
         export_all(root, cfg, levels)
     return r.stores
 
@@ -321,7 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = ap.parse_args(argv)
     cfg = CorpusConfig().override(args.set)
     if args.export_only:
-        from polyfid.data_shards.corpus.export import export_all
+        from polyfid.data_shards.corpus.provenance import export_all
         export_all(args.root, cfg, LEVELS)
         return
     run(cfg, args.root, args.address)

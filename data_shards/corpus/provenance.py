@@ -1,4 +1,5 @@
-"""PROVENANCE.md of the corpus, written from what the result store holds so far."""
+"""PROVENANCE.md of the corpus, written from what the result store holds so far; `export_all` writes the files
+and then PROVENANCE.md."""
 from __future__ import annotations
 
 import collections
@@ -8,11 +9,13 @@ import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 
-from polyfid.data_shards.corpus.export import FILES_DIR, SPLIT_FRACTIONS, Corpus
-from polyfid.data_shards.corpus.generate import wanted
+from polyfid.data_shards.corpus.export import FILES_DIR, SPLIT_FRACTIONS, Corpus, export_files
+from polyfid.data_shards.corpus.levels import Level
+from polyfid.data_shards.corpus.sample import wanted
 from polyfid.data_shards.corpus.store import label_key
 
 RESUME = ("nohup .venv/bin/python -m polyfid.data_shards.corpus.generate --set nice=19 "
@@ -174,3 +177,12 @@ def write_provenance(corpus: Corpus, root: Path, cfg, files: dict[str, int]) -> 
              "| file | frames |", "|---|---|",
              *[f"| `{name}` | {n} |" for name, n in sorted(files.items())], ""]
     (root / "PROVENANCE.md").write_text("\n".join(lines))
+
+
+def export_all(root: Path, cfg, levels: Sequence[Level], argv: Optional[Sequence[str]] = None) -> dict[str, int]:
+    """Write the files and PROVENANCE.md for everything computed so far under ``root``."""
+    root = Path(root)
+    corpus = Corpus.load(root, levels)
+    files = export_files(corpus, root)
+    write_provenance(corpus, root, cfg, files)
+    return files

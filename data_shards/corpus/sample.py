@@ -18,7 +18,8 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
 from ase.optimize import BFGS
 
-from polyfid.data_shards.corpus.levels import LabelError, xtb
+from polyfid.data_shards.corpus.levels import LabelError, Level, xtb
+from polyfid.data_shards.corpus.store import fractions
 
 MOLECULES_CSV = Path(__file__).resolve().parent / "molecules.csv"
 TARGET_NAME, TARGET_SMILES = "paracetamol", "CC(=O)Nc1ccc(O)cc1"
@@ -34,6 +35,15 @@ class Molecule:
     smiles: str
     group: str
     role: str
+
+
+def wanted(level: Level, mol: Molecule, shash: str, label_all: bool) -> tuple[bool, bool]:
+    """(energy, forces) that ``level`` wants for a structure of ``mol``."""
+    if label_all or (mol.role == "target" and level.target):
+        return True, True
+    if mol.role == "target":
+        return False, False
+    return level.wants(fractions(shash)[0])
 
 
 def load_molecules(path: Path = MOLECULES_CSV) -> list[Molecule]:
