@@ -64,9 +64,9 @@ def _count_bytes(rank, world, out, mode, k, steps):
     from polyfid.data_shards.store import Store
     from polyfid.distributed.config import LossConfig, TrainerConfig
     from polyfid.distributed.engine import build_engine
-    from polyfid.distributed.reptile import Task, reptile_step
+    from polyfid.distributed.reptile import ReptileExtra, Task, reptile_step
     from polyfid.distributed.steps import StepContext, multifidelity_step
-    from polyfid.distributed.worker import merged_references
+    from polyfid.data_shards.reference_fit import fit_stores
     from polyfid.models.config import ModelConfig
     from polyfid.models.potential import Potential
 
@@ -85,13 +85,14 @@ def _count_bytes(rank, world, out, mode, k, steps):
         setattr(tdist, name, wrap)
     store = Store.open(out["store"])
     fids = [f for f in store.fidelities]
-    model = Potential(ModelConfig(), store.elements, fids, merged_references([store]))
+    refs = fit_stores([store], fids, sorted(int(z) for z in store.elements)).energies
+    model = Potential(ModelConfig(), store.elements, fids, refs)
     n_params = sum(p.numel() for p in model.parameters())
     cfg = TrainerConfig(workers=world, steps=10**6, zero_stage=1)
     engine, _ = build_engine(model, cfg, torch.device("cpu"), reptile_epsilon=0.5 if mode == "reptile" else None)
     names = [f.name for f in fids]
     ctx = StepContext(engine, LossConfig(), names, model.config.cutoff, torch.float32, torch.device("cpu"),
-                      extra={"tasks": [Task(0, names[0])], "inner_lr": 1e-3})
+                      extra=ReptileExtra([Task(0, names[0])], 1e-3))
     reader = iter(ShardReader([store], ShardReader.Config(atom_budget=256), rank=rank, world_size=world,
                               fidelities=names if mode == "plain" else [names[0]]))
     counted["bytes"] = 0

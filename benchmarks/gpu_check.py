@@ -25,7 +25,7 @@ def timed_steps(kind: str, precision: str, stores, batches, n_warm: int = 5) -> 
     from polyfid.distributed.engine import build_engine, compute_dtype
     from polyfid.distributed.steps import StepContext, multifidelity_step, prepare
     from polyfid.distributed.config import RunConfig
-    from polyfid.distributed.worker import build_model
+    from polyfid.distributed.trainer import build_model
 
     cfg = RunConfig()
     cfg.model.kind, cfg.model.width, cfg.model.n_interactions, cfg.model.n_atom_layers = kind, 128, 2, 3

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from polyfid.distributed.engine import all_reduce_host
+
 log = logging.getLogger("polyfid.checkpoint")
 KEEP = 2  # checkpoints kept on disk
 
@@ -83,3 +85,39 @@ def load_checkpoint(engine, ckpt_dir: str | Path, reader, rank: int, world: int)
             world,
         )
     return client
+
+
+STOP_FILE = "STOP"  # the driver writes it on SIGTERM; workers checkpoint and leave at the next step
+
+
+def stop_requested(path: Path) -> bool:
+    """Whether any rank sees the stop file; one scalar all-reduce so that all ranks agree."""
+    flag = all_reduce_host(torch.tensor([1.0 if path.exists() else 0.0]))
+    return bool(flag.item() > 0)
+
+
+class Checkpointer:
+    """Where a run's checkpoints live, when they are written, and the stop file that asks for one now."""
+
+    def __init__(self, output: str | Path, every: int, last_step: int, run_id: str | None, rank: int,
+                 world: int) -> None:
+        self.dir, self.stop_file = Path(output) / "checkpoints", Path(output) / STOP_FILE
+        self.every, self.last_step = every, last_step
+        self.run_id, self.rank, self.world = run_id, rank, world
+
+    def resume(self, engine, stream) -> int:
+        """Restore the newest checkpoint, if any, into the engine and the stream; returns its step (else 0)."""
+        if latest_checkpoint(self.dir) is None:
+            return 0
+        step = int(load_checkpoint(engine, self.dir, stream, self.rank, self.world)["step"])
+        log.warning("rank %d resumed from %s at step %d", self.rank, self.dir, step)
+        return step
+
+    def after_step(self, engine, stream, step: int) -> bool:
+        """Write a checkpoint when one is due or a stop was asked for (collective); True: stop now."""
+        stopped = stop_requested(self.stop_file)
+        if stopped or step % self.every == 0 or step == self.last_step:
+            save_checkpoint(engine, self.dir, step, stream, self.run_id, self.rank)
+        if stopped:
+            log.warning("rank %d: stop requested; checkpoint written at step %d", self.rank, step)
+        return stopped

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -10,7 +11,7 @@ import numpy as np
 
 from polyfid.data_shards.reader import iter_all
 from polyfid.data_shards.refs import composition_matrix, fit_reference_energies
-from polyfid.data_shards.schema import Fidelity
+from polyfid.data_shards.schema import Fidelity, highest_rank
 from polyfid.data_shards.store import Store
 from polyfid.distributed.config import RunConfig
 from polyfid.evaluation.metrics import predict
@@ -29,7 +30,7 @@ def choose_head(model: Potential, stores: Sequence[Store], requested: str | None
     if requested is None:
         if not target:
             raise ValueError("the fine-tuning stores hold no fidelity")
-        requested = max(target.values(), key=lambda f: (f.rank, f.name)).name
+        requested = highest_rank(list(target.values())).name
     if requested in model.fidelity_names:
         return requested, None
     if requested not in target:
@@ -90,28 +91,82 @@ def refit_references(model: Potential, head: str, stores: Sequence[Store], atom_
     return new
 
 
-def prepare_finetune_model(cfg: RunConfig, stores: Sequence[Store]) -> Potential:
-    """Load the parent package named in cfg.finetune.source and set it up for fine-tuning."""
-    model = load_package(cfg.finetune.source)
-    head, new_fid = choose_head(model, stores, cfg.finetune.head)
-    if new_fid is not None:
-        src = closest_fidelity(model, new_fid)
-        model.add_fidelity(new_fid, init_from=src)
-        log.warning("fine-tuning adds head %r, initialised from %r", head, src)
-    if cfg.finetune.refit_references:
-        anchors: list[Store] = []
-        if new_fid is None:  # an existing head: keep its energies on the pretraining data where they were
-            from polyfid.distributed.replay import lineage_stores, open_replay_stores
+@dataclasses.dataclass
+class FinetunePlan:
+    """What a fine-tuning run does to its parent, decided once on the driver and passed to the workers as data.
 
-            meta = getattr(model, "package_metadata", None) or {}
-            anchors = open_replay_stores(cfg.finetune.replay_stores or lineage_stores(meta))
-        refit_references(model, head, stores, cfg.data.atom_budget, anchors=anchors)
-    if cfg.finetune.freeze == "backbone":
-        for p in model.backbone_parameters():
-            p.requires_grad_(False)
-    # Other heads get no gradient from target data that lacks their labels; only `head` moves.
-    model.finetune_head = head
-    return model
+    The run's config keeps what the user wrote (an MLflow URI stays a URI, an asked-for replay fraction stays
+    asked for); the plan holds what was resolved from it: the local package, the head, the replay stores that
+    could be read and the stores that anchor a reference refit.
+    """
+
+    source: str  # local package folder
+    source_uri: str  # what the user gave (package path, runs:/ or models:/ URI), recorded in the lineage
+    head: str
+    new_fidelity: dict | None  # a head to add (Fidelity.to_dict()), initialised from `init_from`
+    init_from: str | None
+    freeze: str
+    refit_references: bool
+    anchors: list[str]  # stores whose structures join the refit of an existing head (the pretraining data)
+    replay_fraction: float
+    replay_stores: list[str]
+    parent_lineage: dict | None
+
+    @classmethod
+    def build(cls, cfg: RunConfig, stores: Sequence[Store], source: str | None = None,
+              source_uri: str | None = None) -> "FinetunePlan":
+        """The plan of `cfg.finetune` on the target `stores`; `source`: the local copy of an MLflow URI."""
+        from polyfid.distributed.replay import lineage_stores, open_replay_stores
+
+        ft = cfg.finetune
+        source = source or ft.source
+        parent = load_package(source)
+        meta = getattr(parent, "package_metadata", None) or {}
+        head, new_fid = choose_head(parent, stores, ft.head)
+        replay_fraction, replay_paths = ft.replay_fraction, list(ft.replay_stores)
+        if replay_fraction > 0:
+            paths = replay_paths or lineage_stores(meta)
+            prints = {s.get("path"): s.get("fingerprint") for s in (meta.get("lineage") or {}).get("stores", [])}
+            replay_paths = [str(s.path) for s in open_replay_stores(paths, prints)]
+            if not replay_paths:
+                log.warning("finetune.replay_fraction=%g but no pretraining store can be read (lineage: %s); "
+                            "fine-tuning without replay", replay_fraction, ", ".join(paths) or "none")
+                replay_fraction = 0.0
+        anchors: list[str] = []
+        if ft.refit_references and new_fid is None:  # an existing head keeps its energies on the pretraining data
+            anchors = [str(s.path) for s in open_replay_stores(replay_paths or lineage_stores(meta))]
+        return cls(source=str(source), source_uri=source_uri or str(ft.source), head=head,
+                   new_fidelity=new_fid.to_dict() if new_fid is not None else None,
+                   init_from=closest_fidelity(parent, new_fid) if new_fid is not None else None, freeze=ft.freeze,
+                   refit_references=ft.refit_references, anchors=anchors, replay_fraction=replay_fraction,
+                   replay_stores=replay_paths, parent_lineage=meta.get("lineage"))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FinetunePlan":
+        return cls(**d)
+
+    def apply(self, stores: Sequence[Store], atom_budget: int) -> Potential:
+        """The parent, set up for fine-tuning: the head added, its references refitted, the backbone frozen if asked."""
+        model = load_package(self.source)
+        if self.new_fidelity is not None:
+            model.add_fidelity(Fidelity.from_dict(self.new_fidelity), init_from=self.init_from)
+            log.warning("fine-tuning adds head %r, initialised from %r", self.head, self.init_from)
+        if self.refit_references:
+            anchors = [Store.open(p) for p in self.anchors]
+            refit_references(model, self.head, stores, atom_budget, anchors=anchors)
+        if self.freeze == "backbone":
+            for p in model.backbone_parameters():
+                p.requires_grad_(False)
+        # Other heads get no gradient from target data that lacks their labels; only `head` moves.
+        return model
+
+
+def prepare_finetune_model(cfg: RunConfig, stores: Sequence[Store]) -> Potential:
+    """The parent package named in cfg.finetune.source, set up for fine-tuning (FinetunePlan in one call)."""
+    return FinetunePlan.build(cfg, stores).apply(stores, cfg.data.atom_budget)
 
 
 class EarlyStopping:

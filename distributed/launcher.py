@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -12,52 +13,59 @@ from typing import Any
 
 from polyfid.data_shards.store import Store
 from polyfid.distributed.config import ConfigError, RunConfig, save_config
-from polyfid.distributed.engine import ensure_extension_cache
-from polyfid.distributed.finetune import forgetting_advice, measure_forgetting
+from polyfid.distributed.checkpoint import STOP_FILE
+from polyfid.distributed.engine import ensure_extension_cache, resolve_device, resolve_precision
+from polyfid.distributed.finetune import FinetunePlan, forgetting_advice, measure_forgetting
+from polyfid.distributed.modes import get_mode
 from polyfid.distributed.progress import interactive, quiet_libraries, verbose
-from polyfid.distributed.replay import lineage_stores, open_replay_stores
-from polyfid.distributed.steps import get_step_function
-from polyfid.distributed.tracking import Tracker, download_package
-from polyfid.distributed.worker import STOP_FILE
+from polyfid.distributed.tracking import Tracker
+from polyfid.evaluation.report import report_to_mlflow
+from polyfid.evaluation.resolve import resolve_package
 from polyfid.models.package import read_metadata
 
 log = logging.getLogger("polyfid.launcher")
 
 
-def _check_stores(cfg: RunConfig) -> None:
-    """Open every store now, so that a wrong path fails before any worker starts."""
+def check_on_driver(cfg: RunConfig) -> None:
+    """What can be checked before Ray starts: the stores open, and the device and precision make sense here."""
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give at least one store (data.train=PATH[,PATH...])")
     for p in cfg.data.train + cfg.data.valid:
         Store.open(p)
+    import torch
+
+    if cfg.trainer.address is None:  # a local cluster: its workers see the devices this process sees
+        resolve_precision(cfg.trainer, resolve_device(cfg.trainer))
+    elif cfg.trainer.use_gpu is False:
+        resolve_precision(cfg.trainer, torch.device("cpu"))
 
 
-def _fetch_parent(cfg: RunConfig) -> str | None:
-    """If the fine-tuning source is an MLflow URI, download it; returns the original URI."""
-    src = cfg.finetune.source
-    if not src:
-        return None
-    if src.startswith(("runs:/", "models:/")):
-        local = download_package(src, cfg.tracking.uri, Path(cfg.output) / "parent")
-        cfg.finetune.source = str(local)
-        return src
-    if not (Path(src) / "polyfid.json").exists():
-        raise ConfigError(f"finetune.source={src} is not a package folder (no polyfid.json) nor an MLflow URI")
-    return src
+@dataclasses.dataclass
+class Prepared:
+    """The run as the driver resolved it; the config itself stays as the user wrote it."""
+
+    cfg: RunConfig
+    out: Path
+    plan: FinetunePlan | None
+    parent_meta: dict
 
 
-def _resolve_replay(cfg: RunConfig, parent_meta: dict) -> None:
-    """Fill finetune.replay_stores from the parent's lineage; without a readable store, replay is turned off."""
-    if not cfg.finetune.source or cfg.finetune.replay_fraction <= 0:
-        return
-    paths = cfg.finetune.replay_stores or lineage_stores(parent_meta)
-    fingerprints = {s.get("path"): s.get("fingerprint") for s in (parent_meta.get("lineage") or {}).get("stores", [])}
-    opened = open_replay_stores(paths, fingerprints)
-    cfg.finetune.replay_stores = [str(s.path) for s in opened]
-    if not opened:
-        log.warning("finetune.replay_fraction=%g but no pretraining store can be read (lineage: %s); "
-                    "fine-tuning without replay", cfg.finetune.replay_fraction, ", ".join(paths) or "none")
-        cfg.finetune.replay_fraction = 0.0
+def prepare(cfg: RunConfig) -> Prepared:
+    """Resolve paths, check everything that can fail early, plan the fine-tuning, and save the config."""
+    ensure_extension_cache()
+    quiet_libraries()
+    cfg.resolve_paths()
+    get_mode(cfg.trainer.mode)  # fail now for an unknown mode
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    check_on_driver(cfg)
+    plan, parent_meta = None, {}
+    if cfg.finetune.source:
+        local = resolve_package(cfg.finetune.source, cfg.tracking.uri, out / "parent")
+        plan = FinetunePlan.build(cfg, [Store.open(p) for p in cfg.data.train], local, cfg.finetune.source)
+        parent_meta = read_metadata(local)
+    save_config(cfg, out / "config.yaml")  # before anything runs
+    return Prepared(cfg, out, plan, parent_meta)
 
 
 def _init_ray(cfg: RunConfig) -> None:
@@ -97,32 +105,32 @@ def pin_ray_address() -> None:
 
 def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
     """Run pretraining or fine-tuning (cfg.finetune.source set) on Ray Train workers; returns a summary."""
-    ensure_extension_cache()
-    quiet_libraries()
-    cfg.resolve_paths()
-    get_step_function(cfg.trainer.mode)  # fail now for a mode without a step function
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    parent_uri = _fetch_parent(cfg)
-    parent_meta = read_metadata(cfg.finetune.source) if cfg.finetune.source else {}
-    _resolve_replay(cfg, parent_meta)
-    _check_stores(cfg)
-    save_config(cfg, out / "config.yaml")  # before anything runs
+    run = prepare(cfg)
+    tracker = track(run)
+    try:
+        wall = launch(run, tracker, shutdown_ray)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    return finalize(run, tracker, wall)
 
-    # One MLflow run per output folder: a rerun of the same command continues it.
-    run_file = out / "mlflow_run.json"
+
+def track(run: Prepared) -> Tracker:
+    """The MLflow run of this output folder: a rerun of the same command continues it."""
+    cfg, plan = run.cfg, run.plan
+    run_file = run.out / "mlflow_run.json"
     tracker = Tracker(cfg.tracking.uri, enabled=cfg.tracking.enabled)
     previous_run = json.loads(run_file.read_text()).get("run_id") if run_file.exists() else None
     if previous_run:
         tracker.run_id = previous_run
         tracker.resume()
     else:
-        tags = {"polyfid.mode": cfg.trainer.mode, "polyfid.kind": "finetune" if parent_uri else "pretrain"}
-        if parent_uri:
-            tags["polyfid.parent"] = parent_uri
-            parent_run = (parent_meta.get("lineage") or {}).get("mlflow_run_id")
-            if parent_uri.startswith("runs:/"):
-                parent_run = parent_uri.split("/")[1]
+        tags = {"polyfid.mode": cfg.trainer.mode, "polyfid.kind": "finetune" if plan else "pretrain"}
+        if plan:
+            tags["polyfid.parent"] = plan.source_uri
+            parent_run = (plan.parent_lineage or {}).get("mlflow_run_id")
+            if plan.source_uri.startswith("runs:/"):
+                parent_run = plan.source_uri.split("/")[1]
             if parent_run:
                 tags["polyfid.parent_run_id"] = parent_run
                 if tracker.run_exists(parent_run):  # the dashboard nests the fine-tuning run under it
@@ -131,11 +139,16 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
         if tracker.run_id:
             run_file.write_text(json.dumps({"run_id": tracker.run_id}))
         tracker.log_params(cfg.flat())
-    tracker.log_artifact(out / "config.yaml")
+    tracker.log_artifact(run.out / "config.yaml")
+    return tracker
 
+
+def launch(run: Prepared, tracker: Tracker, shutdown_ray: bool) -> float:
+    """Run the workers under Ray Train until they finish or a SIGTERM stops them; returns the wall time."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    cfg, out = run.cfg, run.out
     _init_ray(cfg)
     import torch
 
@@ -145,14 +158,10 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         _worker_entry,
-        train_loop_config={"run": cfg.to_dict(), "mlflow_run_id": tracker.run_id, "parent_uri": parent_uri,
-                           "live_progress": interactive()},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.trainer.workers,
-            use_gpu=use_gpu,
-            resources_per_worker=resources,
-            placement_strategy=cfg.trainer.placement,
-        ),
+        train_loop_config={"run": cfg.to_dict(), "finetune_plan": run.plan.to_dict() if run.plan else None,
+                           "mlflow_run_id": tracker.run_id, "live_progress": interactive()},
+        scaling_config=ScalingConfig(num_workers=cfg.trainer.workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources, placement_strategy=cfg.trainer.placement),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RayRunConfig(
             name=f"{cfg.name}-{int(time.time())}",
@@ -167,24 +176,25 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
     previous = _on_sigterm(stop_file)
     try:
         trainer.fit()
-    except BaseException:
-        tracker.end("FAILED")
-        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
         if shutdown_ray and not cfg.trainer.address:
             import ray
 
             ray.shutdown()
-    wall = time.perf_counter() - t0
-    if stop_file.exists():  # preempted: the workers wrote a checkpoint; the same command resumes
-        stop_file.unlink()
+    return time.perf_counter() - t0
+
+
+def finalize(run: Prepared, tracker: Tracker, wall: float) -> dict[str, Any]:
+    """After the workers: register the package, measure forgetting, report to MLflow, write summary.json."""
+    cfg, out, plan = run.cfg, run.out, run.plan
+    if (out / STOP_FILE).exists():  # preempted: the workers wrote a checkpoint; the same command resumes
+        (out / STOP_FILE).unlink()
         tracker.end("KILLED")
         summary = {"stopped": True, "checkpoints": str(out / "checkpoints"), "mlflow_run_id": tracker.run_id,
                    "wall_s": wall, "package": None}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-
     package = out / "package"
     if not (package / "polyfid.json").exists():
         tracker.end("FAILED")
@@ -193,30 +203,23 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
     version = tracker.register(cfg.tracking.register_as) if cfg.tracking.register_as else None
     tracker.log_metrics({"train_wall_s": wall}, cfg.trainer.steps)
     forgetting = hint = None
-    if cfg.finetune.source:
-        forgetting = measure_forgetting(cfg.finetune.source, str(package), parent_meta)
-        hint = forgetting_advice(forgetting, cfg.finetune.replay_fraction)
+    if plan:
+        forgetting = measure_forgetting(plan.source, str(package), run.parent_meta)
+        hint = forgetting_advice(forgetting, plan.replay_fraction)
         if hint:
             log.warning(hint)
         if forgetting:
             tracker.log_metrics({f"forgetting/{fid}/{k}": v for fid, r in forgetting.items() for k, v in r.items()
                                  if isinstance(v, float)}, cfg.trainer.steps)
     if tracker.run_id and cfg.data.valid:  # parity plots, learning curves and final errors in the run
-        from polyfid.evaluation.report import report_to_mlflow
-
         report_to_mlflow(str(package), cfg.data.valid, tracker.run_id, cfg.tracking.uri, out / "eval",
                          step=cfg.trainer.steps)
     tracker.end()
     summary = {
-        "package": str(package),
-        "mlflow_run_id": tracker.run_id,
-        "tracking_uri": cfg.tracking.uri,
-        "registered_model": cfg.tracking.register_as if version else None,
-        "model_version": version,
-        "wall_s": wall,
-        "parent": parent_uri,
-        "forgetting": forgetting,
-        "forgetting_hint": hint,
+        "package": str(package), "mlflow_run_id": tracker.run_id, "tracking_uri": cfg.tracking.uri,
+        "registered_model": cfg.tracking.register_as if version else None, "model_version": version,
+        "wall_s": wall, "parent": plan.source_uri if plan else None, "parent_package": plan.source if plan else None,
+        "forgetting": forgetting, "forgetting_hint": hint,
     }
     for name in ("step0_validation.json", "best.json"):
         if (out / name).exists():

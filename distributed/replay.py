@@ -49,6 +49,21 @@ def split_budget(atom_budget: int, fraction: float) -> tuple[int, int]:
     return atom_budget - replay, replay
 
 
+def mixed_reader(stores, replay, reader_cfg, fraction: float, fidelities, rank: int, world: int) -> "MixedReader":
+    """Target and replay readers splitting the atom budget by `fraction` (replay seeded apart from target)."""
+    import dataclasses
+
+    n_target, n_replay = split_budget(reader_cfg.atom_budget, fraction)
+    t_cfg = dataclasses.replace(reader_cfg, atom_budget=n_target)
+    r_cfg = dataclasses.replace(reader_cfg, atom_budget=n_replay, seed=reader_cfg.seed + 1)
+    def own(ss):  # each reader reads the mix's fidelities that its stores hold
+        return [f for f in fidelities if any(f in {x.name for x in s.fidelities} for s in ss)]
+
+    return MixedReader(ShardReader(stores, t_cfg, rank=rank, world_size=world, fidelities=own(stores)),
+                       ShardReader(replay, r_cfg, rank=rank, world_size=world, fidelities=own(replay)),
+                       len(stores), fidelities)
+
+
 class MixedReader:
     """Two ShardReaders read in lockstep; every batch is a target batch followed by a replay batch.
 

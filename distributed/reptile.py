@@ -20,9 +20,10 @@ import torch
 
 from polyfid.data_shards.reader import ShardReader
 from polyfid.data_shards.store import Store
-from polyfid.distributed.config import ReptileConfig
+from polyfid.distributed.config import ReptileConfig, RunConfig
 from polyfid.distributed.losses import multifidelity_loss
-from polyfid.distributed.steps import StepContext, prepare
+from polyfid.distributed.steps import StepContext, StreamSpec, prepare
+from polyfid.distributed.stream import TaskBatches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +57,16 @@ def sample_task(weights: np.ndarray, seed: int, step: int, rank: int) -> int:
     return int(np.random.default_rng([seed, step, rank]).choice(len(weights), p=weights))
 
 
+@dataclasses.dataclass(frozen=True)
+class ReptileExtra:
+    """What a Reptile step needs besides its batches (StepContext.extra)."""
+
+    tasks: list[Task]
+    inner_lr: float
+
+
 class TaskStreams:
-    """One streaming reader per task; yields (task index, k batches) for each outer step."""
+    """One streaming reader per task; yields TaskBatches(task index, k batches) for each outer step."""
 
     def __init__(self, stores: Sequence[Store], tasks: Sequence[Task], weights: np.ndarray, cfg: ReptileConfig,
                  reader_cfg: ShardReader.Config, rank: int, world: int, seed: int) -> None:
@@ -70,16 +79,21 @@ class TaskStreams:
         self._iters: dict[str, Any] = {}
         self.step = 0
 
+    @property
+    def epoch(self) -> None:
+        """None: every task's reader has an epoch of its own."""
+        return None
+
     def __iter__(self) -> "TaskStreams":
         return self
 
-    def __next__(self) -> tuple[int, list[dict]]:
+    def __next__(self) -> TaskBatches:
         i = sample_task(self.weights, self.seed, self.step, self.rank)
         key = self.tasks[i].key
         if key not in self._iters:
             self._iters[key] = iter(self.readers[key])
         self.step += 1
-        return i, [next(self._iters[key]) for _ in range(self.cfg.inner_steps)]
+        return TaskBatches(i, [next(self._iters[key]) for _ in range(self.cfg.inner_steps)])
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tasks": {k: r.state_dict() for k, r in self.readers.items()}}
@@ -118,15 +132,15 @@ def inner_loop(theta: torch.nn.Module, batches: Sequence[dict], ctx: StepContext
     return phi, metrics
 
 
-def reptile_step(item: tuple[int, list[dict]], ctx: StepContext) -> dict[str, float]:
-    """One outer Reptile step; `item` is (task index, k batches) from TaskStreams."""
+def reptile_step(item: TaskBatches, ctx: StepContext) -> dict[str, float]:
+    """One outer Reptile step; `item` is (task index, k batches) from TaskStreams; ctx.extra a ReptileExtra."""
     task_idx, batches = item
-    tasks: list[Task] = ctx.extra["tasks"]
-    task = tasks[task_idx]
+    extra: ReptileExtra = ctx.extra
+    task = extra.tasks[task_idx]
     theta = ctx.engine.module
     head = theta.fidelity_index(task.fidelity)
     inner_ctx = dataclasses.replace(ctx, fidelity_names=[task.fidelity])
-    phi, inner = inner_loop(theta, batches, inner_ctx, head, ctx.extra["inner_lr"])
+    phi, inner = inner_loop(theta, batches, inner_ctx, head, extra.inner_lr)
     pairs = [(p, q) for p, q in zip(theta.parameters(), phi.parameters()) if p.requires_grad]
     # d/dθ Σ θ·(θ−φ) with (θ−φ) held constant is (θ−φ): the engine averages it over ranks and SGD steps.
     surrogate = sum((p * (p.detach() - q.detach().to(p.dtype))).sum() for p, q in pairs)
@@ -136,3 +150,26 @@ def reptile_step(item: tuple[int, list[dict]], ctx: StepContext) -> dict[str, fl
     metrics = {"loss": inner.get("loss", float("nan")), f"loss/{task.fidelity}": inner.get("loss", float("nan")),
                "reptile/delta_norm": float(delta), "reptile/task": float(task_idx)}
     return metrics
+
+
+class ReptileMode:
+    """Each outer step draws one task (a store at one fidelity), takes k local steps on it, and moves θ towards φ."""
+
+    name = "reptile"
+
+    def engine_options(self, cfg: RunConfig) -> dict:
+        return {"reptile_epsilon": cfg.reptile.epsilon}
+
+    def stream(self, spec: StreamSpec, cfg: RunConfig) -> TaskStreams:
+        # One reader per task, read in the caller's thread: with read-ahead every task would keep a thread and
+        # its buffered batches, while an outer step reads a single task.
+        reader = dataclasses.replace(spec.reader, prefetch=0)
+        tasks = list_tasks(spec.stores, spec.model_fidelities)
+        weights = task_weights(tasks, spec.stores, cfg.reptile.task_weights)
+        return TaskStreams(spec.stores, tasks, weights, cfg.reptile, reader, spec.rank, spec.world, cfg.trainer.seed)
+
+    def extra(self, spec: StreamSpec, cfg: RunConfig) -> ReptileExtra:
+        return ReptileExtra(list_tasks(spec.stores, spec.model_fidelities), cfg.reptile.inner_lr)
+
+    def step(self, item: TaskBatches, ctx: StepContext) -> dict[str, float]:
+        return reptile_step(item, ctx)

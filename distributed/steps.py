@@ -1,15 +1,33 @@
-"""Step functions: one training step of a given mode, behind one loop (see worker.py)."""
+"""The multi-fidelity mode: one optimiser step on a batch that mixes fidelities; and what every mode's step gets."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any
 
 import torch
 
-from polyfid.distributed.config import LossConfig
+from polyfid.data_shards.reader import ShardReader
+from polyfid.data_shards.store import Store
+from polyfid.distributed.config import LossConfig, RunConfig
 from polyfid.distributed.losses import Targets, multifidelity_loss
+from polyfid.distributed.replay import mixed_reader
+from polyfid.distributed.stream import ResumableStream
 from polyfid.models.graph import build_graph
+
+
+@dataclasses.dataclass
+class StreamSpec:
+    """What a mode needs to build its stream on one rank."""
+
+    stores: list[Store]  # training stores
+    replay: list[Store]  # pretraining stores replayed during a fine-tuning (empty: none)
+    replay_fraction: float
+    fidelities: list[str]  # label columns: the model's heads that the training data has
+    model_fidelities: list[str]  # every head of the model
+    reader: ShardReader.Config
+    rank: int
+    world: int
 
 
 @dataclasses.dataclass
@@ -23,7 +41,7 @@ class StepContext:
     dtype: torch.dtype
     device: torch.device
     heads: list[int] | None = None  # model head of each label column; None: the same order
-    extra: dict = dataclasses.field(default_factory=dict)  # what a mode's step needs besides (Reptile: tasks, lr)
+    extra: Any = None  # the mode's own state: reptile.ReptileExtra for Reptile, None for multi-fidelity
 
 
 def prepare(batch: dict, ctx: StepContext):
@@ -45,12 +63,22 @@ def multifidelity_step(batch: dict, ctx: StepContext) -> dict[str, float]:
     return metrics
 
 
-def get_step_function(mode: str) -> Callable[[object, StepContext], dict[str, float]]:
-    """The step function of a training mode."""
-    if mode == "multifidelity":
-        return multifidelity_step
-    if mode == "reptile":
-        from polyfid.distributed.reptile import reptile_step
+class MultiFidelityMode:
+    """Every step reads one batch from all training stores (and the replay stores, when fine-tuning with replay)."""
 
-        return reptile_step
-    raise NotImplementedError(f"trainer.mode={mode!r} has no step function; available: multifidelity, reptile")
+    name = "multifidelity"
+
+    def engine_options(self, cfg: RunConfig) -> dict:
+        return {}
+
+    def stream(self, spec: StreamSpec, cfg: RunConfig) -> ResumableStream:
+        if spec.replay:
+            return mixed_reader(spec.stores, spec.replay, spec.reader, spec.replay_fraction, spec.fidelities,
+                                spec.rank, spec.world)
+        return ShardReader(spec.stores, spec.reader, rank=spec.rank, world_size=spec.world, fidelities=spec.fidelities)
+
+    def extra(self, spec: StreamSpec, cfg: RunConfig) -> None:
+        return None
+
+    def step(self, batch: dict, ctx: StepContext) -> dict[str, float]:
+        return multifidelity_step(batch, ctx)

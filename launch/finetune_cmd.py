@@ -50,7 +50,7 @@ def run(a: argparse.Namespace, load_config) -> int:
         shutil.copytree(summary["package"], out, dirs_exist_ok=True)
     print_finetune_summary(summary)
     if cfg.finetune.compare_scratch and summary.get("package"):
-        scratch = run_training(scratch_config(cfg, read_metadata(cfg.finetune.source)))
+        scratch = run_training(scratch_config(cfg, read_metadata(summary["parent_package"])))
         where = cfg.data.valid or cfg.data.train
         table = compare_table({"fine-tuned": summary["package"], "from scratch": scratch["package"]}, where)
         label = "validation" if cfg.data.valid else "TRAINING (no --valid given)"

@@ -16,7 +16,7 @@ from polyfid.data_shards.store import Store
 from polyfid.evaluation.metrics import predict
 from polyfid.distributed.finetune import EarlyStopping, refit_references
 from polyfid.distributed.replay import MixedReader, replay_share, split_budget
-from polyfid.distributed.worker import mixed_reader
+from polyfid.distributed.replay import mixed_reader
 from polyfid.models.config import ModelConfig
 from polyfid.models.potential import Potential
 

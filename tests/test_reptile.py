@@ -27,7 +27,7 @@ def _rank_fn(rank, world, out, outer_steps):
     import torch.distributed as tdist
 
     from polyfid.distributed.engine import build_engine
-    from polyfid.distributed.reptile import Task, reptile_step
+    from polyfid.distributed.reptile import ReptileExtra, Task, reptile_step
     from polyfid.distributed.steps import StepContext
 
     sizes: list[int] = []  # numel of every all-reduce, in order
@@ -42,7 +42,7 @@ def _rank_fn(rank, world, out, outer_steps):
     engine, _ = build_engine(model, TrainerConfig(workers=world, steps=100, zero_stage=1), torch.device("cpu"),
                              reptile_epsilon=EPS)
     ctx = StepContext(engine, LossConfig(), ["lo", "hi"], model.config.cutoff, torch.float32, torch.device("cpu"),
-                      extra={"tasks": [Task(0, "lo")], "inner_lr": INNER_LR})
+                      extra=ReptileExtra([Task(0, "lo")], INNER_LR))
     per_step = []
     for s in range(outer_steps):
         before = len(sizes)

@@ -1,0 +1,50 @@
+"""Where a trained model becomes a package: float32 weights (safetensors), config and lineage, at <output>/package."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from polyfid._version import __version__
+from polyfid.data_shards.reference_fit import ReferenceFit
+from polyfid.data_shards.store import Store
+from polyfid.distributed.config import RunConfig
+from polyfid.distributed.finetune import FinetunePlan
+from polyfid.models.package import save_package
+
+
+def _entry(s: Store) -> dict:
+    return {"path": s.path if isinstance(s.path, str) else str(s.path), "fingerprint": s.fingerprint}
+
+
+def lineage(cfg: RunConfig, stores: list[Store], valid: list[Store], run_id: str | None, plan: FinetunePlan | None,
+            fit: ReferenceFit | None) -> dict:
+    """Where the package came from: its stores (with fingerprints), run, parent, mode and reference fit."""
+    out = {
+        "stores": [_entry(s) for s in stores],
+        "valid_stores": [_entry(s) for s in valid],
+        "replay": {"fraction": plan.replay_fraction, "stores": list(plan.replay_stores)} if plan else None,
+        "mlflow_run_id": run_id,
+        "tracking_uri": cfg.tracking.uri,
+        "polyfid_version": __version__,
+        "parent": plan.source_uri if plan else None,  # the URI the user gave, not the downloaded copy
+        "mode": cfg.trainer.mode,
+        "steps": cfg.trainer.steps,
+        "reference_fit": fit.to_dict() if fit is not None else None,  # the joint fit over the training stores
+    }
+    if plan:
+        out["parent_lineage"] = plan.parent_lineage
+    return out
+
+
+def write_package(module: torch.nn.Module, cfg: RunConfig, stores: list[Store], run_id: str | None,
+                  plan: FinetunePlan | None = None, valid: list[Store] | None = None,
+                  fit: ReferenceFit | None = None) -> Path:
+    """Save the trained model (in float32) as a package with lineage, at <output>/package."""
+    model = copy.deepcopy(module).float().cpu()
+    out = Path(cfg.output) / "package"
+    save_package(out, model, lineage=lineage(cfg, stores, valid or [], run_id, plan, fit),
+                 extra={"config": cfg.to_dict()})
+    return out

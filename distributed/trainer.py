@@ -1,0 +1,146 @@
+"""The Trainer: build the named parts once, then one loop that reads top to bottom.
+
+    Trainer(cfg, ...).build().train()
+
+Parts: the model and its engine, the mode (modes.py) and its stream, the validator with early stopping
+(validation.py), the checkpointer (checkpoint.py), telemetry (telemetry.py), the MLflow tracker and the
+progress display. torch.distributed is already initialised (by Ray Train, or by the caller) when it runs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from polyfid.data_shards.reader import ShardReader
+from polyfid.data_shards.reference_fit import ReferenceFit, fit_stores
+from polyfid.data_shards.schema import by_rank
+from polyfid.data_shards.store import Store
+from polyfid.distributed.checkpoint import Checkpointer
+from polyfid.distributed.config import RunConfig
+from polyfid.distributed.engine import build_engine, compute_dtype, resolve_device
+from polyfid.distributed.finetune import FinetunePlan
+from polyfid.distributed.modes import get_mode
+from polyfid.distributed.packaging import write_package
+from polyfid.distributed.progress import make_progress, quiet_libraries
+from polyfid.distributed.steps import StepContext, StreamSpec
+from polyfid.distributed.telemetry import Telemetry
+from polyfid.distributed.tracking import Tracker
+from polyfid.distributed.validation import Validator
+from polyfid.models.potential import Potential
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_model(cfg: RunConfig, stores: list[Store], plan: FinetunePlan | None = None
+                ) -> tuple[Potential, ReferenceFit | None]:
+    """A fresh model for pretraining, or the parent package set up by the fine-tuning plan.
+
+    A fresh model's reference energies, head scales and shifts come from one fit over all training stores
+    together (data_shards/reference_fit.py), so they do not depend on how the data was split into stores.
+    """
+    torch.manual_seed(cfg.trainer.seed)
+    if plan is not None:
+        return plan.apply(stores, cfg.data.atom_budget), None
+    fidelities = by_rank({f.name: f for s in stores for f in s.fidelities}.values())
+    elements = sorted({int(z) for s in stores for z in s.elements})
+    fit = fit_stores(stores, fidelities, elements)
+    model = Potential(cfg.model, elements, fidelities, fit.energies)
+    if cfg.model.scale_shift:
+        for f in fidelities:
+            model.set_scale_shift(f.name, fit.scale[f.name], fit.shift[f.name])
+    return model, fit
+
+
+def heads_in(model: Potential, stores: list[Store]) -> list[str]:
+    """The model's fidelity names that any of the stores holds, in head order."""
+    present = {f.name for s in stores for f in s.fidelities}
+    return [n for n in model.fidelity_names if n in present]
+
+
+class Trainer:
+    """One training run on this rank: `build()` assembles the parts, `train()` runs the loop and writes the package."""
+
+    def __init__(self, cfg: RunConfig, run_id: str | None = None, plan: FinetunePlan | None = None,
+                 live_progress: bool | None = None) -> None:
+        self.cfg, self.run_id, self.plan, self.live_progress = cfg, run_id, plan, live_progress
+        self.step = 0
+
+    def build(self) -> "Trainer":
+        cfg = self.cfg
+        self.rank, self.world = rank_and_world()
+        quiet_libraries()
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)  # the launcher makes it; a direct caller may not have
+        self.device = resolve_device(cfg.trainer)
+        self.stores = [Store.open(p) for p in cfg.data.train]
+        self.valid = [Store.open(p) for p in cfg.data.valid]
+        self.model, self.fit = build_model(cfg, self.stores, self.plan)
+        replay = [Store.open(p) for p in self.plan.replay_stores] if self.plan and self.plan.replay_fraction > 0 else []
+        fidelities = heads_in(self.model, self.stores + replay)  # label columns (fine-tuning data may have one)
+        self.mode = get_mode(cfg.trainer.mode)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.engine, precision = build_engine(self.model, cfg.trainer, self.device, params=trainable,
+                                              **self.mode.engine_options(cfg))
+        dtype = compute_dtype(precision)
+        reader = ShardReader.Config(atom_budget=cfg.data.atom_budget, shuffle_buffer=cfg.data.shuffle_buffer,
+                                    seed=cfg.trainer.seed, loop=True, prefetch=cfg.data.prefetch)
+        spec = StreamSpec(self.stores, replay, self.plan.replay_fraction if self.plan else 0.0, fidelities,
+                          self.model.fidelity_names, reader, self.rank, self.world)
+        self.stream = self.mode.stream(spec, cfg)
+        self.checkpointer = Checkpointer(cfg.output, cfg.trainer.checkpoint_every, cfg.trainer.steps, self.run_id,
+                                         self.rank, self.world)
+        self.step = self.checkpointer.resume(self.engine, self.stream)
+        self.tracker = Tracker(cfg.tracking.uri, self.run_id, enabled=cfg.tracking.enabled and self.rank == 0)
+        heads = [self.model.fidelity_index(n) for n in fidelities]
+        self.ctx = StepContext(self.engine, cfg.loss, fidelities, self.model.config.cutoff, dtype, self.device, heads,
+                               self.mode.extra(spec, cfg))
+        self.validator = Validator(cfg, self.valid, heads_in(self.model, self.valid), self.plan and self.plan.head,
+                                   dtype, self.device, self.rank, self.world, self.tracker)
+        self.telemetry = Telemetry(cfg.data.atom_budget, cfg.trainer.trace_dir, self.rank)
+        self.progress = make_progress(cfg.trainer.steps, self.step, self.rank, self.live_progress,
+                                      cfg.trainer.progress_every_s)
+        return self
+
+    def train(self) -> None:
+        """The loop: read, step, log, validate, checkpoint; then the package (unless a stop was asked for)."""
+        cfg, stopped = self.cfg.trainer, False
+        self.validator.at_start(self.engine.module, self.step)
+        items = iter(self.stream)
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            item = next(items)
+            t1 = time.perf_counter()
+            metrics = self.mode.step(item, self.ctx)
+            self.step += 1
+            self.telemetry.record(self.step, self.stream, item, t1 - t0, time.perf_counter() - t0)
+            if self.progress is not None:
+                self.progress.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self.log(metrics)
+            if self.validator.due(self.step) and self.validator(self.engine.module, self.step):
+                break
+            stopped = self.checkpointer.after_step(self.engine, self.stream, self.step)
+            if stopped:
+                break
+        if self.progress is not None:
+            self.progress.close()
+        if self.rank == 0 and not stopped:
+            write_package(self.validator.best(self.engine.module, self.step), self.cfg, self.stores, self.run_id,
+                          plan=self.plan, valid=self.valid, fit=self.fit)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    def log(self, metrics: dict[str, float]) -> None:
+        """Telemetry of the window that ends at this step, with the step's metrics, to MLflow and the progress line."""
+        metrics.update(self.telemetry.flush(self.engine))
+        if self.rank == 0:
+            self.tracker.log_metrics(metrics, self.step)
+            if self.progress is not None:
+                self.progress.set_metrics(loss=metrics["loss"], atoms_per_s=metrics["atoms_per_s"])

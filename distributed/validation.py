@@ -1,0 +1,99 @@
+"""Validation during training: errors on the validation stores, the step-0 check of a fine-tuning, early stopping."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from polyfid.data_shards.reader import ShardReader
+from polyfid.data_shards.store import Store
+from polyfid.distributed.config import RunConfig
+from polyfid.evaluation.metrics import evaluate_batches, flatten
+from polyfid.distributed.finetune import EarlyStopping
+from polyfid.distributed.tracking import Tracker
+
+log = logging.getLogger("polyfid.validation")
+
+
+def validate(model, cfg: RunConfig, valid: list[Store], fidelities: list[str], dtype, device, rank, world):
+    """Errors on the validation stores; every rank takes its share and the sums are all-reduced."""
+    reader = ShardReader(
+        valid,
+        ShardReader.Config(atom_budget=cfg.data.atom_budget, shuffle=False, loop=False, prefetch=0),
+        rank=rank,
+        world_size=world,
+        fidelities=fidelities,
+    )
+    stats = evaluate_batches(model, reader, fidelities, dtype=dtype, device=device)
+    stats.all_reduce()
+    return stats.results()
+
+
+def short(res: dict[str, dict[str, float]]) -> str:
+    return "; ".join(
+        f"{fid} E {r.get('energy_mae', float('nan')) * 1000:.1f} meV F {r.get('forces_mae', float('nan')) * 1000:.1f} meV/Å"
+        for fid, r in res.items()
+    )
+
+
+class Validator:
+    """Validates every `trainer.valid_every` steps; when fine-tuning a head, also at step 0 and with early stopping.
+
+    Every rank validates its share and gets the all-reduced errors, so every rank decides alike; rank 0 logs.
+    """
+
+    def __init__(self, cfg: RunConfig, valid: list[Store], fidelities: list[str], head: str | None, dtype: torch.dtype,
+                 device: torch.device, rank: int, world: int, tracker: Tracker) -> None:
+        self.cfg, self.valid, self.fidelities, self.head = cfg, valid, fidelities, head
+        self.dtype, self.device, self.rank, self.world, self.tracker = dtype, device, rank, world, tracker
+        ft = cfg.finetune
+        self.stopper = EarlyStopping(ft.early_stopping_patience if head else 0, head or "", cfg.loss.energy_weight,
+                                     cfg.loss.forces_weight, ft.early_stopping_min_steps, ft.early_stopping_smoothing)
+        self.stopped_early = False
+
+    def _errors(self, module, step: int) -> dict[str, dict[str, float]]:
+        res = validate(module, self.cfg, self.valid, self.fidelities, self.dtype, self.device, self.rank, self.world)
+        if self.rank == 0:
+            self.tracker.log_metrics(flatten(res, "valid"), step)
+        return res
+
+    def at_start(self, module, step: int) -> None:
+        """The step-0 error of a fine-tuning, after the reference refit: logged and written to step0_validation.json."""
+        if not (self.valid and self.head and step == 0):
+            return
+        res = self._errors(module, 0)
+        self.stopper.update(res, module, 0, keep=self.rank == 0)
+        if self.rank == 0:
+            (Path(self.cfg.output) / "step0_validation.json").write_text(json.dumps(res, indent=2))
+            log.warning("step 0 (after the reference refit) validation: %s", short(res))
+
+    def due(self, step: int) -> bool:
+        return bool(self.valid) and (step % self.cfg.trainer.valid_every == 0 or step == self.cfg.trainer.steps)
+
+    def __call__(self, module, step: int) -> bool:
+        """Validate at `step`; True when early stopping ends the run."""
+        res = self._errors(module, step)
+        if self.rank == 0:
+            log.warning("step %d validation: %s", step, short(res))
+        self.stopped_early = self.stopper.update(res, module, step, keep=self.rank == 0)
+        if self.stopped_early:
+            log.warning("early stopping at step %d: no improvement of %r in %d validations; best at step %d",
+                        step, self.head, self.stopper.bad, self.stopper.best_step)
+        return self.stopped_early
+
+    def best(self, module, last_step: int):
+        """The weights to package: the best validated ones when early stopping kept them (best.json says which)."""
+        s = self.stopper
+        if s.best_state is None:
+            return module
+        best = copy.deepcopy(module)
+        s.restore_best(best)
+        self.tracker.log_metrics({"best_step": s.best_step, "stopped_early": float(self.stopped_early)}, last_step)
+        (Path(self.cfg.output) / "best.json").write_text(json.dumps(
+            {"best_step": s.best_step, "best_score": s.best_score, "last_step": last_step,
+             "stopped_early": self.stopped_early}, indent=2))
+        return best

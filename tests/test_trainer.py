@@ -1,0 +1,146 @@
+"""The training loop without Ray: the Trainer under plain torch.distributed with 2 gloo processes, on one store
+per molecule at two levels of theory (real zarr stores from the embedded QM demo data).
+
+Also: the mode registry, the fine-tuning plan as data, and the checks the driver makes before Ray starts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from polyfid.data_shards.demo import HIGH, LOW, demo_files
+from polyfid.data_shards.ingest import ingest
+from polyfid.distributed.config import ConfigError, RunConfig
+
+MOLECULES = {"ethanol": LOW, "malonaldehyde": HIGH, "methylamine": LOW}
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """One store per molecule, each at its own level (energies and forces), and a validation store per molecule."""
+    tmp = tmp_path_factory.mktemp("trainer")
+    files = {p.name.split(".")[0]: p for p in demo_files()}
+    out: dict[str, list[str]] = {"train": [], "valid": []}
+    for name, fid in MOLECULES.items():
+        for split, sl in (("train", ":24"), ("valid", "-6:")):
+            path = tmp / f"{name}_{split}.zarr"
+            ingest([f"{files[name]}@{sl}"], path, dataset=name, energy={fid: f"energy_{fid}"},
+                   forces={fid: f"forces_{fid}"}, ranks={fid: 0 if fid == LOW else 1}, shard_size=8, progress=False)
+            out[split].append(str(path))
+    return out
+
+
+def _run(mode: str, out: str, stores: dict, steps: int, **trainer) -> RunConfig:
+    return RunConfig.from_dict({
+        "output": out, "model": {"width": 16, "n_interactions": 1, "n_sensitivities": 8},
+        "data": {"train": stores["train"], "valid": stores["valid"], "atom_budget": 64, "prefetch": 2},
+        "trainer": {"mode": mode, "steps": steps, "log_every": 5, "valid_every": 5, "checkpoint_every": 5,
+                    "lr": 2e-3, "workers": 2, "trace_dir": f"{out}/trace", **trainer},
+        "reptile": {"inner_steps": 2},
+        "tracking": {"enabled": False},
+    })
+
+
+def _train(rank, world, runs):
+    from polyfid.distributed.trainer import Trainer
+
+    for run in runs:
+        t = Trainer(RunConfig.from_dict(run)).build()
+        assert (t.rank, t.world) == (rank, world)
+        t.train()
+
+
+def _trace(out) -> dict[int, list[dict]]:
+    return {r: [json.loads(line) for line in (out / "trace" / f"rank{r}.jsonl").read_text().splitlines()]
+            for r in (0, 1)}
+
+
+@pytest.mark.parametrize("mode", ["multifidelity", "reptile"])
+def test_trainer_on_two_gloo_ranks_without_ray(stores, tmp_path, mode):
+    from dist_utils import spawn
+
+    out = tmp_path / mode
+    first, longer = _run(mode, str(out), stores, 10), _run(mode, str(out), stores, 15)
+    spawn(_train, 2, [first.to_dict(), longer.to_dict()], tmp=tmp_path)  # 10 steps, then resume to 15
+
+    meta = json.loads((out / "package" / "polyfid.json").read_text())
+    assert meta["lineage"]["mode"] == mode and meta["lineage"]["steps"] == 15
+    assert set(meta["lineage"]["reference_fit"]["energies"]) == {LOW, HIGH}  # one joint fit over the 3 stores
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000010", "step_00000015"]
+    trace = _trace(out)
+    steps = {r: [rec["step"] for rec in recs] for r, recs in trace.items()}
+    assert steps[0] == steps[1] == list(range(1, 16))  # the resume went on at step 11 on both ranks
+    if mode == "multifidelity":  # within an epoch, the ranks read disjoint structures, none twice
+        for epoch in {rec["epoch"] for rec in trace[0]}:
+            seen = [[tuple(i) for rec in trace[r] if rec["epoch"] == epoch for i in rec["ids"]] for r in (0, 1)]
+            assert len(set(seen[0] + seen[1])) == len(seen[0]) + len(seen[1])
+    else:  # each outer step reads k=2 batches of one task (one store)
+        assert all(rec["epoch"] is None and len({s for s, _ in rec["ids"]}) == 1 for rec in trace[0])
+
+
+def test_mode_registry_names_the_modes():
+    from polyfid.distributed.modes import MODES, get_mode
+
+    assert set(MODES) == {"multifidelity", "reptile"}
+    with pytest.raises(ConfigError, match="available: multifidelity, reptile"):
+        get_mode("maml")
+
+
+def test_streams_declare_the_resumable_interface(stores):
+    from polyfid.data_shards.reader import ShardReader
+    from polyfid.data_shards.store import Store
+    from polyfid.distributed.replay import mixed_reader
+    from polyfid.distributed.reptile import ReptileMode
+    from polyfid.distributed.steps import StreamSpec
+    from polyfid.distributed.stream import ResumableStream, TaskBatches
+
+    opened = [Store.open(p) for p in stores["train"]]
+    cfg = ShardReader.Config(atom_budget=64, seed=0, loop=True, prefetch=0)
+    spec = StreamSpec(opened, [], 0.0, [LOW, HIGH], [LOW, HIGH], cfg, 0, 1)
+    reptile = ReptileMode().stream(spec, _run("reptile", "unused", stores, 4))
+    for stream in (ShardReader(opened, cfg, fidelities=[LOW, HIGH]), reptile,
+                   mixed_reader(opened[:1], opened[1:], cfg, 0.25, [LOW, HIGH], 0, 1)):
+        assert isinstance(stream, ResumableStream)
+    item = next(iter(reptile))
+    assert isinstance(item, TaskBatches) and len(item.batches) == 2
+
+
+def test_finetune_plan_travels_as_data_and_the_config_keeps_what_the_user_wrote(stores, tmp_path):
+    """The plan resolves replay on the driver; a replay store that cannot be read turns replay off in the plan,
+    not in the user's config."""
+    from polyfid.data_shards.store import Store
+    from polyfid.distributed.finetune import FinetunePlan
+    from polyfid.distributed.trainer import build_model
+    from polyfid.distributed.packaging import write_package
+
+    pre = _run("multifidelity", str(tmp_path / "pre"), stores, 1)
+    model, fit = build_model(pre, [Store.open(p) for p in stores["train"]])
+    pkg = write_package(model, pre, [Store.open(p) for p in stores["train"]], None, fit=fit)
+    cfg = RunConfig.from_dict({"finetune": {"source": str(pkg), "replay_fraction": 0.5,
+                                            "replay_stores": [str(tmp_path / "gone.zarr")]},
+                               "data": {"train": stores["valid"][1:2]}})
+    target = [Store.open(p) for p in cfg.data.train]
+    plan = FinetunePlan.build(cfg, target)
+    assert plan.head == HIGH and plan.new_fidelity is None
+    assert plan.replay_fraction == 0.0 and plan.replay_stores == []
+    assert cfg.finetune.replay_fraction == 0.5 and cfg.finetune.replay_stores == [str(tmp_path / "gone.zarr")]
+    again = FinetunePlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan
+    tuned = again.apply(target, 256)
+    assert tuned.fidelity_names == model.fidelity_names
+
+
+def test_precision_is_checked_on_the_driver_before_ray_starts(stores, tmp_path):
+    import ray
+
+    from polyfid.distributed.launcher import run_training
+
+    cfg = _run("multifidelity", str(tmp_path / "fp16"), stores, 1, precision="fp16", use_gpu=False)
+    cfg.tracking.enabled = False
+    ray_was_up = ray.is_initialized()
+    with pytest.raises(ConfigError, match="fp16"):
+        run_training(cfg)
+    assert ray.is_initialized() == ray_was_up  # no Ray started for it
+    assert not (tmp_path / "fp16" / "config.yaml").exists()  # it failed before anything was written
