@@ -43,7 +43,7 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, reader, run_id: str
     client = {
         "step": step,
         "world_size": len(states),
-        "reader": type(reader).gather_states([s["reader"] for s in states]),  # resumable on any world size
+        "reader": reader.gather_states([s["reader"] for s in states]),  # resumable on any world size
         "rng": [s["rng"] for s in states],
         "mlflow_run_id": run_id,
     }

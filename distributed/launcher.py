@@ -61,7 +61,10 @@ def prepare(cfg: RunConfig) -> Prepared:
     check_on_driver(cfg)
     plan, parent_meta = None, {}
     if cfg.finetune.source:
-        local = resolve_package(cfg.finetune.source, cfg.tracking.uri, out / "parent")
+        try:
+            local = resolve_package(cfg.finetune.source, cfg.tracking.uri, out / "parent")
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"finetune.source: {err}") from err
         plan = FinetunePlan.build(cfg, [Store.open(p) for p in cfg.data.train], local, cfg.finetune.source)
         parent_meta = read_metadata(local)
     save_config(cfg, out / "config.yaml")  # before anything runs

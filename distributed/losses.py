@@ -10,6 +10,7 @@ ranks, so the surrogate is multiplied by the world size.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Mapping
 from typing import Sequence
 
 import torch
@@ -75,11 +76,10 @@ def multifidelity_loss(
     cfg: LossConfig,
     fidelity_names: Sequence[str],
     reduce: bool = True,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Return (surrogate to backpropagate, metrics of the global batch).
-
-    metrics hold `loss`, and for each fidelity `loss/<k>`, `energy_rmse/<k>`, `forces_rmse/<k>` ...
-    """
+    lazy: bool = False,
+) -> tuple[torch.Tensor, Mapping[str, float]]:
+    """Return (surrogate to backpropagate, metrics of the global batch): a dict of floats, or with `lazy` a
+    StepMetrics that stays on the device until read (what the training loop uses)."""
     local = error_sums(pred, targets, cfg.per_atom_energy)  # [F, 2, 3]
     glob = local.detach().clone()
     on, world = _world()
@@ -107,11 +107,45 @@ def multifidelity_loss(
     weights = fw[:, None] * w[None, :] * has
     surrogate = (term * weights).sum() * world
     per_fid = (value * weights).sum(dim=1)
-    metrics: dict[str, float] = {"loss": float(per_fid.sum())}
-    for k, name in enumerate(fidelity_names):
-        metrics[f"loss/{name}"] = float(per_fid[k])
-        for j, what in enumerate(("energy", "forces")):
-            if n_g[k, j] > 0:
-                metrics[f"{what}_rmse/{name}"] = float(torch.sqrt(sse_g[k, j] / n_g[k, j]))
-                metrics[f"{what}_mae/{name}"] = float(sae_g[k, j] / n_g[k, j])
-    return surrogate, metrics
+    metrics = StepMetrics(per_fid, sse_g, sae_g, n_g, fidelity_names)
+    return surrogate, metrics if lazy else dict(metrics)
+
+
+class StepMetrics(Mapping[str, float]):
+    """A step's metrics, kept on the device until read: the first read copies them to the host in one transfer,
+    so a loop that reads them once per log window syncs with the GPU once per window, not per fidelity per step.
+
+    Keys: `loss`, and for each fidelity `loss/<k>` and, where the global batch has such labels,
+    `energy_rmse/<k>`, `energy_mae/<k>`, `forces_rmse/<k>`, `forces_mae/<k>`.
+    """
+
+    def __init__(self, per_fid: torch.Tensor, sse: torch.Tensor, sae: torch.Tensor, n: torch.Tensor,
+                 fidelity_names: Sequence[str]) -> None:
+        self._device = torch.cat([per_fid.detach().flatten(), sse.detach().flatten(), sae.detach().flatten(),
+                                  n.detach().flatten()])
+        self._names, self._rows = list(fidelity_names), per_fid.numel()
+        self._host: dict[str, float] | None = None
+
+    def _values(self) -> dict[str, float]:
+        if self._host is None:
+            f = self._rows
+            per_fid, sse, sae, n = self._device.cpu().split([f, 2 * f, 2 * f, 2 * f])
+            sse, sae, n = sse.view(f, 2), sae.view(f, 2), n.view(f, 2)
+            out = {"loss": float(per_fid.sum())}
+            for k, name in enumerate(self._names):
+                out[f"loss/{name}"] = float(per_fid[k])
+                for j, what in enumerate(("energy", "forces")):
+                    if n[k, j] > 0:
+                        out[f"{what}_rmse/{name}"] = float(torch.sqrt(sse[k, j] / n[k, j]))
+                        out[f"{what}_mae/{name}"] = float(sae[k, j] / n[k, j])
+            self._host, self._device = out, None
+        return self._host
+
+    def __getitem__(self, key: str) -> float:
+        return self._values()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values())
+
+    def __len__(self) -> int:
+        return len(self._values())

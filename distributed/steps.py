@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from polyfid.data_shards.store import Store
 from polyfid.distributed.config import LossConfig, RunConfig
 from polyfid.distributed.losses import Targets, multifidelity_loss
 from polyfid.distributed.replay import mixed_reader
-from polyfid.distributed.stream import ResumableStream
+from polyfid.distributed.stream import Prepared, ResumableStream, TaskBatches
 from polyfid.models.graph import build_graph
 
 
@@ -44,20 +45,29 @@ class StepContext:
     extra: Any = None  # the mode's own state: reptile.ReptileExtra for Reptile, None for multi-fidelity
 
 
-def prepare(batch: dict, ctx: StepContext):
-    """Batch -> (graph on device, targets in float32 on device)."""
+def prepare(batch: dict | Prepared, ctx: StepContext):
+    """Batch -> (graph on device, targets in float32 on device); a Prepared batch has them already."""
+    if isinstance(batch, Prepared):
+        return batch.graph, batch.targets
     graph = build_graph(batch, ctx.cutoff, dtype=ctx.dtype, device=ctx.device)
     targets = Targets.from_batch(batch, torch.float32, ctx.device)
     return graph, targets
 
 
-def multifidelity_step(batch: dict, ctx: StepContext) -> dict[str, float]:
+def collate(item: dict | TaskBatches, ctx: StepContext) -> Prepared | TaskBatches:
+    """The step input with its graphs built (run on the read-ahead thread by stream.Collated)."""
+    if isinstance(item, TaskBatches):
+        return TaskBatches(item.task, [collate(b, ctx) for b in item.batches])
+    return Prepared(item, *prepare(item, ctx))
+
+
+def multifidelity_step(batch: dict | Prepared, ctx: StepContext) -> Mapping[str, float]:
     """One optimiser step on a batch that mixes fidelities; the loss is masked and globally normalised."""
     graph, targets = prepare(batch, ctx)
     cols = ctx.heads if ctx.heads is not None else list(range(len(ctx.fidelity_names)))
     out = ctx.engine(graph, force_heads=[cols[k] for k in targets.force_heads()], create_graph=True)
     out = {k: v[:, cols].float() for k, v in out.items()}
-    loss, metrics = multifidelity_loss(out, targets, ctx.loss, ctx.fidelity_names)
+    loss, metrics = multifidelity_loss(out, targets, ctx.loss, ctx.fidelity_names, lazy=True)
     ctx.engine.backward(loss)
     ctx.engine.step()
     return metrics

@@ -9,7 +9,9 @@ progress display. torch.distributed is already initialised (by Ray Train, or by 
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -26,7 +28,8 @@ from polyfid.distributed.finetune import FinetunePlan
 from polyfid.distributed.modes import get_mode
 from polyfid.distributed.packaging import write_package
 from polyfid.distributed.progress import make_progress, quiet_libraries
-from polyfid.distributed.steps import StepContext, StreamSpec
+from polyfid.distributed.steps import StepContext, StreamSpec, collate
+from polyfid.distributed.stream import Collated
 from polyfid.distributed.telemetry import Telemetry
 from polyfid.distributed.tracking import Tracker
 from polyfid.distributed.validation import Validator
@@ -101,6 +104,8 @@ class Trainer:
         heads = [self.model.fidelity_index(n) for n in fidelities]
         self.ctx = StepContext(self.engine, cfg.loss, fidelities, self.model.config.cutoff, dtype, self.device, heads,
                                self.mode.extra(spec, cfg))
+        if cfg.data.prefetch > 0:  # graphs are built on the read-ahead thread, not the training thread
+            self.stream = Collated(self.stream, functools.partial(collate, ctx=self.ctx), cfg.data.prefetch)
         self.validator = Validator(cfg, self.valid, heads_in(self.model, self.valid), self.plan and self.plan.head,
                                    dtype, self.device, self.rank, self.world, self.tracker)
         self.telemetry = Telemetry(cfg.data.atom_budget, cfg.trainer.trace_dir, self.rank)
@@ -137,9 +142,9 @@ class Trainer:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
 
-    def log(self, metrics: dict[str, float]) -> None:
+    def log(self, step_metrics: Mapping[str, float]) -> None:
         """Telemetry of the window that ends at this step, with the step's metrics, to MLflow and the progress line."""
-        metrics.update(self.telemetry.flush(self.engine))
+        metrics = {**step_metrics, **self.telemetry.flush(self.engine)}
         if self.rank == 0:
             self.tracker.log_metrics(metrics, self.step)
             if self.progress is not None:

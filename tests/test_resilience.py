@@ -188,7 +188,7 @@ def test_tracking_server_going_away_mid_run_only_warns(tmp_path, monkeypatch):
                                "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # a loaded 2-core CI machine can take minutes to start the server
         while time.time() < deadline:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)

@@ -144,3 +144,30 @@ def test_precision_is_checked_on_the_driver_before_ray_starts(stores, tmp_path):
         run_training(cfg)
     assert ray.is_initialized() == ray_was_up  # no Ray started for it
     assert not (tmp_path / "fp16" / "config.yaml").exists()  # it failed before anything was written
+
+
+def test_collated_stream_keeps_the_exact_cursor(stores):
+    """Graphs are built ahead on a thread; the saved cursor is that of the last item taken, not of those read ahead."""
+    import numpy as np
+
+    from polyfid.data_shards.reader import ShardReader
+    from polyfid.data_shards.store import Store
+    from polyfid.distributed.stream import Collated, Prepared, batches_of
+
+    opened = [Store.open(p) for p in stores["train"]]
+    cfg = ShardReader.Config(atom_budget=64, seed=1, loop=True, prefetch=2)
+
+    def collated():
+        return Collated(ShardReader(opened, cfg, fidelities=[LOW, HIGH]), lambda b: Prepared(b, None, None), depth=3)
+
+    it = iter(first := collated())
+    taken = [next(it) for _ in range(7)]  # past the end of epoch 0 (about 6 batches per epoch)
+    state = first.gather_states([first.state_dict()])
+    want = [next(it) for _ in range(4)]
+    again = collated()
+    again.load_state_dict(state)
+    got = [x for x, _ in zip(again, range(4))]
+    assert all(isinstance(x, Prepared) for x in taken)
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(batches_of(a)[0]["structure_id"], batches_of(b)[0]["structure_id"])
+        np.testing.assert_array_equal(batches_of(a)[0]["store"], batches_of(b)[0]["store"])
