@@ -15,7 +15,8 @@ from polyfid.data_shards.store import Store
 from polyfid.distributed.config import ConfigError, RunConfig, save_config
 from polyfid.distributed.checkpoint import STOP_FILE
 from polyfid.distributed.engine import ensure_extension_cache, resolve_device, resolve_precision
-from polyfid.distributed.finetune import FinetunePlan, forgetting_advice, measure_forgetting
+from polyfid.distributed.finetune import (FinetunePlan, compare_table, forgetting_advice, measure_forgetting,
+                                         scratch_config)
 from polyfid.distributed.modes import get_mode
 from polyfid.distributed.progress import interactive, quiet_libraries, verbose
 from polyfid.distributed.tracking import Tracker
@@ -229,6 +230,17 @@ def finalize(run: Prepared, tracker: Tracker, wall: float) -> dict[str, Any]:
             summary[name.split(".")[0]] = json.loads((out / name).read_text())
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def compare_with_scratch(cfg: RunConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """Train the same budget from a random init (scratch_config) after a fine-tuning whose summary is given;
+    both packages' errors on the validation stores (else the training stores) go to compare_scratch.json."""
+    scratch = run_training(scratch_config(cfg, read_metadata(summary["parent_package"])))
+    where = cfg.data.valid or cfg.data.train
+    table = compare_table({"fine-tuned": summary["package"], "from scratch": scratch["package"]}, where)
+    out = {"finetuned": summary["package"], "scratch": scratch["package"], "data": where, "errors": table}
+    (Path(cfg.output) / "compare_scratch.json").write_text(json.dumps(out, indent=2))
+    return out
 
 
 def _on_sigterm(stop_file: Path):

@@ -24,6 +24,7 @@ from polyfid.distributed.config import ReptileConfig, RunConfig
 from polyfid.distributed.losses import multifidelity_loss
 from polyfid.distributed.steps import StepContext, StreamSpec, prepare
 from polyfid.distributed.stream import TaskBatches
+from polyfid.models.layout import LabelLayout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,10 +122,10 @@ def inner_loop(theta: torch.nn.Module, batches: Sequence[dict], ctx: StepContext
     params = [p for p in phi.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     metrics: dict[str, float] = {}
+    layout = LabelLayout(tuple(ctx.fidelity_names), (head,))  # the task's one label column trains `head`
     for batch in batches:
         graph, targets = prepare(batch, ctx)
-        out = phi(graph, force_heads=[head] if targets.force_heads() else None, create_graph=True)
-        out = {k: v[:, [head]].float() for k, v in out.items()}
+        out = layout.select(phi(graph, force_heads=layout.heads_of(targets.force_heads()) or None, create_graph=True))
         loss, metrics = multifidelity_loss(out, targets, ctx.loss, ctx.fidelity_names, reduce=False)
         opt.zero_grad(set_to_none=True)
         loss.backward()

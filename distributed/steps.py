@@ -15,6 +15,7 @@ from polyfid.distributed.losses import Targets, multifidelity_loss
 from polyfid.distributed.replay import mixed_reader
 from polyfid.distributed.stream import Prepared, ResumableStream, TaskBatches
 from polyfid.models.graph import build_graph
+from polyfid.models.layout import LabelLayout
 
 
 @dataclasses.dataclass
@@ -44,6 +45,12 @@ class StepContext:
     heads: list[int] | None = None  # model head of each label column; None: the same order
     extra: Any = None  # the mode's own state: reptile.ReptileExtra for Reptile, None for multi-fidelity
 
+    @property
+    def layout(self) -> LabelLayout:
+        """Label column k (named fidelity_names[k]) trains head heads[k]."""
+        heads = self.heads if self.heads is not None else range(len(self.fidelity_names))
+        return LabelLayout(tuple(self.fidelity_names), tuple(heads))
+
 
 def prepare(batch: dict | Prepared, ctx: StepContext):
     """Batch -> (graph on device, targets in float32 on device); a Prepared batch has them already."""
@@ -64,9 +71,8 @@ def collate(item: dict | TaskBatches, ctx: StepContext) -> Prepared | TaskBatche
 def multifidelity_step(batch: dict | Prepared, ctx: StepContext) -> Mapping[str, float]:
     """One optimiser step on a batch that mixes fidelities; the loss is masked and globally normalised."""
     graph, targets = prepare(batch, ctx)
-    cols = ctx.heads if ctx.heads is not None else list(range(len(ctx.fidelity_names)))
-    out = ctx.engine(graph, force_heads=[cols[k] for k in targets.force_heads()], create_graph=True)
-    out = {k: v[:, cols].float() for k, v in out.items()}
+    layout = ctx.layout
+    out = layout.select(ctx.engine(graph, force_heads=layout.heads_of(targets.force_heads()), create_graph=True))
     loss, metrics = multifidelity_loss(out, targets, ctx.loss, ctx.fidelity_names, lazy=True)
     ctx.engine.backward(loss)
     ctx.engine.step()

@@ -33,6 +33,7 @@ from polyfid.distributed.stream import Collated
 from polyfid.distributed.telemetry import Telemetry
 from polyfid.distributed.tracking import Tracker
 from polyfid.distributed.validation import Validator
+from polyfid.models.layout import LabelLayout
 from polyfid.models.potential import Potential
 
 
@@ -101,7 +102,7 @@ class Trainer:
                                          self.rank, self.world)
         self.step = self.checkpointer.resume(self.engine, self.stream)
         self.tracker = Tracker(cfg.tracking.uri, self.run_id, enabled=cfg.tracking.enabled and self.rank == 0)
-        heads = [self.model.fidelity_index(n) for n in fidelities]
+        heads = list(LabelLayout.of(self.model.fidelity_names, fidelities).heads)
         self.ctx = StepContext(self.engine, cfg.loss, fidelities, self.model.config.cutoff, dtype, self.device, heads,
                                self.mode.extra(spec, cfg))
         if cfg.data.prefetch > 0:  # graphs are built on the read-ahead thread, not the training thread

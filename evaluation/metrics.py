@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from polyfid.models.graph import build_graph
+from polyfid.models.layout import MISSING, LabelLayout
 
 
 class ErrorStats:
@@ -29,7 +30,7 @@ class ErrorStats:
         """energy [S, F_model], forces [A, F_model, 3]; batch labels [S, F_data]; columns maps data->model."""
         n_atoms = batch["n_atoms"].astype(np.float64)
         for k, col in enumerate(columns):
-            if col < 0:
+            if col == MISSING:
                 continue
             e_ref = batch["energy"][:, k]
             ok = ~np.isnan(e_ref)
@@ -96,8 +97,7 @@ def evaluate_batches(
     progress=None,
 ) -> ErrorStats:
     """Accumulate errors of `model` on batches whose label columns are `data_fidelities`."""
-    names = list(model.fidelity_names)
-    columns = [names.index(f) if f in names else -1 for f in data_fidelities]
+    columns = list(LabelLayout.of(model.fidelity_names, data_fidelities, allow_missing=True).heads)
     stats = ErrorStats(data_fidelities, keep_points=keep_points)
     was_training = model.training
     model.eval()

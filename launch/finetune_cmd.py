@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
@@ -30,9 +29,8 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace, load_config) -> int:
     """Run the fine-tuning (and the scratch comparison) and print the summary."""
-    from polyfid.distributed.finetune import compare_table, format_compare, scratch_config
-    from polyfid.distributed.launcher import run_training
-    from polyfid.models.package import read_metadata
+    from polyfid.distributed.finetune import format_compare
+    from polyfid.distributed.launcher import compare_with_scratch, run_training
 
     extra = [f"finetune.source={a.source}", f"data.train={a.data}"]
     for flag, key in ((a.valid, "data.valid"), (a.head, "finetune.head"), (a.freeze, "finetune.freeze"),
@@ -50,14 +48,10 @@ def run(a: argparse.Namespace, load_config) -> int:
         shutil.copytree(summary["package"], out, dirs_exist_ok=True)
     print_finetune_summary(summary)
     if cfg.finetune.compare_scratch and summary.get("package"):
-        scratch = run_training(scratch_config(cfg, read_metadata(summary["parent_package"])))
-        where = cfg.data.valid or cfg.data.train
-        table = compare_table({"fine-tuned": summary["package"], "from scratch": scratch["package"]}, where)
+        cmp = compare_with_scratch(cfg, summary)
         label = "validation" if cfg.data.valid else "TRAINING (no --valid given)"
         print()
-        print(format_compare(table, f"Same budget ({cfg.trainer.steps} steps), errors on the {label} data:"))
-        (Path(cfg.output) / "compare_scratch.json").write_text(json.dumps(
-            {"finetuned": summary["package"], "scratch": scratch["package"], "data": where, "errors": table}, indent=2))
+        print(format_compare(cmp["errors"], f"Same budget ({cfg.trainer.steps} steps), errors on the {label} data:"))
     return 0
 
 

@@ -171,3 +171,17 @@ def test_collated_stream_keeps_the_exact_cursor(stores):
     for a, b in zip(want, got):
         np.testing.assert_array_equal(batches_of(a)[0]["structure_id"], batches_of(b)[0]["structure_id"])
         np.testing.assert_array_equal(batches_of(a)[0]["store"], batches_of(b)[0]["store"])
+
+
+def test_label_layout_maps_columns_to_heads():
+    import torch
+
+    from polyfid.models.layout import MISSING, LabelLayout
+
+    layout = LabelLayout.of(["gfn2", "b3lyp", "wb97x"], ["wb97x", "gfn2"])
+    assert layout.heads == (2, 0) and layout.heads_of([0]) == [2]
+    out = layout.select({"energy": torch.arange(6.0).view(2, 3)})
+    assert out["energy"].tolist() == [[2.0, 0.0], [5.0, 3.0]]
+    with pytest.raises(KeyError, match="ccsd"):
+        LabelLayout.of(["gfn2"], ["ccsd"])
+    assert LabelLayout.of(["gfn2"], ["ccsd", "gfn2"], allow_missing=True).heads == (MISSING, 0)
