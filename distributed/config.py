@@ -103,8 +103,8 @@ class ReptileConfig:
     """Meta-learning (S3): Reptile over tasks, a task being one (store, fidelity) pair."""
 
     inner_steps: int = 8  # k optimiser steps on one task per outer step, without communication
-    inner_lr: float = 1e-3  # fresh Adam for every inner loop
-    epsilon: float = 0.5  # outer step size, annealed linearly to 0 over trainer.steps
+    inner_lr: float = 2e-3  # fresh Adam for every inner loop (chosen by benchmarks/bench_s3_reptile.py)
+    epsilon: float = 1.0  # outer step size, annealed linearly to 0 over trainer.steps (same benchmark)
     task_weights: str = "uniform"  # uniform | size (by labelled structures)
 
     def __post_init__(self) -> None:
