@@ -48,7 +48,6 @@ class Prepared:
     cfg: RunConfig
     out: Path
     plan: FinetunePlan | None
-    parent_meta: dict
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -60,16 +59,15 @@ def prepare(cfg: RunConfig) -> Prepared:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     check_on_driver(cfg)
-    plan, parent_meta = None, {}
+    plan = None
     if cfg.finetune.source:
         try:
             local = resolve_package(cfg.finetune.source, cfg.tracking.uri, out / "parent")
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"finetune.source: {err}") from err
         plan = FinetunePlan.build(cfg, [Store.open(p) for p in cfg.data.train], local, cfg.finetune.source)
-        parent_meta = read_metadata(local)
     save_config(cfg, out / "config.yaml")  # before anything runs
-    return Prepared(cfg, out, plan, parent_meta)
+    return Prepared(cfg, out, plan)
 
 
 def _init_ray(cfg: RunConfig) -> None:
@@ -208,7 +206,7 @@ def finalize(run: Prepared, tracker: Tracker, wall: float) -> dict[str, Any]:
     tracker.log_metrics({"train_wall_s": wall}, cfg.trainer.steps)
     forgetting = hint = None
     if plan:
-        forgetting = measure_forgetting(plan.source, str(package), run.parent_meta)
+        forgetting = measure_forgetting(plan.source, str(package), {"lineage": plan.parent_lineage})
         hint = forgetting_advice(forgetting, plan.replay_fraction)
         if hint:
             log.warning(hint)
