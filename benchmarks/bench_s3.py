@@ -68,16 +68,23 @@ def stores_of(work: Path) -> dict[str, list[str]]:
     return out
 
 
+def finished(output) -> dict | None:
+    """The summary of a run in `output` that ended with a package; None for a run that never ran, or was stopped
+    (its summary says `stopped` and names no package), so that --reuse resumes it from its checkpoint."""
+    done = Path(output) / "summary.json"
+    s = json.loads(done.read_text()) if done.exists() else {}
+    if s.get("package") and Path(s["package"]).exists():
+        print(f"reused {done}", flush=True)
+        return s
+    return None
+
+
 def train(recipe: str, sets: list[str]) -> dict:
     from polyfid.distributed.config import load_config
     from polyfid.distributed.launcher import run_training
 
     cfg = load_config(RECIPES / recipe, sets)
-    done = Path(cfg.output) / "summary.json"
-    if REUSE and done.exists() and Path(json.loads(done.read_text())["package"]).exists():
-        print(f"reused {done}", flush=True)
-        return json.loads(done.read_text())
-    return run_training(cfg, shutdown_ray=False)
+    return (REUSE and finished(cfg.output)) or run_training(cfg, shutdown_ray=False)
 
 
 def scans(package: str) -> dict[str, dict]:
@@ -167,8 +174,7 @@ def main() -> None:
     sc.output = str(work / "none")
     from polyfid.distributed.launcher import run_training
 
-    done = work / "none" / "summary.json"
-    s = json.loads(done.read_text()) if a.reuse and done.exists() else run_training(sc, shutdown_ray=False)
+    s = (a.reuse and finished(work / "none")) or run_training(sc, shutdown_ray=False)
     rows.append({"pretraining": "none", "replay": None, "package": s["package"], "summary": s})
 
     for r in rows:

@@ -51,9 +51,8 @@ def scratch(stores: dict, work: Path, seed: int, parent: str, lr: float, ft_comm
     from polyfid.models.package import read_metadata
 
     out = work / f"seed{seed}" / f"scratch_lr{lr:g}"
-    done = out / "summary.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    if bench_s3.finished(out):
+        return bench_s3.finished(out)
     cfg = load_config(bench_s3.RECIPES / "finetune.yaml", [f"finetune.source={parent}", f"output={out}"] + ft_common)
     sc = scratch_config(cfg, read_metadata(parent))
     sc.output, sc.trainer.lr = str(out), lr
