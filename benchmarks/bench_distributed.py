@@ -46,7 +46,7 @@ def throughput(store: str, tmp: Path, workers: int, steps: int) -> dict[str, flo
     out = tmp / f"w{workers}"
     uri = f"sqlite:///{tmp / 'bench.db'}"
     cfg = load_config(ROOT / "launch" / "recipes" / "demo.yaml", [
-        f"data.train={store}", f"output={out}", f"trainer.workers={workers}", f"trainer.steps={steps}",
+        f"data.train={store}", f"output={out}", f"cluster.workers={workers}", f"trainer.steps={steps}",
         "trainer.log_every=10", "trainer.valid_every=1000000", "trainer.checkpoint_every=1000000",
         f"tracking.uri={uri}", "tracking.register_as=null"])
     s = run_training(cfg)
@@ -88,7 +88,7 @@ def _count_bytes(rank, world, out, mode, k, steps):
     refs = fit_stores([store], fids, sorted(int(z) for z in store.elements)).energies
     model = Potential(ModelConfig(), store.elements, fids, refs)
     n_params = sum(p.numel() for p in model.parameters())
-    cfg = TrainerConfig(workers=world, steps=10**6, zero_stage=1)
+    cfg = TrainerConfig(steps=10**6, zero_stage=1)
     engine, _ = build_engine(model, cfg, torch.device("cpu"), reptile_epsilon=0.5 if mode == "reptile" else None)
     names = [f.name for f in fids]
     ctx = StepContext(engine, LossConfig(), names, model.config.cutoff, torch.float32, torch.device("cpu"),

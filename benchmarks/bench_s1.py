@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     test = str(stores_dir / f"{prefix}test.zarr")  # the same frames for every pair with this high level
     if not Path(test).exists():
         ingest_heldout(test, molecules, (low, high))
-    base = [f"trainer.steps={a.steps}", f"trainer.workers={a.workers}"] + a.set_all
+    base = [f"trainer.steps={a.steps}", f"cluster.workers={a.workers}"] + a.set_all
 
     rows, runs = [], {}
     for v in variants:

@@ -145,7 +145,7 @@ def main() -> None:
     parents: dict[str, dict] = {}
     for mode, steps in (("multifidelity", a.pretrain_steps), ("reptile", max(1, a.pretrain_steps // k))):
         sets = [f"data.train={','.join(stores['train'])}", f"data.valid={','.join(stores['valid'])}",
-                f"trainer.mode={mode}", f"trainer.steps={steps}", f"trainer.workers={a.workers}",
+                f"trainer.mode={mode}", f"trainer.steps={steps}", f"cluster.workers={a.workers}",
                 f"trainer.valid_every={max(1, steps // 12)}", f"trainer.checkpoint_every={steps}",
                 f"output={work / mode}"] + common
         t0 = time.perf_counter()

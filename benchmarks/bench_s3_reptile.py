@@ -39,7 +39,7 @@ def pretrain(stores: dict, work: Path, seed: int, name: str, sets: list[str], gr
     steps = max(1, grad_steps // k)
     return bench_s3.train("demo.yaml", [
         f"data.train={','.join(stores['train'])}", f"data.valid={','.join(stores['valid'])}", "trainer.mode=reptile",
-        f"trainer.steps={steps}", "trainer.workers=2", f"trainer.valid_every={max(1, steps // 12)}",
+        f"trainer.steps={steps}", "cluster.workers=2", f"trainer.valid_every={max(1, steps // 12)}",
         f"trainer.checkpoint_every={steps}", f"output={work / f'seed{seed}' / name}"] + sets + common)
 
 

@@ -34,7 +34,7 @@ def timed_steps(kind: str, precision: str, stores, batches, n_warm: int = 5) -> 
     mcfg = cfg.model
     fids = model.fidelities
     device = torch.device("cuda")
-    engine, prec = build_engine(model, TrainerConfig(precision=precision, workers=1, steps=10**6), device)
+    engine, prec = build_engine(model, TrainerConfig(precision=precision, steps=10**6), device)
     dtype = compute_dtype(prec)
     ctx = StepContext(engine, LossConfig(), [f.name for f in fids], mcfg.cutoff, dtype, device)
     for b in batches[:n_warm]:
@@ -82,7 +82,7 @@ def main() -> None:
     out = Path(a.out)
     report: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "backend": dist.get_backend()}
     cfg = load_config(Path(__file__).parents[1] / "launch" / "recipes" / "demo.yaml", [
-        f"data.train={a.train}", f"data.valid={a.valid}", "trainer.workers=1", f"trainer.steps={a.steps}",
+        f"data.train={a.train}", f"data.valid={a.valid}", "cluster.workers=1", f"trainer.steps={a.steps}",
         "tracking.enabled=false", f"output={out / 'bf16_run'}", "trainer.valid_every=100000",
     ])
     cfg.resolve_paths()
@@ -100,7 +100,7 @@ def main() -> None:
 
         ft = load_config(Path(__file__).parents[1] / "launch" / "recipes" / "finetune.yaml", [
             f"finetune.source={out / 'bf16_run' / 'package'}", f"data.train={a.target}", f"data.valid={a.target_valid}",
-            f"finetune.replay_fraction=0.25", f"finetune.replay_stores={a.train}", "trainer.workers=1",
+            f"finetune.replay_fraction=0.25", f"finetune.replay_stores={a.train}", "cluster.workers=1",
             f"trainer.steps={a.finetune_steps}", "trainer.valid_every=25", "tracking.enabled=false",
             f"output={out / 'ft_run'}",
         ])

@@ -1,9 +1,14 @@
-"""Checkpoints: DeepSpeed state plus every rank's reader cursor, RNG state, the step and the MLflow run id."""
+"""Checkpoints: DeepSpeed state plus every rank's reader cursor, RNG state, the step and the MLflow run id.
+
+Each checkpoint ends with a manifest of its files' sizes and SHA-256, written last; resume takes the newest
+checkpoint that verifies against its manifest."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,13 +30,61 @@ def _gather(obj: Any) -> list[Any]:
     return [obj]
 
 
-def latest_checkpoint(ckpt_dir: str | Path) -> str | None:
-    """The tag DeepSpeed wrote last, or None."""
-    p = Path(ckpt_dir) / "latest"
-    if not p.exists():
-        return None
-    tag = p.read_text().strip()
-    return tag if (Path(ckpt_dir) / tag).is_dir() else None
+MANIFEST = "manifest.json"  # written last: every file of the checkpoint with its size and SHA-256
+LEGACY_META = "polyfid_meta.json"  # the completion marker of checkpoints written before manifests
+
+
+def write_manifest(tag_dir: Path, step: int, world: int) -> None:
+    """Checksum every file of a finished checkpoint and write the manifest atomically (temp file, rename)."""
+    files = {}
+    for p in sorted(tag_dir.rglob("*")):
+        if p.is_file() and p.name not in (MANIFEST, MANIFEST + ".tmp"):
+            with p.open("rb") as fh:
+                files[str(p.relative_to(tag_dir))] = {"bytes": p.stat().st_size,
+                                                      "sha256": hashlib.file_digest(fh, "sha256").hexdigest()}
+    tmp = tag_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "world_size": world, "files": files}, indent=1))
+    os.replace(tmp, tag_dir / MANIFEST)
+
+
+def verify_checkpoint(tag_dir: Path) -> str | None:
+    """None if the checkpoint is whole; else why not (naming the file)."""
+    manifest = tag_dir / MANIFEST
+    if not manifest.exists():
+        return None if (tag_dir / LEGACY_META).exists() else "it has no manifest (its write never finished)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as err:
+        return f"its manifest is unreadable ({err})"
+    for name, want in files.items():
+        p = tag_dir / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != want["bytes"]:
+            return f"{name} has {p.stat().st_size} bytes, the manifest says {want['bytes']} (truncated?)"
+        with p.open("rb") as fh:
+            if hashlib.file_digest(fh, "sha256").hexdigest() != want["sha256"]:
+                return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+def newest_verified(ckpt_dir: str | Path) -> str | None:
+    """The newest checkpoint tag that verifies; each newer one that does not is named in a warning."""
+    ckpt_dir = Path(ckpt_dir)
+    for tag_dir in sorted((p for p in ckpt_dir.glob("step_*") if p.is_dir()), reverse=True):
+        why = verify_checkpoint(tag_dir)
+        if why is None:
+            return tag_dir.name
+        log.warning("checkpoint %s is not usable: %s; trying the one before", tag_dir, why)
+    return None
+
+
+def checkpoint_meta(tag_dir: Path) -> dict[str, Any]:
+    """{"step", "world_size"} of a verified checkpoint (from its manifest, or an older one's marker)."""
+    for name in (MANIFEST, LEGACY_META):
+        if (tag_dir / name).exists():
+            return json.loads((tag_dir / name).read_text())
+    raise FileNotFoundError(f"{tag_dir} has neither {MANIFEST} nor {LEGACY_META}")
 
 
 def save_checkpoint(engine, ckpt_dir: str | Path, step: int, reader, run_id: str | None, rank: int) -> str:
@@ -50,24 +103,22 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, reader, run_id: str
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-    if rank == 0:
-        (ckpt_dir / tag / "polyfid_meta.json").write_text(json.dumps({"step": step, "world_size": len(states)}))
+    if rank == 0:  # the manifest is written last: a checkpoint without one never finished
+        write_manifest(ckpt_dir / tag, step, len(states))
         tags = sorted(p.name for p in ckpt_dir.glob("step_*") if p.is_dir())
         for old in tags[:-KEEP]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     return tag
 
 
-def load_checkpoint(engine, ckpt_dir: str | Path, reader, rank: int, world: int) -> dict[str, Any]:
-    """Restore the engine and this rank's reader cursor and RNG; returns the client state."""
-    tag = latest_checkpoint(ckpt_dir)
-    meta_file = Path(ckpt_dir) / str(tag) / "polyfid_meta.json"
-    saved_world = json.loads(meta_file.read_text())["world_size"] if meta_file.exists() else world
+def load_checkpoint(engine, ckpt_dir: str | Path, tag: str, reader, rank: int, world: int) -> dict[str, Any]:
+    """Restore the engine and this rank's reader cursor and RNG from checkpoint `tag`; returns the client state."""
+    saved_world = int(checkpoint_meta(Path(ckpt_dir) / tag)["world_size"])
     same = saved_world == world
     # DeepSpeed cannot repartition ZeRO optimizer state over a new world size: then restore the weights only.
-    path, client = engine.load_checkpoint(str(ckpt_dir), load_module_only=not same)
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=not same)
     if path is None or client is None:
-        raise RuntimeError(f"could not load the checkpoint in {ckpt_dir}")
+        raise RuntimeError(f"could not load the checkpoint {tag} in {ckpt_dir}")
     reader.load_state_dict(client["reader"])
     if same:
         torch.set_rng_state(client["rng"][rank])
@@ -87,7 +138,7 @@ def load_checkpoint(engine, ckpt_dir: str | Path, reader, rank: int, world: int)
     return client
 
 
-STOP_FILE = "STOP"  # the driver writes it on SIGTERM; workers checkpoint and leave at the next step
+STOP_FILE = "STOP"  # the driver writes it on SIGTERM; workers checkpoint and leave within a log window
 
 
 def stop_requested(path: Path) -> bool:
@@ -100,22 +151,27 @@ class Checkpointer:
     """Where a run's checkpoints live, when they are written, and the stop file that asks for one now."""
 
     def __init__(self, output: str | Path, every: int, last_step: int, run_id: str | None, rank: int,
-                 world: int) -> None:
+                 world: int, stop_check_every: int = 1) -> None:
         self.dir, self.stop_file = Path(output) / "checkpoints", Path(output) / STOP_FILE
         self.every, self.last_step = every, last_step
+        self.stop_check_every = max(1, stop_check_every)  # the check is a collective read on the host: not every step
         self.run_id, self.rank, self.world = run_id, rank, world
 
     def resume(self, engine, stream) -> int:
-        """Restore the newest checkpoint, if any, into the engine and the stream; returns its step (else 0)."""
-        if latest_checkpoint(self.dir) is None:
+        """Restore the newest checkpoint that verifies, if any, into the engine and the stream; returns its step
+        (else 0). Newer ones that do not verify (truncated, half-written) are named in a warning and skipped."""
+        tag = _gather(newest_verified(self.dir) if self.rank == 0 else None)[0]  # rank 0 checks, all agree
+        if tag is None:
+            if any(self.dir.glob("step_*")):
+                log.warning("no checkpoint in %s verifies: starting from step 0", self.dir)
             return 0
-        step = int(load_checkpoint(engine, self.dir, stream, self.rank, self.world)["step"])
-        log.warning("rank %d resumed from %s at step %d", self.rank, self.dir, step)
+        step = int(load_checkpoint(engine, self.dir, tag, stream, self.rank, self.world)["step"])
+        log.warning("rank %d resumed from %s at step %d", self.rank, self.dir / tag, step)
         return step
 
     def after_step(self, engine, stream, step: int) -> bool:
         """Write a checkpoint when one is due or a stop was asked for (collective); True: stop now."""
-        stopped = stop_requested(self.stop_file)
+        stopped = step % self.stop_check_every == 0 and stop_requested(self.stop_file)
         if stopped or step % self.every == 0 or step == self.last_step:
             save_checkpoint(engine, self.dir, step, stream, self.run_id, self.rank)
         if stopped:

@@ -7,6 +7,8 @@ run (`<output>/config.yaml`) and inside every model package.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
 import typing
 from pathlib import Path
@@ -16,6 +18,8 @@ import yaml
 
 from polyfid._util import split_list
 from polyfid.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -61,14 +65,27 @@ class LossConfig:
 
 
 @dataclasses.dataclass
-class TrainerConfig:
-    """How training runs: workers, steps, optimiser, precision, checkpoints."""
+class ClusterConfig:
+    """Where training runs: the Ray cluster, the workers and their resources, and restarts."""
 
-    mode: str = "multifidelity"  # multifidelity | reptile
     workers: int = 2
     cpus_per_worker: float = 0.5  # Ray resources per worker; 0.5 avoids deadlocks on 2-core machines
     use_gpu: bool | None = None  # None: use a GPU when torch sees one
     address: str | None = None  # None: start a local Ray cluster; "auto" or HOST:PORT joins one
+    placement: str = "PACK"  # Ray placement of workers: PACK (fill nodes) | SPREAD (one per node first)
+    max_failures: int = 0  # Ray Train restarts of the worker group from the latest checkpoint
+
+    def __post_init__(self) -> None:
+        _choice("cluster", "placement", self.placement, ("PACK", "SPREAD"))
+        if self.workers < 1:
+            raise ConfigError(f"cluster.workers must be at least 1, got {self.workers}")
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """What training does: mode, steps, optimiser, precision, cadence of logs, validation and checkpoints."""
+
+    mode: str = "multifidelity"  # multifidelity | reptile
     steps: int = 300
     lr: float = 2e-3
     lr_final_factor: float = 0.05  # cosine decay to lr * this
@@ -79,21 +96,16 @@ class TrainerConfig:
     zero_stage: int = 1
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0
-    log_every: int = 10
+    log_every: int = 10  # also how often ranks agree on the stop file (one host sync per log window)
     progress_every_s: float = 30.0  # a plain progress line this often when the output is not a terminal
     valid_every: int = 100
     checkpoint_every: int = 100
-    max_failures: int = 0  # Ray Train restarts of the worker group from the latest checkpoint
-    placement: str = "PACK"  # Ray placement of workers: PACK (fill nodes) | SPREAD (one per node first)
     trace_dir: str | None = None  # if set, each rank appends (step, epoch, structure ids, node) per step there
 
     def __post_init__(self) -> None:
         _choice("trainer", "mode", self.mode, ("multifidelity", "reptile"))
         _choice("trainer", "zero_stage", self.zero_stage, (0, 1, 2))
         _choice("trainer", "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
-        _choice("trainer", "placement", self.placement, ("PACK", "SPREAD"))
-        if self.workers < 1:
-            raise ConfigError(f"trainer.workers must be at least 1, got {self.workers}")
         if self.steps < 1:
             raise ConfigError(f"trainer.steps must be at least 1, got {self.steps}")
 
@@ -163,6 +175,7 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
     reptile: ReptileConfig = dataclasses.field(default_factory=ReptileConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
@@ -172,7 +185,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        return _from_dict(cls, d, "")
+        return _from_dict(cls, _moved_keys(d), "")
 
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, for MLflow params."""
@@ -215,6 +228,34 @@ def resolve_tracking_uri(uri: str, base: str | os.PathLike | None = None) -> str
     return uri
 
 
+MOVED_TO_CLUSTER = tuple(f.name for f in dataclasses.fields(ClusterConfig))  # trainer.X before the split
+
+
+def _moved_keys(d: dict[str, Any]) -> dict[str, Any]:
+    """Accept recipes, overrides and saved configs written before `cluster:` was split from `trainer:`:
+    `trainer.workers` (and the other placement keys) are read as `cluster.workers`, with a warning."""
+    trainer = d.get("trainer")
+    if not isinstance(trainer, dict) or not set(trainer) & set(MOVED_TO_CLUSTER):
+        return d
+    d, trainer = dict(d), dict(trainer)
+    cluster = dict(d.get("cluster") or {})
+    for k in MOVED_TO_CLUSTER:
+        if k in trainer:
+            log.warning("trainer.%s is now cluster.%s; reading it there", k, k)
+            cluster.setdefault(k, trainer.pop(k))
+    d["trainer"], d["cluster"] = trainer, cluster
+    return d
+
+
+def _did_you_mean(unknown: list[str]) -> str:
+    """'; did you mean cluster.workers?' for a key that is close to one in any section."""
+    known = {f"{sec}.{f.name}": f.name for sec, t in typing.get_type_hints(RunConfig).items()
+             if dataclasses.is_dataclass(t) for f in dataclasses.fields(t)}
+    hits = [dotted for k in unknown for m in difflib.get_close_matches(k, set(known.values()), n=1, cutoff=0.75)
+            for dotted, name in known.items() if name == m]
+    return f"; did you mean {' or '.join(hits)}?" if hits else ""
+
+
 def _to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {f.name: _to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
@@ -234,7 +275,7 @@ def _from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
     if unknown:
         raise ConfigError(
             f"unknown key {', '.join((where + '.' if where else '') + k for k in unknown)}; "
-            f"allowed: {', '.join(sorted(fields))}"
+            f"allowed: {', '.join(sorted(fields))}{_did_you_mean(unknown)}"
         )
     kwargs = {}
     for k, v in d.items():
@@ -304,6 +345,9 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
+        if len(parts) == 2 and parts[0] == "trainer" and parts[1] in MOVED_TO_CLUSTER:
+            log.warning("--set trainer.%s is now cluster.%s; setting that", parts[1], parts[1])
+            parts[0] = "cluster"
         node = d
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -326,7 +370,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         d = yaml.safe_load(p.read_text()) or {}
         if not isinstance(d, dict):
             raise ConfigError(f"{p}: the top level must be a mapping")
-    d = apply_overrides(d, overrides or [])
+    d = apply_overrides(_moved_keys(d), overrides or [])
     return RunConfig.from_dict(d)
 
 

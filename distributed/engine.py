@@ -9,7 +9,7 @@ from typing import Any, Iterable
 
 import torch
 
-from polyfid.distributed.config import ConfigError, TrainerConfig
+from polyfid.distributed.config import ClusterConfig, ConfigError, TrainerConfig
 from polyfid.distributed.progress import quiet_stdout
 
 
@@ -18,11 +18,11 @@ def ensure_extension_cache() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "polyfid" / "torch_extensions"))
 
 
-def resolve_device(cfg: TrainerConfig) -> torch.device:
+def resolve_device(cfg: ClusterConfig) -> torch.device:
     """The device of this worker: a GPU when asked for (or available under auto), else the CPU."""
     use_gpu = torch.cuda.is_available() if cfg.use_gpu is None else cfg.use_gpu
     if use_gpu and not torch.cuda.is_available():
-        raise ConfigError("trainer.use_gpu=true but torch sees no CUDA device")
+        raise ConfigError("cluster.use_gpu=true but torch sees no CUDA device")
     if use_gpu:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device("cpu")

@@ -17,6 +17,7 @@ from polyfid.distributed.checkpoint import STOP_FILE
 from polyfid.distributed.engine import ensure_extension_cache, resolve_device, resolve_precision
 from polyfid.distributed.finetune import (FinetunePlan, compare_table, forgetting_advice, measure_forgetting,
                                          scratch_config)
+from polyfid.distributed.lock import RunLock
 from polyfid.distributed.modes import get_mode
 from polyfid.distributed.progress import interactive, quiet_libraries, verbose
 from polyfid.distributed.tracking import Tracker
@@ -35,9 +36,9 @@ def check_on_driver(cfg: RunConfig) -> None:
         Store.open(p)
     import torch
 
-    if cfg.trainer.address is None:  # a local cluster: its workers see the devices this process sees
-        resolve_precision(cfg.trainer, resolve_device(cfg.trainer))
-    elif cfg.trainer.use_gpu is False:
+    if cfg.cluster.address is None:  # a local cluster: its workers see the devices this process sees
+        resolve_precision(cfg.trainer, resolve_device(cfg.cluster))
+    elif cfg.cluster.use_gpu is False:
         resolve_precision(cfg.trainer, torch.device("cpu"))
 
 
@@ -82,11 +83,11 @@ def _init_ray(cfg: RunConfig) -> None:
         return
     quiet = not verbose()
     level = logging.ERROR if quiet else logging.DEBUG
-    if cfg.trainer.address:
-        ray.init(address=cfg.trainer.address, log_to_driver=True, logging_level=level)
+    if cfg.cluster.address:
+        ray.init(address=cfg.cluster.address, log_to_driver=True, logging_level=level)
     else:
         env = {"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"], "PYTHONWARNINGS": "ignore::FutureWarning"}
-        if not cfg.trainer.use_gpu:
+        if not cfg.cluster.use_gpu:
             import torch
 
             if not torch.cuda.is_available():
@@ -107,14 +108,16 @@ def pin_ray_address() -> None:
 
 def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
     """Run pretraining or fine-tuning (cfg.finetune.source set) on Ray Train workers; returns a summary."""
-    run = prepare(cfg)
-    tracker = track(run)
-    try:
-        wall = launch(run, tracker, shutdown_ray)
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    return finalize(run, tracker, wall)
+    cfg.resolve_paths()
+    with RunLock(cfg.output):  # one run per output folder; a lock left by a dead driver is taken over
+        run = prepare(cfg)
+        tracker = track(run)
+        try:
+            wall = launch(run, tracker, shutdown_ray)
+        except BaseException:
+            tracker.end("FAILED")
+            raise
+        return finalize(run, tracker, wall)
 
 
 def track(run: Prepared) -> Tracker:
@@ -154,21 +157,21 @@ def launch(run: Prepared, tracker: Tracker, shutdown_ray: bool) -> float:
     _init_ray(cfg)
     import torch
 
-    use_gpu = torch.cuda.is_available() if cfg.trainer.use_gpu is None else cfg.trainer.use_gpu
-    resources = {"CPU": cfg.trainer.cpus_per_worker}
+    use_gpu = torch.cuda.is_available() if cfg.cluster.use_gpu is None else cfg.cluster.use_gpu
+    resources = {"CPU": cfg.cluster.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={"run": cfg.to_dict(), "finetune_plan": run.plan.to_dict() if run.plan else None,
                            "mlflow_run_id": tracker.run_id, "live_progress": interactive()},
-        scaling_config=ScalingConfig(num_workers=cfg.trainer.workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources, placement_strategy=cfg.trainer.placement),
+        scaling_config=ScalingConfig(num_workers=cfg.cluster.workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources, placement_strategy=cfg.cluster.placement),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RayRunConfig(
             name=f"{cfg.name}-{int(time.time())}",
             storage_path=str(out / "ray"),
-            failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
             logging_config=LoggingConfig(log_level="DEBUG" if verbose() else "ERROR"),
         ),
     )
@@ -180,7 +183,7 @@ def launch(run: Prepared, tracker: Tracker, shutdown_ray: bool) -> float:
         trainer.fit()
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if shutdown_ray and not cfg.trainer.address:
+        if shutdown_ray and not cfg.cluster.address:
             import ray
 
             ray.shutdown()

@@ -30,6 +30,7 @@ class Targets:
     forces: torch.Tensor  # [A, F, 3]
     forces_mask: torch.Tensor  # [A, F] float 0/1
     n_atoms: torch.Tensor  # [S] float
+    with_forces: tuple[int, ...] | None = None  # fidelities with a force label, found on the host (no device sync)
 
     @classmethod
     def from_batch(cls, batch: dict, dtype: torch.dtype, device: torch.device | str) -> "Targets":
@@ -42,10 +43,13 @@ class Targets:
             forces=torch.nan_to_num(f, nan=0.0).to(device=device, dtype=dtype),
             forces_mask=fmask.to(device=device, dtype=dtype),
             n_atoms=torch.as_tensor(batch["n_atoms"]).to(device=device, dtype=dtype),
+            with_forces=tuple(int(k) for k in torch.nonzero(fmask.any(0)).flatten()),
         )
 
     def force_heads(self) -> list[int]:
         """Fidelities that have at least one force label in this (local) batch."""
+        if self.with_forces is not None:
+            return list(self.with_forces)
         return [int(k) for k in torch.nonzero(self.forces_mask.sum(0) > 0).flatten()]
 
 

@@ -82,7 +82,7 @@ class Trainer:
         self.rank, self.world = rank_and_world()
         quiet_libraries()
         Path(cfg.output).mkdir(parents=True, exist_ok=True)  # the launcher makes it; a direct caller may not have
-        self.device = resolve_device(cfg.trainer)
+        self.device = resolve_device(cfg.cluster)
         self.stores = [Store.open(p) for p in cfg.data.train]
         self.valid = [Store.open(p) for p in cfg.data.valid]
         self.model, self.fit = build_model(cfg, self.stores, self.plan)
@@ -99,7 +99,7 @@ class Trainer:
                           self.model.fidelity_names, reader, self.rank, self.world)
         self.stream = self.mode.stream(spec, cfg)
         self.checkpointer = Checkpointer(cfg.output, cfg.trainer.checkpoint_every, cfg.trainer.steps, self.run_id,
-                                         self.rank, self.world)
+                                         self.rank, self.world, stop_check_every=cfg.trainer.log_every)
         self.step = self.checkpointer.resume(self.engine, self.stream)
         self.tracker = Tracker(cfg.tracking.uri, self.run_id, enabled=cfg.tracking.enabled and self.rank == 0)
         heads = list(LabelLayout.of(self.model.fidelity_names, fidelities).heads)

@@ -89,7 +89,7 @@ def _run_config(a: argparse.Namespace, extra: list[str]):
 def cmd_pretrain(a: argparse.Namespace) -> int:
     from polyfid.distributed.launcher import run_training
 
-    extra = [f"trainer.address={a.address}"] if a.address else []
+    extra = [f"cluster.address={a.address}"] if a.address else []
     summary = run_training(_run_config(a, extra))
     print_summary(summary)
     return 0
@@ -232,13 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     from polyfid.data_shards.ingest import IngestError
     from polyfid.data_shards.store import CorruptShardError
     from polyfid.distributed.config import ConfigError
+    from polyfid.distributed.lock import FolderInUse
 
     try:
         return int(args.fn(args) or 0)
     except ConfigError as e:
         print(f"polyfid: config error: {e}", file=sys.stderr)
         return 2
-    except (IngestError, CorruptShardError, FileNotFoundError) as e:
+    except (IngestError, CorruptShardError, FileNotFoundError, FolderInUse) as e:
         if os.environ.get("POLYFID_DEBUG"):
             raise
         print(f"polyfid {args.command}: error: {e}", file=sys.stderr)

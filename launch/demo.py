@@ -216,7 +216,7 @@ def run_demo(workdir: Path, steps: int | None = None, workers: int = 2, override
 
     t = _section(f"{next(step)}/{n} multi-fidelity pretraining (S1 variant c): Ray Train, {workers} DeepSpeed workers "
                  "(ZeRO-1, fp32, gloo)")
-    common = [f"trainer.workers={workers}"] + ([f"trainer.steps={steps}"] if steps else []) + list(overrides or [])
+    common = [f"cluster.workers={workers}"] + ([f"trainer.steps={steps}"] if steps else []) + list(overrides or [])
     sets = [f"data.train={stores['pretrain']}", f"data.valid={stores['valid']}", f"output={workdir / 'pretrain'}"]
     cfg = load_config(RECIPES / "demo.yaml", sets + common)
     pre = run_training(cfg)

@@ -19,16 +19,16 @@ def test_every_recipe_loads(recipe):
 
 def test_overrides_of_the_cli_contract():
     cfg = load_config(RECIPES / "demo.yaml", [
-        "data.train=a.zarr,b.zarr", "data.valid=v.zarr", "trainer.workers=3", "trainer.steps=7",
+        "data.train=a.zarr,b.zarr", "data.valid=v.zarr", "cluster.workers=3", "trainer.steps=7",
         "model.kind=hipnn", "output=somewhere", "loss.fidelity_weights={hi: 2.0}",
     ])
     assert cfg.data.train == ["a.zarr", "b.zarr"] and cfg.data.valid == ["v.zarr"]
-    assert (cfg.trainer.workers, cfg.trainer.steps, cfg.model.kind, cfg.output) == (3, 7, "hipnn", "somewhere")
+    assert (cfg.cluster.workers, cfg.trainer.steps, cfg.model.kind, cfg.output) == (3, 7, "hipnn", "somewhere")
     assert cfg.loss.fidelity_weights == {"hi": 2.0}
 
 
 @pytest.mark.parametrize("override, words", [
-    (["trainer.wrokers=2"], ["trainer.wrokers", "workers"]),
+    (["trainer.wrokers=2"], ["trainer.wrokers", "cluster.workers"]),
     (["trainer.mode=maml"], ["trainer.mode", "reptile", "multifidelity"]),
     (["trainer.zero_stage=3"], ["zero_stage", "0, 1, 2"]),
     (["trainer.steps=many"], ["trainer.steps", "integer"]),
@@ -50,3 +50,15 @@ def test_round_trip_and_paths(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml").to_dict() == cfg.to_dict()
     assert resolve_tracking_uri("http://host:5000") == "http://host:5000"
+
+
+def test_placement_keys_written_under_trainer_are_read_under_cluster(tmp_path):
+    """Recipes, overrides and saved configs from before the split keep working: trainer.workers is cluster.workers."""
+    old = tmp_path / "old.yaml"
+    old.write_text("trainer:\n  workers: 3\n  use_gpu: false\n  steps: 5\ncluster:\n  placement: SPREAD\n")
+    cfg = load_config(old, ["trainer.max_failures=2"])
+    assert (cfg.cluster.workers, cfg.cluster.use_gpu, cfg.cluster.placement, cfg.cluster.max_failures) == (3, False, "SPREAD", 2)
+    assert cfg.trainer.steps == 5 and "workers" not in cfg.to_dict()["trainer"]
+    assert RunConfig.from_dict({"trainer": {"workers": 4}}).cluster.workers == 4
+    with pytest.raises(ConfigError, match="did you mean cluster.workers"):
+        load_config(None, ["trainer.wrokers=2"])

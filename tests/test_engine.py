@@ -19,7 +19,7 @@ def _one_step(rank, world, out, parts, stage):
     from deepspeed.utils import safe_get_full_grad
 
     model = tiny_model(seed=0)
-    cfg = TrainerConfig(workers=world, zero_stage=stage, lr=1e-3, warmup_steps=1, steps=10)
+    cfg = TrainerConfig(zero_stage=stage, lr=1e-3, warmup_steps=1, steps=10)
     engine, precision = build_engine(model, cfg, torch.device("cpu"))
     assert precision == "fp32"
     batch = parts[rank] if world == 2 else concat_batches(parts)
@@ -55,7 +55,7 @@ def test_two_ranks_equal_one_rank(tmp_path, stage):
 
 def _many_steps(rank, world, out, steps_parts, stage):
     model = tiny_model(seed=0)
-    cfg = TrainerConfig(workers=world, zero_stage=stage, lr=3e-3, warmup_steps=2, steps=len(steps_parts))
+    cfg = TrainerConfig(zero_stage=stage, lr=3e-3, warmup_steps=2, steps=len(steps_parts))
     engine, _ = build_engine(model, cfg, torch.device("cpu"))
     ctx = StepContext(engine, LossConfig(), model.fidelity_names, model.config.cutoff, torch.float32, torch.device("cpu"))
     losses = []

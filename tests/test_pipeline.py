@@ -39,7 +39,7 @@ def pipeline(tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     common = ["--set", f"tracking.uri={uri}", "--set", "model.width=16", "--set", "model.n_sensitivities=8"]
     assert main(["pretrain", "--config", "launch/recipes/demo.yaml", "--set", f"data.train={tmp / 'train.zarr'},{tmp / 'train2.zarr'}",
-                 "--set", f"data.valid={tmp / 'valid.zarr'}", "--set", "trainer.workers=2",
+                 "--set", f"data.valid={tmp / 'valid.zarr'}", "--set", "cluster.workers=2",
                  "--set", "trainer.steps=12", "--set", "trainer.log_every=4", "--set", "trainer.valid_every=6",
                  "--set", "trainer.checkpoint_every=6", "--set", f"output={tmp / 'pre'}",
                  "--set", "tracking.register_as=spine-test"] + common) == 0
@@ -67,7 +67,7 @@ def test_pretrain_writes_package_and_mlflow_run(pipeline):
     client = MlflowClient(pipeline["uri"])
     run = client.get_run(pre["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["trainer.workers"] == "2"
+    assert run.data.params["cluster.workers"] == "2"
     for key in (f"loss/{LOW}", f"loss/{HIGH}", f"valid/energy_mae/{HIGH}", f"valid/forces_mae/{HIGH}",
                 "atoms_per_s", "atoms_per_s/worker0", "atoms_per_s/worker1", "data_wait_fraction", "lr",
                 "step_time_s", "atom_budget_fill", "comm_time_fraction", "comm_mb_per_step"):

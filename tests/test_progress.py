@@ -85,7 +85,7 @@ def test_pretrain_log_file_reads_like_a_report(tmp_path):
     with open(log, "w") as f:
         rc = subprocess.run(
             [sys.executable, "-m", "polyfid.launch.cli", "pretrain", "--config", str(root / "launch/recipes/demo.yaml"),
-             "--set", f"data.train={tmp_path / 'a.zarr'},{tmp_path / 'b.zarr'}", "--set", "trainer.workers=2",
+             "--set", f"data.train={tmp_path / 'a.zarr'},{tmp_path / 'b.zarr'}", "--set", "cluster.workers=2",
              "--set", "trainer.steps=20", "--set", "trainer.log_every=5", "--set", "trainer.progress_every_s=0",
              "--set", "model.width=16", "--set", "model.n_sensitivities=8", "--set", f"output={tmp_path / 'run'}",
              "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "--set", "tracking.register_as=null"],

@@ -39,7 +39,7 @@ def _rank_fn(rank, world, out, outer_steps):
 
     tdist.all_reduce = counting
     model = tiny_model(seed=0)
-    engine, _ = build_engine(model, TrainerConfig(workers=world, steps=100, zero_stage=1), torch.device("cpu"),
+    engine, _ = build_engine(model, TrainerConfig(steps=100, zero_stage=1), torch.device("cpu"),
                              reptile_epsilon=EPS)
     ctx = StepContext(engine, LossConfig(), ["lo", "hi"], model.config.cutoff, torch.float32, torch.device("cpu"),
                       extra=ReptileExtra([Task(0, "lo")], INNER_LR))

@@ -81,7 +81,7 @@ def test_killed_worker_restarts_from_checkpoint_and_matches(store, tmp_path):
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    run_training(_cfg(store, out, f"trainer.steps={steps}", "trainer.checkpoint_every=10", "trainer.max_failures=2"))
+    run_training(_cfg(store, out, f"trainer.steps={steps}", "trainer.checkpoint_every=10", "cluster.max_failures=2"))
     t.join(timeout=5)
     assert killed, "the worker was never killed (the run ended first)"
     assert killed["step"] < steps
@@ -100,11 +100,11 @@ def test_killed_worker_restarts_from_checkpoint_and_matches(store, tmp_path):
 
 def test_resume_on_fewer_workers_sees_each_structure_once_per_epoch(store, tmp_path):
     out = tmp_path / "resize"
-    run_training(_cfg(store, out, "trainer.workers=2", "trainer.steps=2", "trainer.checkpoint_every=100"))
+    run_training(_cfg(store, out, "cluster.workers=2", "trainer.steps=2", "trainer.checkpoint_every=100"))
     run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
     first = _trace(out)
     assert {r["epoch"] for r in first} == {0} and len(first) == 4  # 2 ranks x 2 steps, mid-epoch
-    run_training(_cfg(store, out, "trainer.workers=1", "trainer.steps=14", "trainer.checkpoint_every=100"))
+    run_training(_cfg(store, out, "cluster.workers=1", "trainer.steps=14", "trainer.checkpoint_every=100"))
     rows = _trace(out)
     second = [r for r in rows if r["step"] > 2]
     assert {r["rank"] for r in second} == {0} and min(r["step"] for r in second) == 3
@@ -165,8 +165,8 @@ def test_two_node_cluster_places_a_worker_on_each_node(store, tmp_path):
     try:
         cluster.wait_for_nodes()
         out = tmp_path / "mn"
-        summary = run_training(_cfg(store, out, f"trainer.address={cluster.address}", "trainer.workers=2",
-                                    "trainer.steps=4", "trainer.placement=SPREAD", "trainer.checkpoint_every=100"))
+        summary = run_training(_cfg(store, out, f"cluster.address={cluster.address}", "cluster.workers=2",
+                                    "trainer.steps=4", "cluster.placement=SPREAD", "trainer.checkpoint_every=100"))
         nodes = {r["rank"]: r["node"] for r in _trace(out)}
         assert len(set(nodes.values())) == 2, nodes
         assert {n["NodeID"] for n in ray.nodes() if n["Alive"]} == set(nodes.values())
@@ -214,9 +214,72 @@ def test_training_with_unreachable_tracking_goes_on(store, tmp_path):
     from dist_utils import free_port
 
     out = tmp_path / "notrack"
-    cfg = _cfg(store, out, "trainer.workers=1", "trainer.steps=4", "trainer.checkpoint_every=100")
+    cfg = _cfg(store, out, "cluster.workers=1", "trainer.steps=4", "trainer.checkpoint_every=100")
     cfg.tracking.uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.warns(RuntimeWarning, match="training goes on"):
         summary = run_training(cfg)
     assert summary["mlflow_run_id"] is None
     assert (out / "package" / "model.safetensors").exists()
+
+
+def _pretrain_cmd(store: str, out: Path, *sets: str) -> list[str]:
+    cfg = _cfg(store, out)
+    cmd = [sys.executable, "-m", "polyfid.launch.cli", "pretrain", "--config", str(RECIPE)]
+    for s in ["data.train=" + store, f"output={out}", f"tracking.uri={cfg.tracking.uri}", "tracking.register_as=null",
+              "model.width=16", "model.n_sensitivities=8", "data.atom_budget=64", "trainer.log_every=5",
+              f"trainer.trace_dir={out / 'trace'}", *sets]:
+        cmd += ["--set", s]
+    return cmd
+
+
+def test_one_run_per_output_folder_and_a_dead_holder_is_taken_over(store, tmp_path, caplog):
+    """A second run on a folder that a live run holds is refused, naming the holder; a lock left by a process
+    that was SIGKILLed is taken over."""
+    from polyfid.distributed.lock import FolderInUse, RunLock
+
+    out = tmp_path / "locked"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys,time; from polyfid.distributed.lock import RunLock; "
+                               f"RunLock({str(out)!r}).acquire(); print('held', flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderInUse, match=f"pid {holder.pid}"):
+            run_training(_cfg(store, out, "cluster.workers=1", "trainer.steps=2"))
+        cli = subprocess.run(_pretrain_cmd(store, out, "cluster.workers=1", "trainer.steps=2"), capture_output=True,
+                             text=True, timeout=300)
+        assert cli.returncode == 2 and f"pid {holder.pid}" in cli.stderr and "Traceback" not in cli.stderr
+        assert not (out / "config.yaml").exists()  # refused before anything was written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with caplog.at_level("WARNING", logger="polyfid.lock"), RunLock(out):
+        pass
+    assert f"left by pid {holder.pid}" in caplog.text
+
+
+def test_sigkill_of_the_driver_leaves_a_folder_the_same_command_resumes(store, tmp_path):
+    """A lost head node: the driver dies without a chance to clean up. The same command then resumes from the
+    last checkpoint that verifies (taking over the dead driver's lock) and finishes."""
+    out = tmp_path / "headless"
+    cmd = _pretrain_cmd(store, out, "cluster.workers=2", "trainer.steps=40", "trainer.checkpoint_every=10")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if (out / "trace").exists() and any(r["step"] >= 14 for r in _trace(out)):
+            break
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    killed_at = max(r["step"] for r in _trace(out))
+    assert killed_at < 40 and not (out / "package").exists()
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "taking over" in done.stdout + done.stderr
+    rows = _trace(out)
+    restart = next(i for i in range(1, len(rows)) if rows[i]["step"] <= rows[i - 1]["step"] and rows[i]["rank"] ==
+                   rows[i - 1]["rank"])
+    assert rows[restart]["step"] == 11  # from the checkpoint at step 10
+    assert (out / "package" / "model.safetensors").exists()
+    assert json.loads((out / "summary.json").read_text())["package"]

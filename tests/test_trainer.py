@@ -185,3 +185,35 @@ def test_label_layout_maps_columns_to_heads():
     with pytest.raises(KeyError, match="ccsd"):
         LabelLayout.of(["gfn2"], ["ccsd"])
     assert LabelLayout.of(["gfn2"], ["ccsd", "gfn2"], allow_missing=True).heads == (MISSING, 0)
+
+
+def test_resume_skips_a_truncated_checkpoint_for_the_one_before(stores, tmp_path, caplog):
+    """Each checkpoint carries a manifest of checksums, written last. A truncated newest checkpoint is named in a
+    warning and resume takes the one before; one whose write never finished (no manifest) is skipped too."""
+    from dist_utils import spawn
+
+    from polyfid.distributed.checkpoint import MANIFEST, newest_verified, verify_checkpoint
+
+    out = tmp_path / "ckpt"
+    spawn(_train, 2, [_run("multifidelity", str(out), stores, 10).to_dict()], tmp=tmp_path)
+    ckpts = out / "checkpoints"
+    assert newest_verified(ckpts) == "step_00000010"
+    manifest = json.loads((ckpts / "step_00000010" / MANIFEST).read_text())
+    biggest = max(manifest["files"], key=lambda f: manifest["files"][f]["bytes"])
+    with open(ckpts / "step_00000010" / biggest, "r+b") as fh:  # a node died while writing it
+        fh.truncate(manifest["files"][biggest]["bytes"] // 2)
+    assert "truncated" in verify_checkpoint(ckpts / "step_00000010") and biggest in verify_checkpoint(
+        ckpts / "step_00000010")
+    with caplog.at_level("WARNING", logger="polyfid.checkpoint"):
+        assert newest_verified(ckpts) == "step_00000005"
+    assert "step_00000010" in caplog.text and "trying the one before" in caplog.text
+
+    spawn(_train, 2, [_run("multifidelity", str(out), stores, 15).to_dict()], tmp=tmp_path)
+    steps = {r: [rec["step"] for rec in recs] for r, recs in _trace(out).items()}
+    assert steps[0] == steps[1] == list(range(1, 11)) + list(range(6, 16))  # resumed at step 6, from step 5
+    assert newest_verified(ckpts) == "step_00000015" and (out / "package" / "model.safetensors").exists()
+
+    partial = ckpts / "step_00000020"
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 100)
+    assert "no manifest" in verify_checkpoint(partial) and newest_verified(ckpts) == "step_00000015"
