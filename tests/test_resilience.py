@@ -58,6 +58,16 @@ def _committed(rows: list[dict]) -> dict[tuple[int, int], dict]:
     return out
 
 
+def _pretrain_cmd(store: str, out: Path, *sets: str) -> list[str]:
+    cfg = _cfg(store, out)
+    cmd = [sys.executable, "-m", "polyfid.launch.cli", "pretrain", "--config", str(RECIPE)]
+    for s in ["data.train=" + store, f"output={out}", f"tracking.uri={cfg.tracking.uri}", "tracking.register_as=null",
+              "model.width=16", "model.n_sensitivities=8", "data.atom_budget=64", "trainer.log_every=5",
+              f"trainer.trace_dir={out / 'trace'}", *sets]:
+        cmd += ["--set", s]
+    return cmd
+
+
 def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "package" / "model.safetensors"))
 
@@ -119,13 +129,8 @@ def test_sigterm_checkpoints_and_the_same_command_resumes_the_same_run(store, tm
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "pre"
-    cmd = [sys.executable, "-m", "polyfid.launch.cli", "pretrain", "--config", str(RECIPE)]
     cfg = _cfg(store, out)
-    sets = ["data.train=" + store, f"output={out}", f"tracking.uri={cfg.tracking.uri}", "tracking.register_as=null",
-            "model.width=16", "model.n_sensitivities=8", "data.atom_budget=64", "trainer.steps=60",
-            "trainer.log_every=5", "trainer.checkpoint_every=1000", f"trainer.trace_dir={out / 'trace'}"]
-    for s in sets:
-        cmd += ["--set", s]
+    cmd = _pretrain_cmd(store, out, "trainer.steps=60", "trainer.checkpoint_every=1000")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -220,16 +225,6 @@ def test_training_with_unreachable_tracking_goes_on(store, tmp_path):
         summary = run_training(cfg)
     assert summary["mlflow_run_id"] is None
     assert (out / "package" / "model.safetensors").exists()
-
-
-def _pretrain_cmd(store: str, out: Path, *sets: str) -> list[str]:
-    cfg = _cfg(store, out)
-    cmd = [sys.executable, "-m", "polyfid.launch.cli", "pretrain", "--config", str(RECIPE)]
-    for s in ["data.train=" + store, f"output={out}", f"tracking.uri={cfg.tracking.uri}", "tracking.register_as=null",
-              "model.width=16", "model.n_sensitivities=8", "data.atom_budget=64", "trainer.log_every=5",
-              f"trainer.trace_dir={out / 'trace'}", *sets]:
-        cmd += ["--set", s]
-    return cmd
 
 
 def test_one_run_per_output_folder_and_a_dead_holder_is_taken_over(store, tmp_path, caplog):
