@@ -177,3 +177,21 @@ class Checkpointer:
         if stopped:
             log.warning("rank %d: stop requested; checkpoint written at step %d", self.rank, step)
         return stopped
+
+    def rollback(self, engine, step: int, lr_factor: float) -> str | None:
+        """Collective: restore the weights and optimizer state of the newest checkpoint that verifies, keep the
+        data cursor and the schedule where they are (the batches since are not replayed), and multiply the
+        learning rate by lr_factor from now on. Returns the tag rolled back to (None: none; the lr still drops)."""
+        tag = _gather(newest_verified(self.dir) if self.rank == 0 else None)[0]
+        if tag is not None:
+            engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+        self.rolled_back_to = tag
+        sched = engine.lr_scheduler
+        sched.base_lrs = [b * lr_factor for b in sched.base_lrs]
+        for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(sched.last_epoch)
+        if self.rank == 0:
+            log.warning("step %d: repeated skipped steps; rolled back to %s and multiplied the learning rate by %g",
+                        step, self.dir / tag if tag else "(no checkpoint yet: the weights stay)", lr_factor)
+        return tag
+

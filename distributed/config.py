@@ -111,6 +111,27 @@ class TrainerConfig:
 
 
 @dataclasses.dataclass
+class GuardConfig:
+    """What keeps a long run alive: skip a step whose loss is non-finite or spikes, roll back when that repeats."""
+
+    skip_nonfinite: bool = True  # a non-finite loss on any rank: every rank skips the step
+    spike_factor: float = 10.0  # a loss above this x the running median is skipped the same way; 0: off
+    median_window: int = 100  # accepted steps in the running median
+    spike_warmup: int = 20  # accepted steps before spikes are judged
+    rollback_after: int = 5  # this many skips within rollback_window steps: back to the last good checkpoint
+    rollback_window: int = 100
+    rollback_lr_factor: float = 0.5  # the learning rate is multiplied by this at each rollback
+
+    def __post_init__(self) -> None:
+        if self.spike_factor and self.spike_factor <= 1.0:
+            raise ConfigError(f"guard.spike_factor must be above 1 (or 0: off), got {self.spike_factor}")
+        if not 0.0 < self.rollback_lr_factor <= 1.0:
+            raise ConfigError(f"guard.rollback_lr_factor must be in (0, 1], got {self.rollback_lr_factor}")
+        if self.rollback_after < 1 or self.median_window < 1:
+            raise ConfigError("guard.rollback_after and guard.median_window must be at least 1")
+
+
+@dataclasses.dataclass
 class ReptileConfig:
     """Meta-learning (S3): Reptile over tasks, a task being one (store, fidelity) pair."""
 
@@ -177,6 +198,7 @@ class RunConfig:
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
     reptile: ReptileConfig = dataclasses.field(default_factory=ReptileConfig)
+    guard: GuardConfig = dataclasses.field(default_factory=GuardConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
 

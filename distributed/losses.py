@@ -145,6 +145,12 @@ class StepMetrics(Mapping[str, float]):
             self._host, self._device = out, None
         return self._host
 
+    def total(self) -> torch.Tensor:
+        """The global loss as a tensor, without reading it to the host (the step guard reads it with another)."""
+        if self._device is not None:
+            return self._device[: self._rows].sum()
+        return torch.tensor(self._host["loss"])
+
     def __getitem__(self, key: str) -> float:
         return self._values()[key]
 

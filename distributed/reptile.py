@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -143,6 +144,9 @@ def reptile_step(item: TaskBatches, ctx: StepContext) -> dict[str, float]:
     inner_ctx = dataclasses.replace(ctx, fidelity_names=[task.fidelity])
     phi, inner = inner_loop(theta, batches, inner_ctx, head, extra.inner_lr)
     pairs = [(p, q) for p, q in zip(theta.parameters(), phi.parameters()) if p.requires_grad]
+    if ctx.guard is not None and ctx.guard.check_local(math.isfinite(inner.get("loss", 0.0)) and all(
+            bool(torch.isfinite(q).all()) for _, q in pairs), item):
+        return {"loss": inner.get("loss", float("nan")), "reptile/task": float(task_idx)}
     # d/dθ Σ θ·(θ−φ) with (θ−φ) held constant is (θ−φ): the engine averages it over ranks and SGD steps.
     surrogate = sum((p * (p.detach() - q.detach().to(p.dtype))).sum() for p, q in pairs)
     ctx.engine.backward(surrogate)

@@ -44,6 +44,7 @@ class StepContext:
     device: torch.device
     heads: list[int] | None = None  # model head of each label column; None: the same order
     extra: Any = None  # the mode's own state: reptile.ReptileExtra for Reptile, None for multi-fidelity
+    guard: Any = None  # guard.Guard: skips a step whose loss is non-finite or spikes; None: no guard
 
     @property
     def layout(self) -> LabelLayout:
@@ -74,6 +75,8 @@ def multifidelity_step(batch: dict | Prepared, ctx: StepContext) -> Mapping[str,
     layout = ctx.layout
     out = layout.select(ctx.engine(graph, force_heads=layout.heads_of(targets.force_heads()), create_graph=True))
     loss, metrics = multifidelity_loss(out, targets, ctx.loss, ctx.fidelity_names, lazy=True)
+    if ctx.guard is not None and ctx.guard.check(loss, metrics, batch):
+        return metrics  # skipped on every rank alike: no backward, no optimiser step
     ctx.engine.backward(loss)
     ctx.engine.step()
     return metrics

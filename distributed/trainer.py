@@ -25,6 +25,7 @@ from polyfid.distributed.checkpoint import Checkpointer
 from polyfid.distributed.config import RunConfig
 from polyfid.distributed.engine import build_engine, compute_dtype, resolve_device
 from polyfid.distributed.finetune import FinetunePlan
+from polyfid.distributed.guard import Guard
 from polyfid.distributed.modes import get_mode
 from polyfid.distributed.packaging import write_package
 from polyfid.distributed.progress import make_progress, quiet_libraries
@@ -103,8 +104,9 @@ class Trainer:
         self.step = self.checkpointer.resume(self.engine, self.stream)
         self.tracker = Tracker(cfg.tracking.uri, self.run_id, enabled=cfg.tracking.enabled and self.rank == 0)
         heads = list(LabelLayout.of(self.model.fidelity_names, fidelities).heads)
+        self.guard = Guard(cfg.guard, self.rank)
         self.ctx = StepContext(self.engine, cfg.loss, fidelities, self.model.config.cutoff, dtype, self.device, heads,
-                               self.mode.extra(spec, cfg))
+                               self.mode.extra(spec, cfg), self.guard)
         if cfg.data.prefetch > 0:  # graphs are built on the read-ahead thread, not the training thread
             self.stream = Collated(self.stream, functools.partial(collate, ctx=self.ctx), cfg.data.prefetch)
         self.validator = Validator(cfg, self.valid, heads_in(self.model, self.valid), self.plan and self.plan.head,
@@ -123,8 +125,11 @@ class Trainer:
             t0 = time.perf_counter()
             item = next(items)
             t1 = time.perf_counter()
-            metrics = self.mode.step(item, self.ctx)
+            self.guard.step = self.step + 1
+            metrics = self.mode.step(item, self.ctx)  # skipped on every rank if the guard says so
             self.step += 1
+            if self.guard.rollback_due(self.step):
+                self.checkpointer.rollback(self.engine, self.step, self.cfg.guard.rollback_lr_factor)
             self.telemetry.record(self.step, self.stream, item, t1 - t0, time.perf_counter() - t0)
             if self.progress is not None:
                 self.progress.update(1)
@@ -145,7 +150,7 @@ class Trainer:
 
     def log(self, step_metrics: Mapping[str, float]) -> None:
         """Telemetry of the window that ends at this step, with the step's metrics, to MLflow and the progress line."""
-        metrics = {**step_metrics, **self.telemetry.flush(self.engine)}
+        metrics = {**step_metrics, **self.telemetry.flush(self.engine), **self.guard.metrics()}
         if self.rank == 0:
             self.tracker.log_metrics(metrics, self.step)
             if self.progress is not None:

@@ -217,3 +217,84 @@ def test_resume_skips_a_truncated_checkpoint_for_the_one_before(stores, tmp_path
     partial.mkdir()
     (partial / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 100)
     assert "no manifest" in verify_checkpoint(partial) and newest_verified(ckpts) == "step_00000015"
+
+
+class _Planted:
+    """The Trainer's stream with items spoiled or dropped on chosen ranks: (rank, item index, action)."""
+
+    def __init__(self, inner, rank: int, plant: list) -> None:
+        self.inner, self.rank, self.plant = inner, rank, {(r, i): a for r, i, a in plant}
+
+    def __iter__(self):
+        for i, item in enumerate(self.inner):
+            action = self.plant.get((self.rank, i))
+            if action == "drop":
+                continue
+            if action == "nan":  # one label of one structure: the loss of this rank's batch is NaN
+                item.targets.energy[0, :] = float("nan")
+            if action == "spike":  # every energy label 10 keV off: a few bad labels in a public dataset
+                item.targets.energy += 1e4 * item.targets.energy_mask
+            yield item
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _train_planted(rank, world, run, plant, report):
+    from polyfid.distributed.trainer import Trainer
+
+    t = Trainer(RunConfig.from_dict(run)).build()
+    t.stream = _Planted(t.stream, rank, plant)
+    t.train()
+    if rank == 0:
+        with open(report, "w") as fh:
+            json.dump({"skipped": t.guard.skipped, "rollbacks": t.guard.rollbacks,
+                       "base_lrs": t.engine.lr_scheduler.base_lrs,
+                       "rolled_back_to": getattr(t.checkpointer, "rolled_back_to", None)}, fh)
+
+
+def _guarded_run(out, stores, steps: int, **guard) -> dict:
+    d = _run("multifidelity", str(out), stores, steps, warmup_steps=0, lr_final_factor=1.0, valid_every=1000,
+             checkpoint_every=10).to_dict()
+    d["data"]["valid"] = []  # the package holds the last weights, not the best validated ones
+    d["guard"].update(guard)
+    return d
+
+
+def test_a_nan_on_one_rank_makes_every_rank_skip_the_step(stores, tmp_path):
+    """A NaN planted in rank 1's 4th batch: both ranks skip step 4. The weights then equal those of a run that
+    never saw that step's batches (constant learning rate, so that the schedule does not differ). Without the
+    guard (guard.skip_nonfinite=false) the same run ends with NaN weights (under ZeRO stage 0; DeepSpeed's ZeRO 1
+    and 2 optimisers skip a step with non-finite gradients themselves, silently and per optimiser)."""
+    import torch
+    from dist_utils import spawn
+    from safetensors.torch import load_file
+
+    for name, steps, plant, guard in (("nan", 8, [[1, 3, "nan"]], {}),
+                                      ("never", 7, [[0, 3, "drop"], [1, 3, "drop"]], {}),
+                                      ("unguarded", 8, [[1, 3, "nan"]], {"skip_nonfinite": False})):
+        run = _guarded_run(tmp_path / name, stores, steps, **guard)
+        run["trainer"]["zero_stage"] = 0  # ZeRO 1 and 2 also skip a step with non-finite gradients by themselves
+        spawn(_train_planted, 2, run, plant, str(tmp_path / f"{name}.json"), tmp=tmp_path)
+    report = json.loads((tmp_path / "nan.json").read_text())
+    assert report["skipped"] == 1 and report["rollbacks"] == 0
+    a, b, c = (load_file(str(tmp_path / n / "package" / "model.safetensors")) for n in ("nan", "never", "unguarded"))
+    assert a.keys() == b.keys() and all(a[k].isfinite().all() for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert json.loads((tmp_path / "unguarded.json").read_text())["skipped"] == 0
+    assert not all(c[k].isfinite().all() for k in c)
+
+
+def test_repeated_loss_spikes_roll_back_once_with_a_lower_learning_rate(stores, tmp_path):
+    """Four planted spikes in a row on rank 0, with a rollback after 3 skips: all four steps are skipped on both
+    ranks, the run rolls back exactly once (to the checkpoint at step 10) and halves the learning rate."""
+    from dist_utils import spawn
+
+    run = _guarded_run(tmp_path / "spiky", stores, 24, spike_warmup=5, rollback_after=3, rollback_window=50)
+    spawn(_train_planted, 2, run, [[0, i, "spike"] for i in (13, 14, 15, 16)], str(tmp_path / "spiky.json"),
+          tmp=tmp_path)
+    report = json.loads((tmp_path / "spiky.json").read_text())
+    assert report["skipped"] == 4 and report["rollbacks"] == 1
+    assert report["rolled_back_to"] == "step_00000010"
+    assert report["base_lrs"] == [run["trainer"]["lr"] * 0.5]
+    assert (tmp_path / "spiky" / "package" / "model.safetensors").exists()
