@@ -18,6 +18,7 @@ a new store is never created, an existing one is left exactly as it was. Three w
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,10 +27,13 @@ import numpy as np
 
 from polyfid.data_shards.parallel import ingest_parallel, ingest_serial
 from polyfid.data_shards.schema import Fidelity, energy_factor, length_factor
-from polyfid.data_shards.sources import (DEFAULT_ENERGY_UNIT, DEFAULT_LENGTH_UNIT, Frame, IngestError,
-                                         read_frames, source_format, split_spec)
+from polyfid.data_shards.outliers import OutlierCheck, report
+from polyfid.data_shards.sources import (DEFAULT_ENERGY_UNIT, DEFAULT_LENGTH_UNIT, Frame, IngestError, _selection,
+                                         read_frames, scan_frames, source_format, split_spec)
 from polyfid.data_shards.store import Store
 from polyfid.data_shards.writer import StoreWriter, Structure, check_name
+
+log = logging.getLogger("polyfid.ingest")
 
 __all__ = ["Converter", "IngestError", "ingest", "read_frames"]
 _META_FIELDS = {f.name for f in dataclasses.fields(Fidelity)} - {"name"}
@@ -157,8 +161,11 @@ def ingest(inputs: Sequence[str], out: str, dataset: str, energy: Mapping[str, s
            energy_unit: str | None = None, append: bool = False, shard_size: int = 50_000,
            fidelity_meta: Mapping[str, Mapping] | None = None, progress: bool = True,
            length_unit: str | None = None, min_distance: float = MIN_DISTANCE, merge_on: str | None = None,
-           workers: int = 1) -> Store:
-    """Read the inputs, convert to eV/Å, and write (or append) one dataset into the store at `out`."""
+           workers: int = 1, outliers: str | OutlierCheck = "warn") -> Store:
+    """Read the inputs, convert to eV/Å, and write (or append) one dataset into the store at `out`.
+
+    Label outliers (outliers.py) are then flagged: `outliers` is "warn" (default), "drop", "error" or an
+    OutlierCheck with its own thresholds."""
     inputs = [os.fspath(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     first = inputs[0] if inputs else "<no inputs>"
     if not inputs:
@@ -175,6 +182,10 @@ def ingest(inputs: Sequence[str], out: str, dataset: str, energy: Mapping[str, s
             length_factor(conv.length(spec))
         except ValueError as err:
             raise IngestError(spec, None, "length_unit", str(err)) from err
+    try:
+        check = outliers if isinstance(outliers, OutlierCheck) else OutlierCheck(str(outliers))
+    except ValueError as err:
+        raise IngestError(first, None, "outliers", str(err)) from err
     names = list(dict.fromkeys(list(conv.energy) + list(conv.forces)))
     if not names:
         raise IngestError(first, None, "energy", "map at least one fidelity to an energy or forces key")
@@ -197,6 +208,7 @@ def ingest(inputs: Sequence[str], out: str, dataset: str, energy: Mapping[str, s
         writer = StoreWriter(out, fids, shard_size=shard_size, append=append)
     except (ValueError, FileExistsError) as err:
         raise IngestError(first, None, "out", str(err)) from err
+    first_id = writer.next_id
     with writer:
         # disable=None: no bar when stderr is not a terminal (a log file gets the summary line, not \r updates)
         bar = tqdm(desc=f"ingest {dataset}", unit="frame", disable=None if progress else True)
@@ -214,6 +226,8 @@ def ingest(inputs: Sequence[str], out: str, dataset: str, energy: Mapping[str, s
                 total = ingest_serial(writer, inputs, conv, dataset, bar)
         finally:
             bar.close()
+        if how is None:  # merged labels are checked per source as they are merged, not here
+            record["outliers"] = _screen(writer, check, inputs, first_id)
         writer.add_provenance({"dataset": dataset, "inputs": inputs, "n_structures": total,
                                "energy_unit": {spec: conv.unit(spec) for spec in inputs},
                                "length_unit": {spec: conv.length(spec) for spec in inputs},
@@ -221,6 +235,41 @@ def ingest(inputs: Sequence[str], out: str, dataset: str, energy: Mapping[str, s
                                "min_distance": conv.min_distance,
                                "merge_on": merge_on, **record})
     return Store.open(out)
+
+
+def _screen(writer: StoreWriter, check: OutlierCheck, inputs: Sequence[str], first_id: int) -> dict[str, Any]:
+    """Flag the label outliers of what this ingest wrote; warn, drop or refuse as `check.policy` says."""
+    found = writer.screen(check, source=_source_namer(inputs, first_id))
+    if found and check.policy == "error":
+        o = found[0]
+        file, _, frame = o.source.rpartition("@")
+        raise IngestError(file or o.source, int(frame) if frame.isdigit() else None, f"{o.kind}/{o.fidelity}",
+                          f"{len(found)} label outlier(s), the first: {o.describe()} (--outliers warn or drop to go on)")
+    if found:
+        shown = "\n  ".join(o.describe() for o in found[:20])
+        more = f"\n  … and {len(found) - 20} more (all in the store's provenance)" if len(found) > 20 else ""
+        action = "their labels are masked (read as missing)" if check.policy == "drop" else "kept (--outliers drop masks them)"
+        log.warning("%d label outlier(s) at ingest; %s:\n  %s%s", len(found), action, shown, more)
+    return report(found, check.policy)
+
+
+def _source_namer(inputs: Sequence[str], first_id: int):
+    """structure id → 'file@frame' for the structures of this ingest (in input order, frames as selected)."""
+    sizes: list[tuple[str, range]] = []
+
+    def name(sid: int) -> str:
+        if not sizes:
+            for spec in inputs:
+                path, index = split_spec(spec)
+                sizes.append((path, _selection(index, scan_frames(path)[0])))
+        k = sid - first_id
+        for path, sel in sizes:
+            if 0 <= k < len(sel):
+                return f"{path}@{sel[k]}"
+            k -= len(sel)
+        return f"structure {sid}"
+
+    return name
 
 
 def _is_store(out: str) -> bool:

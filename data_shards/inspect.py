@@ -50,7 +50,11 @@ def summarize(store: Store) -> dict[str, Any]:
             "datasets": dict(zip(store.datasets, per_dataset.tolist())), "n_structures": store.n_structures,
             "n_atoms": store.n_atoms, "n_shards": len(store.shards), "elements": store.elements,
             "coverage": {f: {"energy": n_e[f], "forces": n_f[f]} for f in fids},
-            "reference_energies": refs, "residual_energy": spread, "fingerprint": store.fingerprint}
+            "reference_energies": refs, "residual_energy": spread, "fingerprint": store.fingerprint,
+            "outliers": {"flagged": sum(int((p.get("outliers") or {}).get("n", 0)) for p in
+                                        store.manifest.get("provenance", [])),
+                         "masked": sum(len(ids) for kinds in (store.manifest.get("masked_labels") or {}).values()
+                                       for ids in kinds.values())}}
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -76,6 +80,9 @@ def format_summary(s: dict[str, Any]) -> str:
     for fid, r in s["residual_energy"].items():
         lines.append(f"    {fid:<16} n {r['n']}" + ("" if not r["n"] else f"  mean {r['mean']:.4f}  std "
                      f"{r['std']:.4f}  min {r['min']:.4f}  max {r['max']:.4f}"))
+    o = s.get("outliers", {})
+    lines.append(f"  label outliers: {o.get('flagged', 0)} flagged at ingest, {o.get('masked', 0)} labels masked "
+                 "(read as missing)")
     return "\n".join(lines)
 
 

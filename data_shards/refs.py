@@ -116,12 +116,13 @@ class ReferenceAccumulator:
                 s["f2"] += float((f * f).sum())
                 s["fn"] += f.size
 
-    def merge(self, other: "ReferenceAccumulator") -> None:
-        """Add another accumulator's sums (e.g. one filled by a parallel ingest task, or another store)."""
+    def merge(self, other: "ReferenceAccumulator", sign: float = 1.0) -> None:
+        """Add another accumulator's sums (e.g. one filled by a parallel ingest task, or another store); with
+        sign=-1, take them out (labels dropped as outliers)."""
         for fid, sums in other._sums.items():
             mine = self._get(fid)
             for k, v in sums.items():
-                mine[k] = mine[k] + v
+                mine[k] = mine[k] + sign * v
 
     def add_ragged(self, atomic_numbers: np.ndarray, offsets: np.ndarray,
                    energies: dict[str, np.ndarray]) -> None:

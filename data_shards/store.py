@@ -178,7 +178,7 @@ class Store:
                     out[kind][name] = np.full(shape, np.nan, dtype=dtype)
                 elif arr is None:
                     del out[kind][name]
-        return out
+        return _mask_labels(out, self._manifest.get("masked_labels") or {})
 
     def verify(self) -> list[str]:
         """Names of shards that cannot be read or whose checksum does not match (empty if all good)."""
@@ -189,6 +189,20 @@ class Store:
             except CorruptShardError:
                 bad.append(info.name)
         return bad
+
+
+def _mask_labels(out: dict[str, Any], masked: dict[str, dict[str, list[int]]]) -> dict[str, Any]:
+    """Labels dropped as outliers at ingest become NaN (missing) in a shard read."""
+    for fid, kinds in masked.items():
+        for kind, ids in kinds.items():
+            arr = out[kind].get(fid)
+            rows = np.isin(out["structure_id"], ids)
+            if arr is None or not rows.any():
+                continue
+            arr = np.array(arr, copy=True)
+            arr[rows if kind == "energy" else np.repeat(rows, np.diff(out["offsets"]))] = np.nan
+            out[kind][fid] = arr
+    return out
 
 
 def _reopen(path: str, manifest: dict[str, Any]) -> Store:

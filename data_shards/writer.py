@@ -146,6 +146,7 @@ class StoreWriter:
         self._n_old_shards = len(self._shards)
         self._elements: set[int] = set((old or {}).get("elements", []))
         self._provenance: list[dict[str, Any]] = list((old or {}).get("provenance", []))
+        self._masked: dict[str, dict[str, list[int]]] = dict((old or {}).get("masked_labels", {}))
         self._next_id = int((old or {}).get("n_structures", 0))
         self._refs = ReferenceAccumulator()
         self._buffer: list[tuple[Structure, int]] = []
@@ -276,6 +277,28 @@ class StoreWriter:
         self._shards[k] = dataclasses.replace(info, checksum=shard_checksum(raw),
                                               energy=info.energy + tuple(energy), forces=info.forces + tuple(forces))
 
+    def screen(self, check: "OutlierCheck", source=None) -> list:
+        """Flag label outliers among the shards this writer wrote (outliers.py); with check.policy == "drop"
+        their labels are masked in the manifest and taken out of the reference sums."""
+        from polyfid.data_shards.outliers import find_outliers, mask_record, masked_sums
+
+        self._flush()  # the last, partial shard too
+        shards = []
+        for info in self._shards[self._n_old_shards:]:
+            group = self._shard_group[info.name]
+            keys = ["atomic_numbers", "offsets", "dataset", "structure_id"]
+            keys += [f"{kind}/{f}" for kind, fids in (("energy", info.energy), ("forces", info.forces)) for f in fids]
+            shards.append({k: np.asarray(group[k][...]) for k in keys})
+        refs = self._refs.solve(self._fids, sorted(self._elements))
+        found = find_outliers(shards, refs, self._datasets, check, source)
+        if found and check.policy == "drop":
+            self._refs.merge(masked_sums(shards, found), sign=-1.0)
+            for fid, kinds in mask_record(found).items():
+                for kind, ids in kinds.items():
+                    mine = self._masked.setdefault(fid, {}).setdefault(kind, [])
+                    mine[:] = sorted(set(mine) | set(ids))
+        return found
+
     # ---- finishing --------------------------------------------------------------------------------
     def close(self) -> Store:
         """Flush, refit reference energies over all shards, write the manifest (last) and open the store."""
@@ -306,6 +329,7 @@ class StoreWriter:
             "n_atoms": int(sum(s.n_atoms for s in self._shards)),
             "created_by": f"polyfid {__version__}",
             "provenance": self._provenance,
+            "masked_labels": self._masked,  # label outliers dropped at ingest: read as missing (outliers.py)
         }
         self._root.attrs["polyfid"] = manifest
         if self._loc is not self._final:

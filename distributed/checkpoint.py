@@ -87,7 +87,8 @@ def checkpoint_meta(tag_dir: Path) -> dict[str, Any]:
     raise FileNotFoundError(f"{tag_dir} has neither {MANIFEST} nor {LEGACY_META}")
 
 
-def save_checkpoint(engine, ckpt_dir: str | Path, step: int, reader, run_id: str | None, rank: int) -> str:
+def save_checkpoint(engine, ckpt_dir: str | Path, step: int, reader, run_id: str | None, rank: int,
+                    extra: dict[str, Any] | None = None) -> str:
     """Collective: every rank must call it. Keeps the newest KEEP checkpoints."""
     ckpt_dir = Path(ckpt_dir)
     state = {"reader": reader.state_dict(), "rng": torch.get_rng_state()}
@@ -99,6 +100,7 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, reader, run_id: str
         "reader": reader.gather_states([s["reader"] for s in states]),  # resumable on any world size
         "rng": [s["rng"] for s in states],
         "mlflow_run_id": run_id,
+        **(extra or {}),  # the EMA of the weights, when there is one
     }
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
     if dist.is_available() and dist.is_initialized():
@@ -156,6 +158,7 @@ class Checkpointer:
         self.every, self.last_step = every, last_step
         self.stop_check_every = max(1, stop_check_every)  # the check is a collective read on the host: not every step
         self.run_id, self.rank, self.world = run_id, rank, world
+        self.ema = None  # an ema.EMA to save and restore with the weights (the Trainer sets it)
 
     def resume(self, engine, stream) -> int:
         """Restore the newest checkpoint that verifies, if any, into the engine and the stream; returns its step
@@ -165,7 +168,9 @@ class Checkpointer:
             if any(self.dir.glob("step_*")):
                 log.warning("no checkpoint in %s verifies: starting from step 0", self.dir)
             return 0
-        step = int(load_checkpoint(engine, self.dir, tag, stream, self.rank, self.world)["step"])
+        client = load_checkpoint(engine, self.dir, tag, stream, self.rank, self.world)
+        self._restore_ema(client, engine.module)
+        step = int(client["step"])
         log.warning("rank %d resumed from %s at step %d", self.rank, self.dir / tag, step)
         return step
 
@@ -173,7 +178,8 @@ class Checkpointer:
         """Write a checkpoint when one is due or a stop was asked for (collective); True: stop now."""
         stopped = step % self.stop_check_every == 0 and stop_requested(self.stop_file)
         if stopped or step % self.every == 0 or step == self.last_step:
-            save_checkpoint(engine, self.dir, step, stream, self.run_id, self.rank)
+            save_checkpoint(engine, self.dir, step, stream, self.run_id, self.rank,
+                            {"ema": self.ema.state_dict()} if self.ema is not None else None)
         if stopped:
             log.warning("rank %d: stop requested; checkpoint written at step %d", self.rank, step)
         return stopped
@@ -184,7 +190,9 @@ class Checkpointer:
         learning rate by lr_factor from now on. Returns the tag rolled back to (None: none; the lr still drops)."""
         tag = _gather(newest_verified(self.dir) if self.rank == 0 else None)[0]
         if tag is not None:
-            engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+            _, client = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
+            self._restore_ema(client, engine.module)
         self.rolled_back_to = tag
         sched = engine.lr_scheduler
         sched.base_lrs = [b * lr_factor for b in sched.base_lrs]
@@ -194,4 +202,11 @@ class Checkpointer:
             log.warning("step %d: repeated skipped steps; rolled back to %s and multiplied the learning rate by %g",
                         step, self.dir / tag if tag else "(no checkpoint yet: the weights stay)", lr_factor)
         return tag
+
+    def _restore_ema(self, client: dict[str, Any] | None, module) -> None:
+        if self.ema is not None and client and client.get("ema") is not None:
+            self.ema.load_state_dict(client["ema"])
+        elif self.ema is not None:
+            log.warning("the checkpoint has no EMA of the weights: the average restarts from the restored weights")
+            self.ema.__init__(module, self.ema.decay)
 

@@ -101,6 +101,7 @@ class TrainerConfig:
     valid_every: int = 100
     checkpoint_every: int = 100
     trace_dir: str | None = None  # if set, each rank appends (step, epoch, structure ids, node) per step there
+    ema_decay: float = 0.0  # > 0: validate, early-stop and package an EMA of the weights with this decay (0.99)
 
     def __post_init__(self) -> None:
         _choice("trainer", "mode", self.mode, ("multifidelity", "reptile"))
@@ -108,6 +109,8 @@ class TrainerConfig:
         _choice("trainer", "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         if self.steps < 1:
             raise ConfigError(f"trainer.steps must be at least 1, got {self.steps}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"trainer.ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
 
 
 @dataclasses.dataclass

@@ -31,7 +31,11 @@ class Guard:
         self.history: collections.deque[float] = collections.deque(maxlen=cfg.median_window)
         self.recent: collections.deque[int] = collections.deque()  # steps skipped since the last rollback
         self.skipped = self.rollbacks = 0
-        self.step = 0  # the step being taken; the Trainer sets it before each step
+        self.step, self.last_skipped = 0, False  # the step being taken (see begin) and whether it was skipped
+
+    def begin(self, step: int) -> None:
+        """The Trainer calls this before each step."""
+        self.step, self.last_skipped = step, False
 
     def verdict(self, global_loss: float) -> str | None:
         """Why this step must be skipped, or None (then its loss joins the running median)."""
@@ -64,7 +68,7 @@ class Guard:
     def _skip(self, why: str | None, local_finite: bool, item) -> bool:
         if why is None:
             return False
-        step = self.step
+        step, self.last_skipped = self.step, True
         self.skipped += 1
         self.recent.append(step)
         if not local_finite or why.startswith("loss spike"):

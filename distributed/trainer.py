@@ -9,6 +9,7 @@ progress display. torch.distributed is already initialised (by Ray Train, or by 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ from polyfid.data_shards.store import Store
 from polyfid.distributed.checkpoint import Checkpointer
 from polyfid.distributed.config import RunConfig
 from polyfid.distributed.engine import build_engine, compute_dtype, resolve_device
+from polyfid.distributed.ema import EMA
 from polyfid.distributed.finetune import FinetunePlan
 from polyfid.distributed.guard import Guard
 from polyfid.distributed.modes import get_mode
@@ -101,6 +103,8 @@ class Trainer:
         self.stream = self.mode.stream(spec, cfg)
         self.checkpointer = Checkpointer(cfg.output, cfg.trainer.checkpoint_every, cfg.trainer.steps, self.run_id,
                                          self.rank, self.world, stop_check_every=cfg.trainer.log_every)
+        self.ema = EMA(self.engine.module, cfg.trainer.ema_decay) if cfg.trainer.ema_decay > 0 else None
+        self.checkpointer.ema = self.ema  # checkpoints carry it; resume and rollback restore it
         self.step = self.checkpointer.resume(self.engine, self.stream)
         self.tracker = Tracker(cfg.tracking.uri, self.run_id, enabled=cfg.tracking.enabled and self.rank == 0)
         heads = list(LabelLayout.of(self.model.fidelity_names, fidelities).heads)
@@ -125,17 +129,16 @@ class Trainer:
             t0 = time.perf_counter()
             item = next(items)
             t1 = time.perf_counter()
-            self.guard.step = self.step + 1
+            self.guard.begin(self.step + 1)
             metrics = self.mode.step(item, self.ctx)  # skipped on every rank if the guard says so
             self.step += 1
-            if self.guard.rollback_due(self.step):
-                self.checkpointer.rollback(self.engine, self.step, self.cfg.guard.rollback_lr_factor)
+            self.after_update()
             self.telemetry.record(self.step, self.stream, item, t1 - t0, time.perf_counter() - t0)
             if self.progress is not None:
                 self.progress.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 self.log(metrics)
-            if self.validator.due(self.step) and self.validator(self.engine.module, self.step):
+            if self.validator.due(self.step) and self.validate():
                 break
             stopped = self.checkpointer.after_step(self.engine, self.stream, self.step)
             if stopped:
@@ -143,10 +146,28 @@ class Trainer:
         if self.progress is not None:
             self.progress.close()
         if self.rank == 0 and not stopped:
-            write_package(self.validator.best(self.engine.module, self.step), self.cfg, self.stores, self.run_id,
-                          plan=self.plan, valid=self.valid, fit=self.fit)
+            with self.weights() as module:
+                write_package(self.validator.best(module, self.step), self.cfg, self.stores, self.run_id,
+                              plan=self.plan, valid=self.valid, fit=self.fit)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
+
+    def after_update(self) -> None:
+        """The EMA follows each step that was taken; repeated skipped steps roll the run back."""
+        if self.ema is not None and not self.guard.last_skipped:
+            self.ema.update(self.engine.module)
+        if self.guard.rollback_due(self.step):
+            self.checkpointer.rollback(self.engine, self.step, self.cfg.guard.rollback_lr_factor)
+
+    def weights(self):
+        """The weights that are validated and packaged: the EMA when trainer.ema_decay > 0, else the live ones."""
+        return self.ema.applied(self.engine.module) if self.ema is not None else contextlib.nullcontext(
+            self.engine.module)
+
+    def validate(self) -> bool:
+        """Validate at this step (the EMA weights, if any); True when early stopping ends the run."""
+        with self.weights() as module:
+            return self.validator(module, self.step)
 
     def log(self, step_metrics: Mapping[str, float]) -> None:
         """Telemetry of the window that ends at this step, with the step's metrics, to MLflow and the progress line."""

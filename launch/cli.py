@@ -28,6 +28,7 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
 
 def cmd_ingest(a: argparse.Namespace) -> int:
     from polyfid.data_shards.ingest import ingest
+    from polyfid.data_shards.outliers import OutlierCheck
 
     ranks = {k: int(v) for k, v in _pairs(a.rank, "--rank").items()}
     store = ingest(
@@ -45,6 +46,7 @@ def cmd_ingest(a: argparse.Namespace) -> int:
         merge_on=a.merge_on,
         workers=a.workers,
         progress=not a.quiet,
+        outliers=OutlierCheck(a.outliers, k_mad=a.outlier_mad, force_cap=a.outlier_force_cap),
     )
     fids = ", ".join(f"{f.name} (rank {f.rank})" for f in store.fidelities)
     print(f"{a.out}: {store.n_structures} structures, {store.n_atoms} atoms, {len(store.shards)} shards; fidelities {fids}")
@@ -182,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1,
                    help="Ray tasks in flight, one per output shard (default 1: serial)")
     s.add_argument("--shard-size", type=int, default=50_000, help="structures per shard (default 50000)")
+    s.add_argument("--outliers", choices=("warn", "drop", "error"), default="warn",
+                   help="label outliers after the reference fit: name them (default), mask their labels, or refuse")
+    s.add_argument("--outlier-mad", type=float, default=20.0,
+                   help="energy outlier: per-atom residual beyond median ± this x MAD of its fidelity and dataset")
+    s.add_argument("--outlier-force-cap", type=float, default=1000.0,
+                   help="force outlier: any |F| above this (eV/Å; default 1000)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_ingest)
 

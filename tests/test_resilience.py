@@ -73,9 +73,10 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_killed_worker_restarts_from_checkpoint_and_matches(store, tmp_path):
+    """With an EMA of the weights on: checkpoints carry it, so the packaged (averaged) weights match too."""
     steps = 40
     ref = tmp_path / "ref"
-    run_training(_cfg(store, ref, f"trainer.steps={steps}", "trainer.checkpoint_every=10"))
+    run_training(_cfg(store, ref, f"trainer.steps={steps}", "trainer.checkpoint_every=10", "trainer.ema_decay=0.9"))
 
     out = tmp_path / "killed"
     killed: dict = {}
@@ -91,7 +92,8 @@ def test_killed_worker_restarts_from_checkpoint_and_matches(store, tmp_path):
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    run_training(_cfg(store, out, f"trainer.steps={steps}", "trainer.checkpoint_every=10", "cluster.max_failures=2"))
+    run_training(_cfg(store, out, f"trainer.steps={steps}", "trainer.checkpoint_every=10", "cluster.max_failures=2",
+                      "trainer.ema_decay=0.9"))
     t.join(timeout=5)
     assert killed, "the worker was never killed (the run ended first)"
     assert killed["step"] < steps

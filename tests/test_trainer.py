@@ -298,3 +298,33 @@ def test_repeated_loss_spikes_roll_back_once_with_a_lower_learning_rate(stores, 
     assert report["rolled_back_to"] == "step_00000010"
     assert report["base_lrs"] == [run["trainer"]["lr"] * 0.5]
     assert (tmp_path / "spiky" / "package" / "model.safetensors").exists()
+
+
+def _train_ema(rank, world, run, report):
+    from safetensors.torch import load_file
+
+    from polyfid.distributed.trainer import Trainer
+
+    t = Trainer(RunConfig.from_dict(run)).build()
+    t.train()
+    if rank == 0:
+        pkg = load_file(f"{run['output']}/package/model.safetensors")
+        live = dict(t.engine.module.named_parameters())
+        ema = dict(zip(t.ema.names, t.ema.shadow))
+        keys = [k for k in ema if k in pkg]
+        with open(report, "w") as fh:
+            json.dump({"keys": len(keys), "updates": t.ema.updates,
+                       "pkg_vs_ema": max(float((pkg[k] - ema[k]).abs().max()) for k in keys),
+                       "pkg_vs_live": max(float((pkg[k] - live[k].detach()).abs().max()) for k in keys)}, fh)
+
+
+def test_the_package_holds_the_ema_weights(stores, tmp_path):
+    """With trainer.ema_decay the package (and validation) use the average; the live weights differ from it."""
+    from dist_utils import spawn
+
+    run = _run("multifidelity", str(tmp_path / "ema"), stores, 10, ema_decay=0.9, valid_every=1000).to_dict()
+    run["data"]["valid"] = []
+    spawn(_train_ema, 2, run, str(tmp_path / "ema.json"), tmp=tmp_path)
+    report = json.loads((tmp_path / "ema.json").read_text())
+    assert report["keys"] > 0 and report["updates"] == 10
+    assert report["pkg_vs_ema"] == 0.0 and report["pkg_vs_live"] > 1e-6
