@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import time
@@ -18,6 +20,24 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 RETRY_AFTER_S = 60.0
 
 log = logging.getLogger("polyfid.tracking")
+
+
+@contextlib.contextmanager
+def sqlite_lock(uri: str):
+    """Hold `<database>.lock` while an MLflow sqlite database may be created: two jobs started at once on a
+    new database would otherwise both run MLflow's schema migrations and one would fail half-way."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        yield
+        return
+    path = Path(uri[len(prefix):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 class Tracker:
@@ -38,7 +58,11 @@ class Tracker:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.uri)
+            with sqlite_lock(self.uri):  # a new database is migrated by the first client; one at a time
+                client = MlflowClient(tracking_uri=self.uri)
+                if self.uri.startswith("sqlite:"):
+                    client.search_experiments(max_results=1)  # creates and migrates the database now
+            self._client = client
         return self._client
 
     def start(self, experiment: str, run_name: str | None = None, tags: Mapping[str, str] | None = None) -> str | None:
