@@ -77,16 +77,19 @@ def _groups(shards: Sequence[dict[str, np.ndarray]], refs: dict[str, dict[int, f
     return {k: (np.concatenate([a for a, _ in v]), np.concatenate([b for _, b in v])) for k, v in acc.items()}
 
 
+def _worst_force(raw: dict[str, np.ndarray], key: str) -> np.ndarray:
+    """The largest |F| of each structure in a raw shard's force array `key` (-inf where no atom has a label)."""
+    norm = np.linalg.norm(np.asarray(raw[key], dtype=np.float64), axis=1)
+    return np.maximum.reduceat(np.where(np.isfinite(norm), norm, -np.inf), raw["offsets"][:-1])
+
+
 def _strained(shards: Sequence[dict[str, np.ndarray]], k: float) -> set[int]:
     """Structures whose largest |F| (any fidelity with force labels) lies beyond median + k·MAD of the store's:
     far from equilibrium on purpose (rattled, compressed). A high energy is what such a geometry has, so it is
     not taken for a bad label. Structures without force labels are never in the set."""
     ids, worst = [], []
     for raw in shards:
-        off = raw["offsets"]
-        per = [np.maximum.reduceat(np.where(np.isfinite(n), n, -np.inf), off[:-1]) for n in
-               (np.linalg.norm(np.asarray(raw[k_], dtype=np.float64), axis=1) for k_ in raw if k_.startswith("forces/"))
-               if len(n)]
+        per = [_worst_force(raw, key) for key in raw if key.startswith("forces/") and len(raw[key])]
         if per:
             ids.append(raw["structure_id"])
             worst.append(np.max(per, axis=0))
@@ -116,11 +119,8 @@ def find_outliers(shards: Sequence[dict[str, np.ndarray]], refs: dict[str, dict[
             found.append(Outlier(int(ids[i]), datasets[d], fid, "energy", float(r[i] - med),
                                  f"beyond {check.k_mad:g} x MAD ({mad * 1000:.1f} meV/atom) of {len(r)} structures"))
     for raw in shards:
-        off = raw["offsets"]
         for key in (k for k in raw if k.startswith("forces/")):
-            norm = np.linalg.norm(np.asarray(raw[key], dtype=np.float64), axis=1)
-            norm = np.where(np.isfinite(norm), norm, 0.0)
-            worst = np.maximum.reduceat(norm, off[:-1]) if len(norm) else np.zeros(0)
+            worst = _worst_force(raw, key) if len(raw[key]) else np.zeros(0)
             for i in np.nonzero(worst > check.force_cap)[0]:
                 found.append(Outlier(int(raw["structure_id"][i]), datasets[int(raw["dataset"][i])],
                                      key.split("/", 1)[1], "forces", float(worst[i]),
@@ -134,12 +134,12 @@ def find_outliers(shards: Sequence[dict[str, np.ndarray]], refs: dict[str, dict[
 def masked_sums(shards: Sequence[dict[str, np.ndarray]], outliers: Sequence[Outlier]) -> ReferenceAccumulator:
     """The reference sums of the flagged energy and force labels (to take out of the store's sums on drop)."""
     acc = ReferenceAccumulator()
-    flagged = {(o.structure_id, o.fidelity, o.kind) for o in outliers}
+    flagged = mask_record(outliers)
     for raw in shards:
         counts = counts_by_z(raw["atomic_numbers"], raw["offsets"])
         for key in (k for k in raw if "/" in k and k.split("/")[0] in ("energy", "forces")):
             kind, fid = key.split("/", 1)
-            rows = np.array([(int(s), fid, kind) in flagged for s in raw["structure_id"]])
+            rows = np.isin(raw["structure_id"], flagged.get(fid, {}).get(kind, []))
             if not rows.any():
                 continue
             if kind == "energy":

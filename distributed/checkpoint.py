@@ -208,5 +208,5 @@ class Checkpointer:
             self.ema.load_state_dict(client["ema"])
         elif self.ema is not None:
             log.warning("the checkpoint has no EMA of the weights: the average restarts from the restored weights")
-            self.ema.__init__(module, self.ema.decay)
+            self.ema.reset(module)
 

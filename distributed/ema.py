@@ -17,10 +17,14 @@ class EMA:
     """`update(module)` after each optimiser step; `with ema.applied(module):` swaps the average in and back out."""
 
     def __init__(self, module: torch.nn.Module, decay: float) -> None:
-        self.decay, self.updates = float(decay), 0
+        self.decay = float(decay)
         self.names = [n for n, p in module.named_parameters() if p.requires_grad]
-        params = dict(module.named_parameters())
-        self.shadow = [params[n].detach().float().clone() for n in self.names]
+        self.reset(module)
+
+    def reset(self, module: torch.nn.Module) -> None:
+        """Start the average afresh from the module's current weights."""
+        self.updates = 0
+        self.shadow = [p.detach().float().clone() for p in self._params(module)]
 
     def _params(self, module: torch.nn.Module) -> list[torch.nn.Parameter]:
         params = dict(module.named_parameters())

@@ -68,6 +68,18 @@ def _pretrain_cmd(store: str, out: Path, *sets: str) -> list[str]:
     return cmd
 
 
+def _started(cmd: list[str], out: Path, at_step: int) -> subprocess.Popen:
+    """Start a `polyfid pretrain` command and return once its trace has reached `at_step` (it must still run)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if (out / "trace").exists() and any(r["step"] >= at_step for r in _trace(out)):
+            break
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.1)
+    return proc
+
+
 def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "package" / "model.safetensors"))
 
@@ -133,13 +145,7 @@ def test_sigterm_checkpoints_and_the_same_command_resumes_the_same_run(store, tm
     out = tmp_path / "pre"
     cfg = _cfg(store, out)
     cmd = _pretrain_cmd(store, out, "trainer.steps=60", "trainer.checkpoint_every=1000")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if (out / "trace").exists() and any(r["step"] >= 5 for r in _trace(out)):
-            break
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.1)
+    proc = _started(cmd, out, at_step=5)
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, log[-3000:]
@@ -259,13 +265,7 @@ def test_sigkill_of_the_driver_leaves_a_folder_the_same_command_resumes(store, t
     last checkpoint that verifies (taking over the dead driver's lock) and finishes."""
     out = tmp_path / "headless"
     cmd = _pretrain_cmd(store, out, "cluster.workers=2", "trainer.steps=40", "trainer.checkpoint_every=10")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if (out / "trace").exists() and any(r["step"] >= 14 for r in _trace(out)):
-            break
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.1)
+    proc = _started(cmd, out, at_step=14)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     killed_at = max(r["step"] for r in _trace(out))
