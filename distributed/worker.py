@@ -10,6 +10,7 @@ from typing import Any
 from polyfid.data_shards.store import Store
 from polyfid.distributed.config import RunConfig
 from polyfid.distributed.finetune import FinetunePlan
+from polyfid.distributed.lock import worker_hold
 from polyfid.distributed.trainer import Trainer
 
 
@@ -22,4 +23,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         plan = FinetunePlan.from_dict(plan)
     elif cfg.finetune.source:
         plan = FinetunePlan.build(cfg, [Store.open(p) for p in cfg.data.train])
-    Trainer(cfg, config.get("mlflow_run_id"), plan, config.get("live_progress")).build().train()
+    with worker_hold(cfg.output):  # a new run on this folder waits for workers that outlive a killed driver
+        Trainer(cfg, config.get("mlflow_run_id"), plan, config.get("live_progress")).build().train()
