@@ -18,6 +18,7 @@ import yaml
 
 from polyfid._util import split_list
 from polyfid.models.config import ModelConfig
+from polyfid.models.pretrained import is_named
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ class TrackingConfig:
 class FinetuneConfig:
     """Fine-tuning: where from, which head, what to freeze."""
 
-    source: str | None = None  # package path, runs:/ID/package or models:/NAME/VERSION
+    source: str | None = None  # package path, pretrained:NAME, runs:/ID/package or models:/NAME/VERSION
     head: str | None = None  # fidelity to train; a new name adds a head initialised from the closest one
     freeze: str = "none"  # none | backbone
     refit_references: bool = True  # least-squares reference energies of the head on the target first
@@ -239,7 +240,7 @@ class RunConfig:
         self.finetune.replay_stores = [absol(p) for p in self.finetune.replay_stores]
         if self.trainer.trace_dir:
             self.trainer.trace_dir = absol(self.trainer.trace_dir)
-        if self.finetune.source and ":/" not in self.finetune.source:
+        if self.finetune.source and ":/" not in self.finetune.source and not is_named(self.finetune.source):
             self.finetune.source = absol(self.finetune.source)
         self.tracking.uri = resolve_tracking_uri(self.tracking.uri, base)
         return self

@@ -7,12 +7,13 @@ import tempfile
 from pathlib import Path
 
 from polyfid.models.package import METADATA_FILE
+from polyfid.models.pretrained import is_named, resolve_name
 
 MLFLOW_SCHEMES = ("runs:/", "models:/")
 
 
 def resolve_package(uri_or_path: str, tracking_uri: str | None, dst: str | os.PathLike | None = None) -> str:
-    """A local package folder for a package path, `runs:/ID/package` or `models:/NAME/VERSION`.
+    """A local package folder for a package path, `pretrained:NAME`, `runs:/ID/package` or `models:/NAME/VERSION`.
 
     An MLflow URI is downloaded from `tracking_uri` (a relative `sqlite:///` is taken from the working folder)
     into `dst`, a new temporary folder when None, and the package folder inside it is returned. A local
@@ -20,6 +21,8 @@ def resolve_package(uri_or_path: str, tracking_uri: str | None, dst: str | os.Pa
     and ValueError for an MLflow URI without a tracking URI.
     """
     path = str(uri_or_path)
+    if is_named(path):
+        return str(resolve_name(path))
     if path.startswith(MLFLOW_SCHEMES):
         if not tracking_uri:
             raise ValueError(f"{path} is an MLflow URI, but no tracking URI was given to fetch it from")
@@ -30,5 +33,5 @@ def resolve_package(uri_or_path: str, tracking_uri: str | None, dst: str | os.Pa
         return str(download_package(path, resolve_tracking_uri(tracking_uri), dst))
     if not (Path(path) / METADATA_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a polyfid package folder (no {METADATA_FILE} in it) "
-                                f"nor a runs:/ or models:/ URI")
+                                f"nor a pretrained:NAME, runs:/ or models:/ URI")
     return path

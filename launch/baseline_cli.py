@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s = subparsers.add_parser("baseline", help="ridge regression on invariant features, beside the network")
     s.add_argument("--data", required=True, help="training store(s), comma-separated")
     s.add_argument("--test", help="test store(s); default: a seeded 80/20 split of --data")
-    s.add_argument("--model", help="also evaluate this package: path, runs:/ID/package or models:/NAME/VERSION")
+    s.add_argument("--model", help="also evaluate this package: path, pretrained:NAME, runs:/ID/package or models:/NAME/VERSION")
     s.add_argument("--fidelity", help="only this fidelity")
     s.add_argument("--forces", action=argparse.BooleanOptionalAction, default=True,
                    help="linear-model forces -dE/dR by autograd, for the F MAE column (default on)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -147,11 +148,32 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(a: argparse.Namespace) -> int:
+    from polyfid.models.pretrained import available, search_path
+
+    models = available()
+    if a.json:
+        print(json.dumps({n: {**dataclasses.asdict(m), "path": str(m.path), "card": m.card and str(m.card)}
+                          for n, m in models.items()}, indent=2))
+        return 0
+    if not models:
+        print(f"no named models in {', '.join(str(p) for p in search_path())}")
+        return 0
+    rows = [("name", "levels (low to high)", "elements", "cutoff", "size", "model card")]
+    for m in models.values():
+        rows.append((f"pretrained:{m.name}", ",".join(m.fidelities), ",".join(map(str, m.elements)),
+                     f"{m.cutoff:g} Å", f"{m.size_bytes / 1e6:.1f} MB", str(m.card or "-")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
 def _add_export_parser(sub) -> None:
     """The `export` subcommand: `polyfid export --to metatomic PACKAGE OUT.pt`."""
     s = sub.add_parser("export", help="write a package as a model for other engines (metatomic: LAMMPS, i-PI, ASE, TorchSim)")
     s.add_argument("--to", required=True, choices=["metatomic"], help="the target format")
-    s.add_argument("package", help="the model package folder")
+    s.add_argument("package", help="the model package folder, or pretrained:NAME")
     s.add_argument("out", help="the file to write, e.g. model.pt")
     s.add_argument("--fidelity", help="the head of the default `energy` output (default: highest rank); "
                    "every head is also exported as the variant energy/<fidelity>")
@@ -218,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_evaluate)
 
     _add_export_parser(sub)
+
+    s = sub.add_parser("models", help="list the named models (pretrained:NAME) that ship with polyfid or are on "
+                       "POLYFID_MODELS")
+    s.add_argument("--json", action="store_true", help="print them as JSON")
+    s.set_defaults(fn=cmd_models)
 
     s = sub.add_parser("ui", help="serve the MLflow dashboard on 127.0.0.1")
     s.add_argument("--port", type=int, default=5000)

@@ -13,7 +13,7 @@ RECIPES = Path(__file__).parent / "recipes"
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
     """The fine-tuning flags (each also reachable as a config key with --set)."""
-    s.add_argument("--from", dest="source", required=True, help="package path, runs:/ID/package, models:/NAME/V")
+    s.add_argument("--from", dest="source", required=True, help="package path, pretrained:NAME (see `polyfid models`), runs:/ID/package or models:/NAME/V")
     s.add_argument("--data", required=True, help="target store(s), comma-separated")
     s.add_argument("--valid", help="validation store(s): step-0 errors, early stopping, best weights, comparisons")
     s.add_argument("--head", help="fidelity to fine-tune (new name: a new head, initialised from the closest one)")

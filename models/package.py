@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import pathlib
@@ -22,6 +23,22 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "polyfid.json"
 REQUIRED_KEYS = ("format", "format_version", "config", "elements", "fidelities", "reference_energies")
+
+
+# Named models (`pretrained:NAME`): shipped in models/pretrained/, and in the folders on POLYFID_MODELS.
+PREFIX = "pretrained:"
+SHIPPED = pathlib.Path(__file__).resolve().parent / "pretrained"
+ENV = "POLYFID_MODELS"
+
+
+class UnknownModel(FileNotFoundError):
+    """`pretrained:NAME` names no model on the search path."""
+
+
+def search_path() -> list[pathlib.Path]:
+    """The folders searched for named models, first match wins: POLYFID_MODELS's folders, then the shipped ones."""
+    extra = [pathlib.Path(p).expanduser() for p in os.environ.get(ENV, "").split(os.pathsep) if p.strip()]
+    return extra + [SHIPPED]
 
 
 def package_metadata(model: Potential, lineage: dict | None = None, extra: dict | None = None) -> dict[str, Any]:
@@ -77,7 +94,8 @@ def _is_replaceable(path: pathlib.Path) -> bool:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Parse and check a package's polyfid.json."""
+    """Parse and check a package's polyfid.json (`path` may be `pretrained:NAME`)."""
+    path = resolve_name(path)
     file = pathlib.Path(path) / METADATA_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: {path} is not a polyfid package")
@@ -100,8 +118,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_package(path: str | os.PathLike, device: str | torch.device = "cpu") -> Potential:
-    """Load a package folder into a Potential (its parsed JSON at `.package_metadata`); other files are ignored."""
-    path = pathlib.Path(path)
+    """Load a package folder, or `pretrained:NAME`, into a Potential (its parsed JSON at `.package_metadata`);
+    other files are ignored."""
+    path = pathlib.Path(resolve_name(path))
     meta = read_metadata(path)
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():
@@ -129,3 +148,35 @@ def load_package(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     model.eval()
     model.package_metadata = meta
     return model
+
+
+def named_folders() -> dict[str, pathlib.Path]:
+    """name -> package folder over the search path, first match wins."""
+    found: dict[str, pathlib.Path] = {}
+    for root in search_path():
+        if root.is_dir():
+            for folder in sorted(root.iterdir()):
+                if (folder / METADATA_FILE).is_file():
+                    found.setdefault(folder.name, folder)
+    return found
+
+
+def is_named(source: str | os.PathLike) -> bool:
+    return isinstance(source, str) and source.startswith(PREFIX)
+
+
+def resolve_name(source: str | os.PathLike) -> str | os.PathLike:
+    """The package folder of `pretrained:NAME` (see models/pretrained.py); any other value is returned unchanged.
+
+    An unknown name raises UnknownModel listing the names there are (and the closest one)."""
+    if not is_named(source):
+        return source
+    name = str(source)[len(PREFIX):]
+    folders = named_folders()
+    if name in folders:
+        return str(folders[name])
+    close = difflib.get_close_matches(name, list(folders), n=1)
+    hint = f"; did you mean {PREFIX}{close[0]}?" if close else ""
+    where = ", ".join(str(p) for p in search_path())
+    raise UnknownModel(f"no model named {name!r} (looked in {where}); available: "
+                       f"{', '.join(sorted(folders)) or 'none'}{hint}")
