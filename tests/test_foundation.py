@@ -1,0 +1,80 @@
+"""The foundation builder on slices of the committed corpus: stores, real Ray + DeepSpeed pretraining, errors per
+level on test and held-out molecules, a model card, and shipping under a name that `pretrained:` resolves."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import ase.io
+import pytest
+from ase.build import molecule
+
+from polyfid.data_shards.corpus.stores import FILES
+from polyfid.launch.foundation import corpus_stores, main
+from polyfid.models import Calculator
+from polyfid.models.pretrained import ENV, available
+
+SLICES = {("gfn2_xtb", "train"): 24, ("gfn2_xtb", "valid"): 6, ("gfn2_xtb", "test"): 8, ("gfn2_xtb", "heldout"): 8,
+          ("hf_631g", "train"): 16, ("hf_631g", "test"): 6, ("hf_631g", "heldout"): 6}
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory) -> Path:
+    """A few frames of some committed corpus files (real GFN2-xTB and HF/6-31G labels): one frame each of molecules
+    spread over the file (it is in molecule-list order, alkanes first), so that the training slices hold H, C, N
+    and O like the held-out ones."""
+    files = tmp_path_factory.mktemp("corpus_files")
+    for (level, split), n in SLICES.items():
+        plain = files / f"{level}_{split}.extxyz"  # ASE seeks in what it reads: gzip would re-inflate each time
+        with gzip.open(FILES / f"{level}_{split}.extxyz.gz", "rb") as src, open(plain, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        first: dict[str, object] = {}
+        for atoms in ase.io.iread(plain, format="extxyz"):
+            first.setdefault(atoms.info["molecule"], atoms)
+        pool = list(first.values())
+        frames = [pool[round(i * (len(pool) - 1) / max(n - 1, 1))] for i in range(min(n, len(pool)))]
+        if split == "train":
+            assert {1, 6, 7, 8} <= {int(z) for a in frames for z in a.numbers}, level
+        plain.unlink()
+        ase.io.write(files / f"{level}_{split}.extxyz.gz", frames, format="extxyz")
+    return files
+
+
+def test_stores_are_found_by_level_and_split(small_corpus, tmp_path):
+    stores = corpus_stores(tmp_path / "stores", small_corpus)
+    assert set(stores) == {"gfn2_xtb", "hf_631g"}
+    assert set(stores["hf_631g"]) == {"train", "test", "heldout"}
+    with pytest.raises(FileNotFoundError, match="no corpus stores"):
+        corpus_stores(tmp_path / "empty", tmp_path / "no_files")
+
+
+def test_build_measure_card_and_ship(small_corpus, tmp_path, monkeypatch, capsys):
+    stores = tmp_path / "stores"
+    corpus_stores(stores, small_corpus)
+    shelf = tmp_path / "shelf"
+    monkeypatch.setenv(ENV, str(shelf))
+    code = main(["--stores", str(stores), "--out", str(tmp_path / "run"), "--name", "test-mini", "--ship",
+                 "--ship-to", str(shelf), "--set", "trainer.steps=6", "--set", "trainer.valid_every=3",
+                 "--set", "trainer.checkpoint_every=3", "--set", "model.width=16", "--set", "model.n_sensitivities=8",
+                 "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "--set", "tracking.register_as=null"])
+    assert code == 0
+    errors = json.loads((tmp_path / "run" / "errors.json").read_text())
+    assert set(errors) == {"gfn2_xtb", "hf_631g"}
+    assert errors["gfn2_xtb"]["heldout"]["n_structures"] == 8 and errors["hf_631g"]["test"]["n_structures"] == 6
+    assert all(r["forces_mae"] > 0 for by in errors.values() for r in by.values())
+
+    card = (shelf / "test-mini" / "MODEL_CARD.md").read_text()
+    assert "`pretrained:test-mini`" in card and "Elements: H, C, N, O" in card and "fidelity=\"hf_631g\")`" in card
+    assert "| `hf_631g` | heldout | 6 |" in card and "| `gfn2_xtb` (rank 1) | GFN2-xTB / - | tblite | 24 | 6 | 8 | 8 |" in card
+    assert "python -m polyfid.launch.foundation --stores" in card and "Known limits" in card
+    hf_test = errors["hf_631g"]["test"]["forces_mae"] * 1e3
+    assert f"{hf_test:.1f}" in card  # the card prints the measured figure
+
+    named = available()["test-mini"]
+    assert named.card is not None and set(named.fidelities) == {"gfn2_xtb", "hf_631g"}
+    e = Calculator("pretrained:test-mini", fidelity="hf_631g").get_potential_energy(molecule("CH3OH"))
+    assert e == pytest.approx(Calculator(tmp_path / "run" / "pretrain" / "package", fidelity="hf_631g")
+                              .get_potential_energy(molecule("CH3OH")))
