@@ -78,3 +78,13 @@ def test_build_measure_card_and_ship(small_corpus, tmp_path, monkeypatch, capsys
     e = Calculator("pretrained:test-mini", fidelity="hf_631g").get_potential_energy(molecule("CH3OH"))
     assert e == pytest.approx(Calculator(tmp_path / "run" / "pretrain" / "package", fidelity="hf_631g")
                               .get_potential_energy(molecule("CH3OH")))
+
+    # the name works as a fine-tuning source too, and the lineage keeps the name the user gave
+    from polyfid.launch.cli import main as cli
+
+    ft = tmp_path / "ft"
+    assert cli(["finetune", "--from", "pretrained:test-mini", "--data", str(stores / "hf_631g_train.zarr"),
+                "--valid", str(stores / "hf_631g_test.zarr"), "--out", str(ft / "package"),
+                "--set", "trainer.steps=2", "--set", "cluster.workers=1", "--set", f"tracking.uri=sqlite:///{ft / 'm.db'}",
+                "--set", "tracking.register_as=null"]) == 0
+    assert json.loads((ft / "package" / "polyfid.json").read_text())["lineage"]["parent"] == "pretrained:test-mini"
