@@ -124,8 +124,9 @@ def pyscf_scf(xc: str, basis: str, grid_level: int = 3) -> LabelFn:
 # a second dataset at its own level. HF labels a subset of GFN2's structures; wB97X energies the lowest
 # quarter of HF's, and wB97X forces the lowest 3/8 of those. With ~600 structures per molecule over the list
 # this gives about 43k GFN2, 17k GFN1, 4k HF, 1k wB97X energies and 375 wB97X forces. wB97X was planned at
-# 4k energies and 1.5k forces; it costs about 25-105 CPU s per structure here (COSTS.md, PROVENANCE.md), so
-# it was cut by 4x, keeping the ratios (many cheap labels, fewer expensive energies, fewest forces).
+# 4k energies and 1.5k forces; it costs 36-60 CPU s per structure on indole and ~100 on paracetamol (COSTS.md,
+# PROVENANCE.md), so it was cut by 4x, keeping the ratios (many cheap labels, fewer expensive energies, fewest
+# forces).
 LEVELS: tuple[Level, ...] = (
     Level("gfn2_xtb", "GFN2-xTB", "", "tblite", "D4 (built in)", 1, xtb("GFN2-xTB"),
           (0.0, 0.72), (0.0, 0.72), 300, True,
