@@ -77,8 +77,9 @@ class RunLock:
                 return
             except BlockingIOError:
                 holder = _read(fd)
-            if not _dead_here(holder) or time.monotonic() > deadline:
-                raise FolderInUse(_in_use(self.path, holder, orphans=_dead_here(holder)))
+            orphans = _dead_here(holder)
+            if not orphans or time.monotonic() > deadline:
+                raise FolderInUse(_in_use(self.path, holder, orphans=orphans))
             if not said:
                 log.warning("the run of pid %s that held %s died; waiting up to %.0f s for its workers to exit",
                             holder.get("pid"), self.path.parent, self.orphan_wait_s)
