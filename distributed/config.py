@@ -169,6 +169,7 @@ class FinetuneConfig:
 
     source: str | None = None  # package path, pretrained:NAME, runs:/ID/package or models:/NAME/VERSION
     head: str | None = None  # fidelity to train; a new name adds a head initialised from the closest one
+    init_from: str | None = None  # the parent head a new head starts from; default: the closest by rank
     freeze: str = "none"  # none | backbone
     refit_references: bool = True  # least-squares reference energies of the head on the target first
     replay_fraction: float = 0.0  # share of each batch's atoms drawn from the pretraining stores (anti-forgetting)

@@ -46,6 +46,18 @@ def closest_fidelity(model: Potential, new: Fidelity) -> str:
     return min(model.fidelities, key=lambda f: (abs(f.rank - new.rank), -f.rank, f.name)).name
 
 
+def _init_head(parent: Potential, new: Fidelity | None, asked: str | None) -> str | None:
+    """The parent head a new head starts from: `asked` (finetune.init_from), else the closest by rank."""
+    if new is None:
+        return None
+    if asked is None:
+        return closest_fidelity(parent, new)
+    if asked not in parent.fidelity_names:
+        raise ValueError(f"finetune.init_from={asked!r} is not a head of the parent "
+                         f"({', '.join(parent.fidelity_names)})")
+    return asked
+
+
 def _head_batches(stores: Sequence[Store], head: str, atom_budget: int, limit: int | None):
     """Batches of the stores that hold `head`, up to about `limit` structures."""
     stores = [s for s in stores if head in {f.name for f in s.fidelities}]
@@ -137,7 +149,7 @@ class FinetunePlan:
             anchors = [str(s.path) for s in open_replay_stores(replay_paths or lineage_stores(meta))]
         return cls(source=str(source), source_uri=source_uri or str(ft.source), head=head,
                    new_fidelity=new_fid.to_dict() if new_fid is not None else None,
-                   init_from=closest_fidelity(parent, new_fid) if new_fid is not None else None, freeze=ft.freeze,
+                   init_from=_init_head(parent, new_fid, ft.init_from), freeze=ft.freeze,
                    refit_references=ft.refit_references, anchors=anchors, replay_fraction=replay_fraction,
                    replay_stores=replay_paths, parent_lineage=meta.get("lineage"))
 

@@ -66,7 +66,10 @@ def prepare(cfg: RunConfig) -> Prepared:
             local = resolve_package(cfg.finetune.source, cfg.tracking.uri, out / "parent")
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"finetune.source: {err}") from err
-        plan = FinetunePlan.build(cfg, [Store.open(p) for p in cfg.data.train], local, cfg.finetune.source)
+        try:
+            plan = FinetunePlan.build(cfg, [Store.open(p) for p in cfg.data.train], local, cfg.finetune.source)
+        except ValueError as err:  # the head or init_from asked for does not fit the parent and the data
+            raise ConfigError(str(err)) from err
     save_config(cfg, out / "config.yaml")  # before anything runs
     return Prepared(cfg, out, plan)
 

@@ -178,14 +178,90 @@ def _key(k: str) -> str:
 
 
 def download_package(uri: str, tracking_uri: str, dst: str | os.PathLike) -> Path:
-    """Fetch a package from `runs:/ID/package` or `models:/NAME/VERSION` into dst; returns its folder."""
-    import mlflow
+    """Fetch a package from `runs:/ID/package` or `models:/NAME/VERSION` (or `models:/NAME/latest`,
+    `models:/NAME@ALIAS`) into dst; returns its folder.
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    One MlflowClient bound to `tracking_uri` does it all: mlflow's global download helpers cache the registry
+    of the first URI a process used, so a second tracking store in the same process was not found.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    run_id, path = _run_artifact(client, uri)
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    local = Path(client.download_artifacts(run_id, path, str(dst)))
     if not (local / "polyfid.json").exists() and (local / "package" / "polyfid.json").exists():
         local = local / "package"
     if not (local / "polyfid.json").exists():
         raise FileNotFoundError(f"{uri} does not hold a polyfid package (no polyfid.json in {local})")
     return local
+
+
+def _run_artifact(client, uri: str) -> tuple[str, str]:
+    """(run id, artifact path) of a `runs:/` or `models:/` URI, the latter looked up in the client's registry."""
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri[len("runs:/"):].partition("/")
+        return run_id, path
+    if not uri.startswith("models:/"):
+        raise ValueError(f"{uri} is not an MLflow runs:/ or models:/ URI")
+    ref = uri[len("models:/"):].strip("/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        mv = client.get_model_version_by_alias(name, alias)
+    else:
+        name, _, version = ref.rpartition("/")
+        if not name:
+            raise ValueError(f"{uri}: expected models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
+        if version == "latest":
+            versions = client.search_model_versions(f"name='{name}'")
+            if not versions:
+                raise FileNotFoundError(f"{uri}: model {name!r} has no versions in the registry")
+            version = str(max(int(v.version) for v in versions))
+        mv = client.get_model_version(name, version)
+    if mv.source.startswith("runs:/"):
+        return _run_artifact(client, mv.source)
+    if mv.run_id:  # a source given as the artifact location itself: the package is the run's `package` folder
+        return mv.run_id, "package"
+    raise FileNotFoundError(f"{uri}: version {mv.version} of {mv.name!r} is not linked to a run ({mv.source})")
+
+
+def register_package(source: str, name: str, tracking_uri: str, experiment: str = "polyfid-pretrained",
+                     tags: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """Put an existing package (a folder or `pretrained:NAME`) into the MLflow model registry as model `name`.
+
+    Opens a run in `experiment` that holds the package (and its model card, if any) as the artifact `package`,
+    with the package's architecture, levels and elements as parameters; registers it as a new version.
+    Returns (run id, version). Unlike a training run, a registration failure raises: it is all this does.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from polyfid.models.package import is_named, read_metadata, resolve_name
+
+    folder = Path(resolve_name(source) if is_named(source) else source)
+    meta = read_metadata(folder)
+    cfg = meta.get("config", {})
+    tracker = Tracker(tracking_uri)
+    run_tags = {"polyfid.source": str(source), "polyfid.kind": "registered package", **dict(tags or {})}
+    exp = tracker.client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else tracker.client.create_experiment(experiment, artifact_location(tracking_uri))
+    run = tracker.client.create_run(exp_id, run_name=f"register {source}", tags=run_tags)
+    tracker.run_id = run.info.run_id
+    params = {f"model.{k}": v for k, v in cfg.items() if not isinstance(v, (list, dict))}
+    params["fidelities"] = ",".join(f["name"] for f in sorted(meta.get("fidelities", []), key=lambda f: f["rank"]))
+    params["elements"] = ",".join(str(z) for z in meta.get("elements", []))
+    params["source"] = str(source)
+    tracker.client.log_batch(tracker.run_id, params=[_param(k, v) for k, v in params.items()])
+    tracker.client.log_artifacts(tracker.run_id, str(folder), "package")
+    try:
+        tracker.client.create_registered_model(name)
+    except MlflowException:
+        pass  # exists already
+    mv = tracker.client.create_model_version(name, source=f"runs:/{tracker.run_id}/package", run_id=tracker.run_id)
+    tracker.client.set_terminated(tracker.run_id)
+    return tracker.run_id, str(mv.version)
+
+
+def _param(key: str, value: Any):
+    from mlflow.entities import Param
+
+    return Param(key, str(value)[:6000])

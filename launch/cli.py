@@ -144,7 +144,8 @@ def cmd_ui(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from polyfid.launch.demo import run_demo
 
-    run_demo(Path(a.workdir), steps=a.steps, workers=a.workers, overrides=a.set or [], s1=not a.no_s1)
+    shipped = None if a.shipped.lower() == "none" else a.shipped
+    run_demo(Path(a.workdir), steps=a.steps, workers=a.workers, overrides=a.set or [], s1=a.s1, shipped=shipped)
     return 0
 
 
@@ -166,6 +167,20 @@ def cmd_models(a: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_register(a: argparse.Namespace) -> int:
+    from polyfid.distributed.config import resolve_tracking_uri
+    from polyfid.distributed.tracking import register_package
+    from polyfid.models.package import PREFIX, is_named
+
+    name = a.name or ("polyfid-" + (a.source[len(PREFIX):] if is_named(a.source) else Path(a.source).resolve().name))
+    uri = resolve_tracking_uri(a.tracking_uri)
+    run_id, version = register_package(a.source, name, uri, a.experiment)
+    print(f"registered {a.source} as models:/{name}/{version} (MLflow run {run_id} in {uri}); fine-tune it with\n"
+          f"  polyfid finetune --from models:/{name}/{version} --data TARGET.zarr --out runs/ft "
+          f"--set tracking.uri={a.tracking_uri}")
     return 0
 
 
@@ -246,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print them as JSON")
     s.set_defaults(fn=cmd_models)
 
+    s = sub.add_parser("register", help="put a package or pretrained:NAME into the MLflow model registry")
+    s.add_argument("source", help="a package folder or pretrained:NAME")
+    s.add_argument("--name", help="registered model name (default: polyfid-NAME, or polyfid-<folder>)")
+    s.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    s.add_argument("--experiment", default="polyfid-pretrained", help="the experiment of the registering run")
+    s.set_defaults(fn=cmd_register)
+
     s = sub.add_parser("ui", help="serve the MLflow dashboard on 127.0.0.1")
     s.add_argument("--port", type=int, default=5000)
     s.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
@@ -256,7 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="pretraining steps (default from the recipe)")
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
-    s.add_argument("--no-s1", action="store_true", help="skip the S1 baselines (a) and (b): two fewer trainings")
+    s.add_argument("--s1", action="store_true", help="also train S1's baselines (a) and (b) and print the S1 table "
+                   "(two more trainings; benchmarks/bench_s1.py runs them over seeds)")
+    s.add_argument("--no-s1", dest="s1", action="store_false", help=argparse.SUPPRESS)  # kept for old scripts: no S1 is the default
+    s.add_argument("--shipped", default="organic-mini", metavar="NAME",
+                   help="the shipped checkpoint (pretrained:NAME) to register and fine-tune beside the demo's own; "
+                   "none: skip it")
     s.set_defaults(fn=cmd_demo)
     from polyfid.launch.baseline_cli import register as _reg_baseline; _reg_baseline(sub)  # noqa: E702
     return p

@@ -1,7 +1,8 @@
 """`polyfid demo`: the whole path on the embedded QM data, in one command.
 
-ingest -> multi-fidelity pretraining (Ray Train, 2 DeepSpeed workers) -> MLflow + registry -> the S1 baselines ->
-fine-tune from the registry -> evaluate -> a table of errors per fidelity, and the S1 table.
+ingest -> multi-fidelity pretraining (Ray Train, 2 DeepSpeed workers) -> MLflow + registry -> fine-tune from the
+registry -> register the shipped checkpoint (pretrained:organic-mini) and fine-tune it the same way -> evaluate
+-> tables of errors per fidelity, and the comparison of the two fine-tuned models. `--s1` adds S1's baselines.
 
 The pretraining data follow S1 (variant c): low-level (GFN2-xTB) energies and forces on every frame,
 high-level (B3LYP/6-31G*) energies on a subset (S1_FRACTION) and no high-level forces. The held-out frames
@@ -25,6 +26,7 @@ RECIPES = Path(__file__).parent / "recipes"
 TARGET = "formic_acid"
 N_VALID = 20  # last frames of each pretraining molecule
 N_TARGET_TRAIN = 50
+SHIPPED_MODEL = "organic-mini"  # the shipped checkpoint the demo also fine-tunes (pretrained:NAME)
 S1_FRACTION = 0.5  # share of the pretraining frames with a high-level energy (S1 variant c); 1/k for whole k
 RANKS = {LOW: 0, HIGH: 1, EXTRA: 2}
 META = {LOW: {"method": "GFN2-xTB", "code": "tblite"}, HIGH: {"method": "B3LYP", "basis": "6-31G*", "code": "PySCF"},
@@ -195,11 +197,57 @@ def s1_labels(variant: str, fraction: float = S1_FRACTION, low: str = LOW, high:
     return f"{high} E" + ("+F" if variant == "b" else "")
 
 
-def run_demo(workdir: Path, steps: int | None = None, workers: int = 2, overrides: list[str] | None = None,
-             s1: bool = True) -> dict:
-    """Run the whole demo in `workdir` (wiped first); returns the error tables. `s1`: also train S1's (a), (b)."""
+def finetune_target(source: str, stores: dict[str, str], out: Path, tracking: tuple[str, str],
+                    sets: list[str]) -> dict:
+    """Fine-tune `source` (a package, pretrained:NAME or MLflow URI) on the target's 50 frames (finetune recipe)."""
     from polyfid.distributed.config import load_config
-    from polyfid.evaluation.metrics import format_table
+    from polyfid.distributed.launcher import run_training
+
+    cfg = load_config(RECIPES / "finetune.yaml", [
+        f"finetune.source={source}", f"data.train={stores['target']}", f"output={out}",
+        f"tracking.uri={tracking[0]}", f"tracking.experiment={tracking[1]}"] + list(sets))
+    return run_training(cfg)
+
+
+def shipped_finetune(name: str, stores: dict[str, str], workdir: Path, tracking: tuple[str, str],
+                     sets: list[str]) -> dict | None:
+    """Register the shipped checkpoint `pretrained:NAME` in the MLflow registry, then fine-tune it from there to
+    the target; None (with a note) when this checkout has no such model. A new head for the target's level
+    starts from the shipped model's highest-rank head."""
+    from polyfid.data_shards.schema import highest_rank
+    from polyfid.distributed.tracking import register_package
+    from polyfid.models.package import UnknownModel, load_package
+
+    try:
+        parent = load_package(f"pretrained:{name}")
+    except UnknownModel as e:
+        print(f"  skipped: {e}")
+        return None
+    top = highest_rank(parent.fidelities).name
+    run_id, version = register_package(f"pretrained:{name}", f"polyfid-{name}", tracking[0])
+    print(f"  registered pretrained:{name} as models:/polyfid-{name}/{version} (MLflow run {run_id})")
+    source = f"models:/polyfid-{name}/{version}"
+    ft = finetune_target(source, stores, workdir / f"finetune_{name}", tracking, [f"finetune.init_from={top}"] + sets)
+    ft["source"] = source
+    return ft
+
+
+def format_finetune_compare(rows: dict[str, dict], fid: str = HIGH) -> str:
+    """Markdown: the target's test errors at `fid` of each fine-tuned model (meV, meV/Å)."""
+    lines = [f"| fine-tuned from | E MAE (meV) | E MAE/atom (meV) | F MAE (meV/Å) | F RMSE (meV/Å) |",
+             "|---|---|---|---|---|"]
+    for label, res in rows.items():
+        r = res[fid]
+        lines.append(f"| {label} | " + " | ".join(f"{r[k] * 1000:.1f}" for k in (
+            "energy_mae", "energy_mae_per_atom", "forces_mae", "forces_rmse")) + " |")
+    return "\n".join(lines)
+
+
+def run_demo(workdir: Path, steps: int | None = None, workers: int = 2, overrides: list[str] | None = None,
+             s1: bool = False, shipped: str | None = SHIPPED_MODEL) -> dict:
+    """Run the whole demo in `workdir` (wiped first); returns the error tables. `s1`: also train S1's (a), (b);
+    `shipped`: also fine-tune that shipped checkpoint (pretrained:NAME) to the target (None: don't)."""
+    from polyfid.distributed.config import load_config
     from polyfid.distributed.launcher import run_training
 
     t_start = time.perf_counter()
@@ -207,7 +255,7 @@ def run_demo(workdir: Path, steps: int | None = None, workers: int = 2, override
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    n = 6 if s1 else 5
+    n = 5 + bool(s1) + bool(shipped)
     step = iter(range(1, n + 1))
 
     t = _section(f"{next(step)}/{n} ingest the embedded QM data into zarr stores")
@@ -231,33 +279,22 @@ def run_demo(workdir: Path, steps: int | None = None, workers: int = 2, override
             s1_packages[v] = train_s1(stores[f"s1_{v}"], workdir / f"s1_{v}", common)["package"]
             print(f"  ({v}) package {s1_packages[v]}  ({time.perf_counter() - tv:.1f} s)")
 
+    tracking = (cfg.tracking.uri, cfg.tracking.experiment)
     t = _section(f"{next(step)}/{n} fine-tune to {TARGET} ({N_TARGET_TRAIN} {HIGH} frames), starting from the registry")
     source = (f"models:/{pre['registered_model']}/{pre['model_version']}" if pre["model_version"] else pre["package"])
-    ft_cfg = load_config(RECIPES / "finetune.yaml", [
-        f"finetune.source={source}", f"data.train={stores['target']}", f"output={workdir / 'finetune'}",
-        f"tracking.uri={cfg.tracking.uri}", f"tracking.experiment={cfg.tracking.experiment}",
-    ] + list(overrides or []))
-    ft = run_training(ft_cfg)
+    ft = finetune_target(source, stores, workdir / "finetune", tracking, list(overrides or []))
     print(f"  package {ft['package']}; MLflow run {ft['mlflow_run_id']}  ({time.perf_counter() - t:.1f} s)")
+    ft_shipped = None
+    if shipped:
+        t = _section(f"{next(step)}/{n} fine-tune the shipped checkpoint pretrained:{shipped} to {TARGET}, "
+                     "the same way, from the registry")
+        ft_shipped = shipped_finetune(shipped, stores, workdir, tracking, list(overrides or []))
+        if ft_shipped:
+            print(f"  package {ft_shipped['package']}; MLflow run {ft_shipped['mlflow_run_id']}  "
+                  f"({time.perf_counter() - t:.1f} s)")
 
     t = _section(f"{next(step)}/{n} evaluate")
-    tables = {
-        "pretrained, held-out frames of the pretraining molecules": evaluate(pre["package"], stores["valid"]),
-        f"pretrained + reference refit on the target = fine-tuning step 0, {TARGET} test frames":
-            evaluate(pre["package"], stores["target_test"], refit_on=stores["target"], anchor=stores["pretrain"]),
-        f"fine-tuned, {TARGET} test frames": evaluate(ft["package"], stores["target_test"]),
-    }
-    for title, res in tables.items():
-        print()
-        print(format_table(res, title=title))
-    out: dict = dict(tables)
-    if s1:
-        rows = [{"variant": v, "labels": s1_labels(v), "heads": cfg.model.head_design if v == "c" else "one head",
-                 "runs": [s1_errors(s1_packages[v], stores["valid"])]} for v in ("a", "b", "c")]
-        print(f"\nS1: {HIGH} errors on the held-out frames, {cfg.trainer.steps} steps each, seed {cfg.trainer.seed} "
-              "(benchmarks/bench_s1.py runs more seeds)")
-        print(format_s1_table(rows))
-        out["s1"] = rows
+    out = report(stores, pre, ft, ft_shipped, shipped, s1_packages if s1 else None, cfg)
     (workdir / "results.json").write_text(json.dumps(out, indent=2))
     print(f"\n  ({time.perf_counter() - t:.1f} s)")
 
@@ -269,3 +306,42 @@ def run_demo(workdir: Path, steps: int | None = None, workers: int = 2, override
     print("Open the MLflow dashboard with:")
     print(f"  polyfid ui --tracking-uri {cfg.tracking.uri}")
     return out
+
+
+def report(stores: dict[str, str], pre: dict, ft: dict, ft_shipped: dict | None, shipped: str | None,
+           s1_packages: dict[str, str] | None, cfg) -> dict:
+    """Print the demo's tables (errors per fidelity, the fine-tuning comparison, S1) and return them."""
+    from polyfid.evaluation.metrics import format_table
+
+    tables = {
+        "pretrained, held-out frames of the pretraining molecules": evaluate(pre["package"], stores["valid"]),
+        f"pretrained + reference refit on the target = fine-tuning step 0, {TARGET} test frames":
+            evaluate(pre["package"], stores["target_test"], refit_on=stores["target"], anchor=stores["pretrain"]),
+        f"fine-tuned, {TARGET} test frames": evaluate(ft["package"], stores["target_test"]),
+    }
+    for title, res in tables.items():
+        print()
+        print(format_table(res, title=title))
+    out: dict = dict(tables)
+    if ft_shipped:
+        rows = {f"the demo's own pretraining ({cfg.trainer.steps} steps, {len(_files()[1])} molecules)":
+                tables[f"fine-tuned, {TARGET} test frames"],
+                f"`pretrained:{shipped}` (shipped)": evaluate(ft_shipped["package"], stores["target_test"])}
+        print(f"\nFine-tuning to {TARGET}: {N_TARGET_TRAIN} {HIGH} frames, the same recipe; {HIGH} errors on its "
+              f"{_n_test(stores)} test frames")
+        print(format_finetune_compare(rows))
+        out["finetune_compare"] = rows
+    if s1_packages:
+        rows = [{"variant": v, "labels": s1_labels(v), "heads": cfg.model.head_design if v == "c" else "one head",
+                 "runs": [s1_errors(s1_packages[v], stores["valid"])]} for v in ("a", "b", "c")]
+        print(f"\nS1: {HIGH} errors on the held-out frames, {cfg.trainer.steps} steps each, seed {cfg.trainer.seed} "
+              "(benchmarks/bench_s1.py runs more seeds)")
+        print(format_s1_table(rows))
+        out["s1"] = rows
+    return out
+
+
+def _n_test(stores: dict[str, str]) -> int:
+    from polyfid.data_shards.store import Store
+
+    return Store.open(stores["target_test"]).n_structures

@@ -17,6 +17,8 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--data", required=True, help="target store(s), comma-separated")
     s.add_argument("--valid", help="validation store(s): step-0 errors, early stopping, best weights, comparisons")
     s.add_argument("--head", help="fidelity to fine-tune (new name: a new head, initialised from the closest one)")
+    s.add_argument("--init-from", metavar="HEAD", help="a new head starts as a copy of this head of the parent "
+                   "(default: the closest by rank)")
     s.add_argument("--freeze", choices=("none", "backbone"), help="what to freeze (default: none)")
     s.add_argument("--replay", type=float, metavar="FRACTION",
                    help="share of each batch's atoms replayed from the pretraining stores in the package lineage")
@@ -33,7 +35,8 @@ def run(a: argparse.Namespace, load_config) -> int:
     from polyfid.distributed.launcher import compare_with_scratch, run_training
 
     extra = [f"finetune.source={a.source}", f"data.train={a.data}"]
-    for flag, key in ((a.valid, "data.valid"), (a.head, "finetune.head"), (a.freeze, "finetune.freeze"),
+    for flag, key in ((a.valid, "data.valid"), (a.head, "finetune.head"), (a.init_from, "finetune.init_from"),
+                      (a.freeze, "finetune.freeze"),
                       (a.replay, "finetune.replay_fraction"), (a.replay_stores, "finetune.replay_stores"),
                       (a.patience, "finetune.early_stopping_patience")):
         if flag is not None:
