@@ -196,6 +196,34 @@ def _add_export_parser(sub) -> None:
     s.set_defaults(fn=cmd_export)
 
 
+def _add_tool_parsers(sub) -> None:
+    """register, ui and demo."""
+    s = sub.add_parser("register", help="put a package or pretrained:NAME into the MLflow model registry")
+    s.add_argument("source", help="a package folder or pretrained:NAME")
+    s.add_argument("--name", help="registered model name (default: polyfid-NAME, or polyfid-<folder>)")
+    s.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    s.add_argument("--experiment", default="polyfid-pretrained", help="the experiment of the registering run")
+    s.set_defaults(fn=cmd_register)
+
+    s = sub.add_parser("ui", help="serve the MLflow dashboard on 127.0.0.1")
+    s.add_argument("--port", type=int, default=5000)
+    s.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    s.set_defaults(fn=cmd_ui)
+
+    s = sub.add_parser("demo", help="the whole path on the embedded QM data")
+    s.add_argument("--workdir", default="runs/demo")
+    s.add_argument("--steps", type=int, default=None, help="pretraining steps (default from the recipe)")
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.add_argument("--s1", action="store_true", help="also train S1's baselines (a) and (b) and print the S1 table "
+                   "(two more trainings; benchmarks/bench_s1.py runs them over seeds)")
+    s.add_argument("--no-s1", dest="s1", action="store_false", help=argparse.SUPPRESS)  # kept for old scripts: no S1 is the default
+    s.add_argument("--shipped", default="organic-mini", metavar="NAME",
+                   help="the shipped checkpoint (pretrained:NAME) to register and fine-tune beside the demo's own; "
+                   "none: skip it")
+    s.set_defaults(fn=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="polyfid", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -261,30 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print them as JSON")
     s.set_defaults(fn=cmd_models)
 
-    s = sub.add_parser("register", help="put a package or pretrained:NAME into the MLflow model registry")
-    s.add_argument("source", help="a package folder or pretrained:NAME")
-    s.add_argument("--name", help="registered model name (default: polyfid-NAME, or polyfid-<folder>)")
-    s.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    s.add_argument("--experiment", default="polyfid-pretrained", help="the experiment of the registering run")
-    s.set_defaults(fn=cmd_register)
-
-    s = sub.add_parser("ui", help="serve the MLflow dashboard on 127.0.0.1")
-    s.add_argument("--port", type=int, default=5000)
-    s.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    s.set_defaults(fn=cmd_ui)
-
-    s = sub.add_parser("demo", help="the whole path on the embedded QM data")
-    s.add_argument("--workdir", default="runs/demo")
-    s.add_argument("--steps", type=int, default=None, help="pretraining steps (default from the recipe)")
-    s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--set", action="append", metavar="KEY=VALUE")
-    s.add_argument("--s1", action="store_true", help="also train S1's baselines (a) and (b) and print the S1 table "
-                   "(two more trainings; benchmarks/bench_s1.py runs them over seeds)")
-    s.add_argument("--no-s1", dest="s1", action="store_false", help=argparse.SUPPRESS)  # kept for old scripts: no S1 is the default
-    s.add_argument("--shipped", default="organic-mini", metavar="NAME",
-                   help="the shipped checkpoint (pretrained:NAME) to register and fine-tune beside the demo's own; "
-                   "none: skip it")
-    s.set_defaults(fn=cmd_demo)
+    _add_tool_parsers(sub)
     from polyfid.launch.baseline_cli import register as _reg_baseline; _reg_baseline(sub)  # noqa: E702
     return p
 
