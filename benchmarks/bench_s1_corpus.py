@@ -1,0 +1,223 @@
+"""S1 at corpus scale: do GFN2-xTB forces plus wB97X energies reach a model trained on wB97X forces?
+
+    python benchmarks/bench_s1_corpus.py --workdir runs/s1c --steps 3000 --seeds 0,1,2 --curve 300,1000,all \
+        --out benchmarks/RESULTS_s1_corpus.md
+
+Data: the pretraining corpus (`data_shards/corpus/`), its training molecules' train split for training, its
+test split and its held-out molecules for the errors. The same model, recipe (`launch/recipes/foundation.yaml`),
+steps and seeds for every variant:
+- (a) wB97X energies only, on every training structure that has one;
+- (b) wB97X energies and forces, on the training structures that have wB97X forces;
+- (c) GFN2-xTB energies and forces on every GFN2 training structure, plus wB97X energies, two stores, two heads.
+  `--curve` gives the numbers of wB97X energies (the first N in the corpus's random hash order; `all`);
+- (c=) like (c), with as many wB97X energies as cost the DFT CPU time of (b)'s labels. The CPU seconds are the
+  generator's own, per label: (b)'s forces labels against the mean of the energy-only labels.
+Every run goes through the real path (run_training -> Ray Train -> DeepSpeed -> package). A run whose result
+exists in the workdir is reused, so a sweep can be extended or resumed; --fresh retrains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RECIPE = Path(__file__).resolve().parents[1] / "launch" / "recipes" / "foundation.yaml"
+
+
+def read_frames(files: Path, level: str, split: str, tmp: Path) -> list:
+    """The frames of one corpus file (gunzipped first: ASE's reader seeks, and gzip re-inflates on each seek)."""
+    import ase.io
+
+    plain = tmp / f"{level}_{split}.extxyz"
+    if not plain.exists():
+        plain.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(files / f"{level}_{split}.extxyz.gz", "rb") as src, open(plain, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return list(ase.io.iread(str(plain), format="extxyz"))
+
+
+def label_cpu(frames: list, level: str, root: Path) -> np.ndarray:
+    """CPU seconds the generator spent on each frame's label at `level` (NaN where it has no record)."""
+    from polyfid.data_shards.corpus.store import LabelStore, label_key, quantise, structure_hash
+
+    labels = LabelStore(root, level)
+    out = []
+    for atoms in frames:
+        rec = labels.get(label_key(structure_hash(atoms.numbers, quantise(atoms.positions)), level))
+        out.append(rec.cpu_s if rec is not None else np.nan)
+    return np.asarray(out, dtype=np.float64)
+
+
+def write_store(frames: list, path: Path, level: str, forces: bool) -> str:
+    """A store of `frames` with `level`'s energies (and forces when asked), made once."""
+    import ase.io
+
+    from polyfid.data_shards.corpus.levels import LEVELS
+    from polyfid.data_shards.ingest import ingest
+
+    if not path.exists():
+        xyz = path.with_suffix(".extxyz")
+        xyz.parent.mkdir(parents=True, exist_ok=True)
+        ase.io.write(str(xyz), frames, format="extxyz")
+        meta = {lv.name: lv.meta() for lv in LEVELS if lv.name == level}
+        ingest([str(xyz)], str(path), dataset=f"s1_{path.stem}", energy={level: f"energy_{level}"},
+               forces={level: f"forces_{level}"} if forces else {}, fidelity_meta=meta, progress=False)
+        xyz.unlink()
+    return str(path)
+
+
+def plan_variants(a: argparse.Namespace, work: Path, stores: dict) -> tuple[dict[str, dict], dict]:
+    """name -> {stores, labels, dft_cpu_s}; and facts about the high level's training labels."""
+    from polyfid.data_shards.corpus.stores import FILES
+
+    files = Path(a.files) if a.files else FILES
+    frames = [f for f in read_frames(files, a.high, "train", work / "tmp") if f"energy_{a.high}" in f.info]
+    cpu = label_cpu(frames, a.high, files.parent) if not a.files else np.full(len(frames), np.nan)
+    has_f = np.array([f"forces_{a.high}" in f.arrays for f in frames])
+    e_only_cpu = float(np.nanmean(cpu[~has_f])) if (~has_f).any() else float("nan")
+    sd = work / "stores"
+    variants = {"a": {"stores": [write_store(frames, sd / "a.zarr", a.high, False)],
+                      "labels": f"{a.high} E on {len(frames):,}", "dft_cpu_s": float(np.nansum(cpu))},
+                "b": {"stores": [write_store([f for f, k in zip(frames, has_f) if k], sd / "b.zarr", a.high, True)],
+                      "labels": f"{a.high} E+F on {int(has_f.sum()):,}", "dft_cpu_s": float(np.nansum(cpu[has_f]))}}
+    counts = [len(frames) if c == "all" else min(int(c), len(frames)) for c in a.curve.split(",") if c]
+    if a.equal_compute and np.isfinite(e_only_cpu) and e_only_cpu > 0:
+        counts.append(-int(variants["b"]["dft_cpu_s"] // e_only_cpu))  # negative: the equal-compute point
+    for n in counts:
+        k = min(abs(n), len(frames))
+        name = f"c{k}" if n > 0 else "c="
+        variants[name] = {"stores": [stores[a.low]["train"], write_store(frames[:k], sd / f"c{k}.zarr", a.high, False)],
+                          "labels": f"{a.low} E+F on {n_structures(stores[a.low]['train']):,}, {a.high} E on {k:,}"
+                          + (" (= DFT CPU of b)" if n < 0 else ""), "dft_cpu_s": k * e_only_cpu}
+    facts = {"train_structures": len(frames), "with_forces": int(has_f.sum()),
+             "cpu_s_per_energy_label": e_only_cpu,
+             "cpu_s_per_forces_label": float(np.nanmean(cpu[has_f])) if has_f.any() else float("nan")}
+    return variants, facts
+
+
+def n_structures(path: str) -> int:
+    """Structures in a store."""
+    from polyfid.data_shards.store import Store
+
+    return Store.open(path).n_structures
+
+
+def train(name: str, spec: dict, seed: int, a: argparse.Namespace, work: Path, tests: dict[str, str]) -> dict:
+    """Train (or reuse) one run; its errors on each test store at the high level (meV, meV/Å)."""
+    from polyfid.distributed.config import load_config
+    from polyfid.distributed.launcher import run_training
+    from polyfid.launch.demo import s1_errors
+
+    out = work / "runs" / f"{name}_s{seed}_n{a.steps}"
+    record = out / "s1.json"
+    if record.exists() and not a.fresh:
+        return json.loads(record.read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    sets = [f"data.train={','.join(spec['stores'])}", f"output={out}", "tracking.enabled=false",
+            f"trainer.steps={a.steps}", f"trainer.seed={seed}", f"cluster.workers={a.workers}",
+            f"trainer.checkpoint_every={max(a.steps // 4, 1)}", f"trainer.valid_every={a.steps + 1}"] + a.set
+    t = time.perf_counter()
+    summary = run_training(load_config(RECIPE, sets))
+    res = {split: s1_errors(summary["package"], store, a.high) for split, store in tests.items()}
+    res.update(wall_s=time.perf_counter() - t, sets=sets)
+    record.write_text(json.dumps(res, indent=2))
+    print(f"  {name} seed {seed}: " + "; ".join(f"{s} E {r['energy_mae']:.1f} meV, F {r['forces_mae']:.1f} meV/Å"
+                                               for s, r in res.items() if isinstance(r, dict))
+          + f" ({res['wall_s']:.0f} s)", flush=True)
+    return res
+
+
+def _stat(xs: list[float]) -> str:
+    return f"{xs[0]:.1f}" if len(xs) == 1 else f"{np.mean(xs):.1f} ± {np.std(xs, ddof=1):.1f}"
+
+
+def format_table(rows: dict[str, dict], splits: list[str]) -> str:
+    """Markdown, one row per variant: labels, DFT CPU hours, seeds, E and F MAE on each split (mean ± std)."""
+    head = "| variant | training labels | DFT CPU h | seeds | " + " | ".join(
+        f"{s} E MAE (meV) | {s} F MAE (meV/Å)" for s in splits) + " |"
+    lines = [head, "|" + "---|" * (4 + 2 * len(splits))]
+    for name, r in rows.items():
+        cols = [_stat([run[s][k] for run in r["runs"]]) for s in splits for k in ("energy_mae", "forces_mae")]
+        lines.append(f"| ({name}) | {r['labels']} | {r['dft_cpu_s'] / 3600:.2f} | {len(r['runs'])} | "
+                     + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def ratios(rows: dict[str, dict], split: str) -> list[str]:
+    """The goal's ratios on forces: (c, all energies) / (b) and / (a)."""
+    def f(name: str) -> float:
+        return float(np.mean([run[split]["forces_mae"] for run in rows[name]["runs"]]))
+
+    cs = sorted((k for k in rows if k.startswith("c") and k[1:].isdigit()), key=lambda k: int(k[1:]))
+    if not cs or "a" not in rows or "b" not in rows:
+        return []
+    c = cs[-1]
+    return [f"{split}: F MAE ({c}) / (b) = {f(c) / f('b'):.2f} (goal <= 1.25), ({c}) / (a) = {f(c) / f('a'):.2f} "
+            "(goal <= 0.5)"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="runs/s1c")
+    p.add_argument("--stores", default="runs/corpus", help="the corpus stores (made from the files if empty)")
+    p.add_argument("--files", default=None, help="corpus extxyz folder (default: data_shards/corpus/extxyz); "
+                   "another folder has no CPU-time records, so no equal-compute point")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--high", default="wb97x_631gs")
+    p.add_argument("--low", default="gfn2_xtb")
+    p.add_argument("--curve", default="300,1000,all", help="numbers of high-level energies in (c); `all`")
+    p.add_argument("--no-equal-compute", dest="equal_compute", action="store_false")
+    p.add_argument("--variants", default="", help="only these (comma-separated names, e.g. a,b,c300); default all")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    p.add_argument("--fresh", action="store_true")
+    p.add_argument("--out", default=None, help="also write the tables as markdown here")
+    a = p.parse_args(argv)
+
+    from polyfid.launch.foundation import corpus_stores
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "polyfid" / "torch_extensions"))
+    work = Path(a.workdir).resolve()
+    t0 = time.perf_counter()
+    stores = corpus_stores(Path(a.stores), Path(a.files) if a.files else None)
+    tests = {s: stores[a.high][s] for s in ("test", "heldout") if s in stores.get(a.high, {})}
+    variants, facts = plan_variants(a, work, stores)
+    only = [v for v in a.variants.split(",") if v]
+    rows = {}
+    for name, spec in variants.items():
+        if only and name not in only:
+            continue
+        runs = [train(name, spec, int(s), a, work, tests) for s in a.seeds.split(",") if s]
+        rows[name] = {**spec, "runs": runs}
+    splits = list(tests)
+    table = format_table(rows, splits)
+    lines = [f"S1 at corpus scale: {a.high} errors, {a.steps} steps, {a.workers} workers, seeds {a.seeds}", "",
+             table, ""] + [f"- {r}" for s in splits for r in ratios(rows, s)]
+    text = "\n".join(lines)
+    print("\n" + text)
+    out = {"command": "python benchmarks/bench_s1_corpus.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
+           "facts": facts, "rows": rows, "table": text, "wall_s": time.perf_counter() - t0}
+    (work / "s1_corpus.json").write_text(json.dumps(out, indent=2))
+    if a.out:
+        Path(a.out).write_text(f"# S1 at corpus scale\n\nCommand: `{out['command']}`\n\nMachine: {out['machine']}\n\n"
+                               f"Facts: {json.dumps(facts)}\n\n{text}\n")
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    return out
+
+
+if __name__ == "__main__":
+    main()
