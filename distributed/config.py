@@ -45,7 +45,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         for name in ("train", "valid"):
             v = getattr(self, name)
-            if isinstance(v, str):
+            if v is None:  # `--set data.valid=` (empty): no stores
+                setattr(self, name, [])
+            elif isinstance(v, str):
                 setattr(self, name, split_list(v))
         if self.atom_budget < 1:
             raise ConfigError(f"data.atom_budget must be positive, got {self.atom_budget}")
