@@ -31,11 +31,11 @@ SPLITS = ("train", "valid", "test", "heldout")
 
 
 def corpus_stores(folder: Path, files: Path | None = None) -> dict[str, dict[str, str]]:
-    """level -> split -> store path, making the stores from the corpus files when `folder` has none."""
+    """level -> split -> store path, making the stores of the corpus files that `folder` lacks (or that are older
+    than their file)."""
     from polyfid.data_shards.corpus.stores import FILES, make_stores
 
-    if not any(folder.glob("*_train.zarr")):
-        make_stores(folder, files or FILES)
+    make_stores(folder, files or FILES, stale_only=True)
     found: dict[str, dict[str, str]] = {}
     for level in LEVELS:
         for split in SPLITS:

@@ -51,6 +51,20 @@ def test_stores_are_found_by_level_and_split(small_corpus, tmp_path):
         corpus_stores(tmp_path / "empty", tmp_path / "no_files")
 
 
+def test_only_missing_or_outdated_stores_are_made_again(small_corpus, tmp_path):
+    import os
+
+    from polyfid.data_shards.corpus.stores import make_stores
+
+    made = make_stores(tmp_path / "stores", small_corpus, stale_only=True)
+    assert len(made) == len(SLICES)
+    assert make_stores(tmp_path / "stores", small_corpus, stale_only=True) == []
+    newer = small_corpus / "hf_631g_test.extxyz.gz"  # a re-exported file (the corpus grew)
+    later = (tmp_path / "stores" / "hf_631g_test.zarr" / "zarr.json").stat().st_mtime + 5
+    os.utime(newer, (later, later))
+    assert make_stores(tmp_path / "stores", small_corpus, stale_only=True) == [tmp_path / "stores" / "hf_631g_test.zarr"]
+
+
 def test_build_measure_card_and_ship(small_corpus, tmp_path, monkeypatch, capsys):
     stores = tmp_path / "stores"
     corpus_stores(stores, small_corpus)

@@ -9,6 +9,8 @@ method, basis, code, dispersion and rank from ``levels.LEVELS``. The target's fi
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 from pathlib import Path
 
 from polyfid.data_shards.corpus.levels import LEVELS
@@ -17,8 +19,11 @@ from polyfid.data_shards.ingest import ingest
 FILES = Path(__file__).resolve().parent / "extxyz"
 
 
-def make_stores(out: Path, files: Path = FILES, workers: int = 1) -> list[Path]:
-    """Ingest every corpus file into its own store under ``out``; returns the store paths."""
+def make_stores(out: Path, files: Path = FILES, workers: int = 1, stale_only: bool = False) -> list[Path]:
+    """Ingest every corpus file into its own store under ``out``; returns the store paths.
+
+    ``stale_only``: skip a file whose store exists and is newer than it (so a store folder made while the
+    corpus was partial gains the new levels' stores, and those of re-exported files, and nothing else)."""
     out.mkdir(parents=True, exist_ok=True)
     made = []
     for path in sorted(files.glob("*.extxyz.gz")):
@@ -26,10 +31,17 @@ def make_stores(out: Path, files: Path = FILES, workers: int = 1) -> list[Path]:
         target = stem.startswith("target_")
         levels = [lv for lv in LEVELS if (lv.target if target else stem.startswith(lv.name + "_"))]
         store = out / f"{stem}.zarr"
-        ingest([str(path)], str(store), dataset=stem.rsplit("_", 1)[0] if target else f"corpus_{levels[0].name}",
+        done = store / "zarr.json"  # written last, with the manifest
+        if stale_only and done.exists() and done.stat().st_mtime >= path.stat().st_mtime:
+            continue
+        tmp = out / f".{stem}.zarr.tmp"  # a store is replaced whole, only once its new version is complete
+        shutil.rmtree(tmp, ignore_errors=True)
+        ingest([str(path)], str(tmp), dataset=stem.rsplit("_", 1)[0] if target else f"corpus_{levels[0].name}",
                energy={lv.name: f"energy_{lv.name}" for lv in levels},
                forces={lv.name: f"forces_{lv.name}" for lv in levels},
                fidelity_meta={lv.name: lv.meta() for lv in levels}, workers=workers, progress=False)
+        shutil.rmtree(store, ignore_errors=True)
+        os.replace(tmp, store)
         print(f"{store}: {path.name}", flush=True)
         made.append(store)
     return made
