@@ -123,6 +123,7 @@ class FinetunePlan:
     replay_fraction: float
     replay_stores: list[str]
     parent_lineage: dict | None
+    references: dict[str, float] | None = None  # the head's refitted reference energies {Z: eV}, fitted once here
 
     @classmethod
     def build(cls, cfg: RunConfig, stores: Sequence[Store], source: str | None = None,
@@ -147,11 +148,19 @@ class FinetunePlan:
         anchors: list[str] = []
         if ft.refit_references and new_fid is None:  # an existing head keeps its energies on the pretraining data
             anchors = [str(s.path) for s in open_replay_stores(replay_paths or lineage_stores(meta))]
+        init = _init_head(parent, new_fid, ft.init_from)
+        references = None
+        if ft.refit_references:  # once, on the driver; every worker sets the same values, the lineage keeps them
+            if new_fid is not None:
+                parent.add_fidelity(new_fid, init_from=init)
+            fitted = refit_references(parent, head, stores, cfg.data.atom_budget,
+                                      anchors=[Store.open(p) for p in anchors])
+            references = {str(z): float(e) for z, e in fitted.items()}
         return cls(source=str(source), source_uri=source_uri or str(ft.source), head=head,
                    new_fidelity=new_fid.to_dict() if new_fid is not None else None,
-                   init_from=_init_head(parent, new_fid, ft.init_from), freeze=ft.freeze,
+                   init_from=init, freeze=ft.freeze,
                    refit_references=ft.refit_references, anchors=anchors, replay_fraction=replay_fraction,
-                   replay_stores=replay_paths, parent_lineage=meta.get("lineage"))
+                   replay_stores=replay_paths, parent_lineage=meta.get("lineage"), references=references)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -166,9 +175,10 @@ class FinetunePlan:
         if self.new_fidelity is not None:
             model.add_fidelity(Fidelity.from_dict(self.new_fidelity), init_from=self.init_from)
             log.warning("fine-tuning adds head %r, initialised from %r", self.head, self.init_from)
-        if self.refit_references:
-            anchors = [Store.open(p) for p in self.anchors]
-            refit_references(model, self.head, stores, atom_budget, anchors=anchors)
+        if self.references is not None:
+            model.set_reference_energies(self.head, {int(z): e for z, e in self.references.items()})
+        elif self.refit_references:  # a plan written before the fit moved into build()
+            refit_references(model, self.head, stores, atom_budget, anchors=[Store.open(p) for p in self.anchors])
         if self.freeze == "backbone":
             for p in model.backbone_parameters():
                 p.requires_grad_(False)

@@ -36,6 +36,9 @@ def lineage(cfg: RunConfig, stores: list[Store], valid: list[Store], run_id: str
     }
     if plan:
         out["parent_lineage"] = plan.parent_lineage
+        if plan.references is not None:  # fine-tuning's one refit of the trained head, on the target (+ anchors)
+            out["reference_refit"] = {"head": plan.head, "energies": dict(plan.references),
+                                      "stores": [_entry(s)["path"] for s in stores], "anchors": list(plan.anchors)}
     return out
 
 

@@ -130,6 +130,20 @@ def test_finetune_plan_travels_as_data_and_the_config_keeps_what_the_user_wrote(
     assert again == plan
     tuned = again.apply(target, 256)
     assert tuned.fidelity_names == model.fidelity_names
+    # the reference refit ran once, on the driver: the plan carries its result and apply() only sets it
+    from polyfid.distributed.finetune import refit_references
+    from polyfid.models.package import load_package
+
+    fresh = load_package(pkg)
+    expected = refit_references(fresh, HIGH, target, cfg.data.atom_budget,
+                                anchors=[Store.open(p) for p in plan.anchors])
+    assert plan.references == {str(z): pytest.approx(e) for z, e in expected.items()}
+    k = tuned.fidelity_index(HIGH)
+    assert {str(z): float(tuned.reference_energies[k, z]) for z in tuned.elements} == pytest.approx(plan.references)
+    from polyfid.distributed.packaging import lineage
+
+    lin = lineage(cfg, target, [], None, plan, None)
+    assert lin["reference_refit"]["head"] == HIGH and lin["reference_refit"]["energies"] == plan.references
 
 
 def test_precision_is_checked_on_the_driver_before_ray_starts(stores, tmp_path):
