@@ -32,10 +32,10 @@ SPLITS = ("train", "valid", "test", "heldout")
 
 def corpus_stores(folder: Path, files: Path | None = None) -> dict[str, dict[str, str]]:
     """level -> split -> store path, making the stores of the corpus files that `folder` lacks (or that are older
-    than their file)."""
-    from polyfid.data_shards.corpus.stores import FILES, make_stores
+    than their file). `files` defaults to the folder the stores were made from, else the committed corpus."""
+    from polyfid.data_shards.corpus.stores import make_stores, source_of
 
-    make_stores(folder, files or FILES, stale_only=True)
+    make_stores(folder, files or source_of(folder), stale_only=True)
     found: dict[str, dict[str, str]] = {}
     for level in LEVELS:
         for split in SPLITS:

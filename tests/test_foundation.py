@@ -63,6 +63,8 @@ def test_only_missing_or_outdated_stores_are_made_again(small_corpus, tmp_path):
     later = (tmp_path / "stores" / "hf_631g_test.zarr" / "zarr.json").stat().st_mtime + 5
     os.utime(newer, (later, later))
     assert make_stores(tmp_path / "stores", small_corpus, stale_only=True) == [tmp_path / "stores" / "hf_631g_test.zarr"]
+    # without a files folder, the one the stores came from is used, not the committed corpus
+    assert set(corpus_stores(tmp_path / "stores")) == {"gfn2_xtb", "hf_631g"}
 
 
 def test_build_measure_card_and_ship(small_corpus, tmp_path, monkeypatch, capsys):

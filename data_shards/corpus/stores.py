@@ -17,6 +17,13 @@ from polyfid.data_shards.corpus.levels import LEVELS
 from polyfid.data_shards.ingest import ingest
 
 FILES = Path(__file__).resolve().parent / "extxyz"
+SOURCE_MARK = ".corpus_files"  # in a store folder: the files folder its stores were made from
+
+
+def source_of(out: Path) -> Path:
+    """The files folder the stores in `out` were made from (the committed corpus when it does not say)."""
+    mark = Path(out) / SOURCE_MARK
+    return Path(mark.read_text().strip()) if mark.is_file() else FILES
 
 
 def make_stores(out: Path, files: Path = FILES, workers: int = 1, stale_only: bool = False) -> list[Path]:
@@ -25,6 +32,7 @@ def make_stores(out: Path, files: Path = FILES, workers: int = 1, stale_only: bo
     ``stale_only``: skip a file whose store exists and is newer than it (so a store folder made while the
     corpus was partial gains the new levels' stores, and those of re-exported files, and nothing else)."""
     out.mkdir(parents=True, exist_ok=True)
+    (out / SOURCE_MARK).write_text(str(Path(files).resolve()))
     made = []
     for path in sorted(files.glob("*.extxyz.gz")):
         stem = path.name[: -len(".extxyz.gz")]
