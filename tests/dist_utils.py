@@ -31,6 +31,9 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple, err
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        # Leave together: a rank that tears gloo down while the other still talks to it can make that one abort
+        # ("terminate called without an active exception", SIGABRT) on a loaded machine.
+        dist.barrier()
     except BaseException:
         Path(err_dir, f"rank{rank}.err").write_text(traceback.format_exc())
         raise
