@@ -29,28 +29,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench_s3  # noqa: E402
 from bench_s1_corpus import read_frames, write_store  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ROOT / "launch" / "recipes"
+RECIPES = bench_s3.RECIPES
 HIGH = "wb97x_631gs"
 TARGET = "target_paracetamol"
-
-
-def finished(output: Path) -> dict | None:
-    """The summary of a run that ended with a package (None: never ran, or stopped, so it resumes)."""
-    done = Path(output) / "summary.json"
-    s = json.loads(done.read_text()) if done.exists() else {}
-    return s if s.get("package") and Path(s["package"]).exists() else None
-
-
-def run(recipe: str, sets: list[str]) -> dict:
-    """Train with a recipe and overrides, or reuse the finished run in its output folder."""
-    from polyfid.distributed.config import load_config
-    from polyfid.distributed.launcher import run_training
-
-    cfg = load_config(RECIPES / recipe, sets)
-    return finished(Path(cfg.output)) or run_training(cfg, shutdown_ray=False)
+bench_s3.REUSE = True  # a finished run in the workdir is reused, so the command resumes
+finished, run = bench_s3.finished, bench_s3.train
 
 
 def target_stores(files: Path, work: Path, n: int) -> dict[str, str]:

@@ -43,10 +43,11 @@ def sqlite_lock(uri: str):
 class Tracker:
     """A thin, failure-tolerant wrapper over MlflowClient for one run."""
 
-    def __init__(self, uri: str, run_id: str | None = None, enabled: bool = True) -> None:
+    def __init__(self, uri: str, run_id: str | None = None, enabled: bool = True, strict: bool = False) -> None:
         self.uri = uri
         self.run_id = run_id
         self.enabled = enabled
+        self.strict = strict  # raise tracking failures (for commands whose only job is tracking)
         self._client = None
         self._warned = False
         self._down_until = 0.0
@@ -144,6 +145,8 @@ class Tracker:
         return self._guard(what, fn)
 
     def _guard(self, what: str, fn):
+        if self.strict:
+            return fn()
         if time.monotonic() < self._down_until:
             return None  # recently unreachable: skip, so that training does not wait on timeouts
         try:
@@ -233,35 +236,19 @@ def register_package(source: str, name: str, tracking_uri: str, experiment: str 
     with the package's architecture, levels and elements as parameters; registers it as a new version.
     Returns (run id, version). Unlike a training run, a registration failure raises: it is all this does.
     """
-    from mlflow.exceptions import MlflowException
+    from polyfid.models.package import read_metadata, resolve_name
 
-    from polyfid.models.package import is_named, read_metadata, resolve_name
-
-    folder = Path(resolve_name(source) if is_named(source) else source)
+    folder = Path(resolve_name(source))
     meta = read_metadata(folder)
-    cfg = meta.get("config", {})
-    tracker = Tracker(tracking_uri)
-    run_tags = {"polyfid.source": str(source), "polyfid.kind": "registered package", **dict(tags or {})}
-    exp = tracker.client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else tracker.client.create_experiment(experiment, artifact_location(tracking_uri))
-    run = tracker.client.create_run(exp_id, run_name=f"register {source}", tags=run_tags)
-    tracker.run_id = run.info.run_id
-    params = {f"model.{k}": v for k, v in cfg.items() if not isinstance(v, (list, dict))}
+    tracker = Tracker(tracking_uri, strict=True)
+    tracker.start(experiment, f"register {source}",
+                  {"polyfid.source": str(source), "polyfid.kind": "registered package", **dict(tags or {})})
+    params = {f"model.{k}": v for k, v in meta.get("config", {}).items() if not isinstance(v, (list, dict))}
     params["fidelities"] = ",".join(f["name"] for f in sorted(meta.get("fidelities", []), key=lambda f: f["rank"]))
     params["elements"] = ",".join(str(z) for z in meta.get("elements", []))
     params["source"] = str(source)
-    tracker.client.log_batch(tracker.run_id, params=[_param(k, v) for k, v in params.items()])
-    tracker.client.log_artifacts(tracker.run_id, str(folder), "package")
-    try:
-        tracker.client.create_registered_model(name)
-    except MlflowException:
-        pass  # exists already
-    mv = tracker.client.create_model_version(name, source=f"runs:/{tracker.run_id}/package", run_id=tracker.run_id)
-    tracker.client.set_terminated(tracker.run_id)
-    return tracker.run_id, str(mv.version)
-
-
-def _param(key: str, value: Any):
-    from mlflow.entities import Param
-
-    return Param(key, str(value)[:6000])
+    tracker.log_params(params)
+    tracker.log_artifact(folder, "package")
+    version = tracker.register(name)
+    tracker.end()
+    return tracker.run_id, str(version)

@@ -214,16 +214,16 @@ def shipped_finetune(name: str, stores: dict[str, str], workdir: Path, tracking:
     """Register the shipped checkpoint `pretrained:NAME` in the MLflow registry, then fine-tune it from there to
     the target; None (with a note) when this checkout has no such model. A new head for the target's level
     starts from the shipped model's highest-rank head."""
-    from polyfid.data_shards.schema import highest_rank
+    from polyfid.data_shards.schema import Fidelity, highest_rank
     from polyfid.distributed.tracking import register_package
-    from polyfid.models.package import UnknownModel, load_package
+    from polyfid.models.package import UnknownModel, read_metadata
 
     try:
-        parent = load_package(f"pretrained:{name}")
+        meta = read_metadata(f"pretrained:{name}")
     except UnknownModel as e:
         print(f"  skipped: {e}")
         return None
-    top = highest_rank(parent.fidelities).name
+    top = highest_rank([Fidelity.from_dict(f) for f in meta["fidelities"]]).name
     run_id, version = register_package(f"pretrained:{name}", f"polyfid-{name}", tracking[0])
     print(f"  registered pretrained:{name} as models:/polyfid-{name}/{version} (MLflow run {run_id})")
     source = f"models:/polyfid-{name}/{version}"
@@ -324,11 +324,11 @@ def report(stores: dict[str, str], pre: dict, ft: dict, ft_shipped: dict | None,
         print(format_table(res, title=title))
     out: dict = dict(tables)
     if ft_shipped:
-        rows = {f"the demo's own pretraining ({cfg.trainer.steps} steps, {len(_files()[1])} molecules)":
-                tables[f"fine-tuned, {TARGET} test frames"],
+        own = tables[f"fine-tuned, {TARGET} test frames"]
+        rows = {f"the demo's own pretraining ({cfg.trainer.steps} steps, {len(_files()[1])} molecules)": own,
                 f"`pretrained:{shipped}` (shipped)": evaluate(ft_shipped["package"], stores["target_test"])}
         print(f"\nFine-tuning to {TARGET}: {N_TARGET_TRAIN} {HIGH} frames, the same recipe; {HIGH} errors on its "
-              f"{_n_test(stores)} test frames")
+              f"{own[HIGH]['n_structures']} test frames")
         print(format_finetune_compare(rows))
         out["finetune_compare"] = rows
     if s1_packages:
@@ -340,8 +340,3 @@ def report(stores: dict[str, str], pre: dict, ft: dict, ft_shipped: dict | None,
         out["s1"] = rows
     return out
 
-
-def _n_test(stores: dict[str, str]) -> int:
-    from polyfid.data_shards.store import Store
-
-    return Store.open(stores["target_test"]).n_structures
