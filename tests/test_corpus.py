@@ -159,3 +159,24 @@ def test_committed_files_match_provenance() -> None:
     for lv in LEVELS:  # every stored ok label is in one split file (target labels: in the target files)
         assert per_level[lv.name] == done[lv.name] if not lv.target else per_level[lv.name] <= done[lv.name]
     assert sum(p.stat().st_size for p in CORPUS.rglob("*") if p.is_file()) < 60e6
+
+
+def test_export_leaves_unchanged_files_alone(tmp_path: Path) -> None:
+    """A re-export with the same frames keeps the file (and its mtime, which marks stores made from it as
+    current); other frames replace it."""
+    import os
+
+    from ase import Atoms
+
+    from polyfid.data_shards.corpus.export import write_extxyz_gz
+
+    path = tmp_path / "lvl_train.extxyz.gz"
+    frames = [Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])]
+    write_extxyz_gz(frames, path)
+    os.utime(path, (1e9, 1e9))
+    write_extxyz_gz(frames, path)
+    assert path.stat().st_mtime == 1e9
+    frames[0].positions[1, 0] = 1.0
+    write_extxyz_gz(frames, path)
+    assert path.stat().st_mtime > 1e9 and _count_frames(path) == 1
+    assert not list(tmp_path.glob(".*tmp*"))

@@ -8,6 +8,7 @@ hold the structures labelled at every target level, with all those levels' keys.
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import gzip
 import io
 import os
@@ -75,7 +76,8 @@ def make_frame(mol: Molecule, st: Structures, i: int, shash: str, split: str,
 
 
 def write_extxyz_gz(frames: list[Atoms], path: Path) -> None:
-    """Write frames as gzipped extxyz (mtime 0: byte-reproducible), atomically."""
+    """Write frames as gzipped extxyz (mtime 0: byte-reproducible), atomically. An unchanged file is left alone,
+    so its mtime still dates its content and stores made from it stay current (`stores.make_stores`)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
                                                 compresslevel=9) as gz:
@@ -83,6 +85,9 @@ def write_extxyz_gz(frames: list[Atoms], path: Path) -> None:
         ase.io.write(text, frames, format="extxyz")
         text.flush()
         text.detach()
+    if path.exists() and filecmp.cmp(tmp, path, shallow=False):
+        tmp.unlink()
+        return
     os.replace(tmp, path)
 
 
