@@ -165,6 +165,44 @@ def ratios(rows: dict[str, dict], split: str) -> list[str]:
             "(goal <= 0.5)"]
 
 
+def plot_rows(rows: dict[str, dict], splits: list[str], path: Path) -> Path:
+    """Force and energy MAE against the DFT CPU hours of each variant's labels (mean and std over seeds): the
+    (c) curve as a line, (a), (b) and (c=) as labelled points; one colour per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    cs = sorted((k for k in rows if k.startswith("c") and k[1:].isdigit()), key=lambda k: int(k[1:]))
+    for ax, key, unit in zip(axes, ("forces_mae", "energy_mae"), ("meV/Å", "meV")):
+        for i, split in enumerate(splits):
+            def stat(name: str) -> tuple[float, float, float]:
+                xs = [run[split][key] for run in rows[name]["runs"]]
+                return rows[name]["dft_cpu_s"] / 3600, float(np.mean(xs)), float(np.std(xs))
+
+            colour = f"C{i}"
+            if cs:
+                pts = np.array([stat(c) for c in cs])
+                ax.errorbar(pts[:, 0], pts[:, 1], pts[:, 2], color=colour, marker="o", capsize=3,
+                            label=f"(c) {split}")
+            for name, marker in (("a", "s"), ("b", "^"), ("c=", "D")):
+                if name in rows:
+                    x, y, e = stat(name)
+                    ax.errorbar([x], [y], [e], color=colour, marker=marker, capsize=3, linestyle="none")
+                    ax.annotate(f"({name})", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("DFT CPU hours of the training labels")
+        ax.set_ylabel(f"{key.replace('_mae', '')} MAE ({unit})")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("S1: GFN2-xTB E+F plus wB97X energies (c) against wB97X labels alone (a: E, b: E+F)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/s1c")
@@ -182,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--out", default=None, help="also write the tables as markdown here")
+    p.add_argument("--plot", default=None, help="the figure (default: WORKDIR/s1_corpus.png)")
     a = p.parse_args(argv)
 
     from polyfid.launch.foundation import corpus_stores
@@ -209,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
            "facts": facts, "rows": rows, "table": text, "wall_s": time.perf_counter() - t0}
     (work / "s1_corpus.json").write_text(json.dumps(out, indent=2))
+    print("figure:", plot_rows(rows, splits, Path(a.plot) if a.plot else work / "s1_corpus.png"))
     if a.out:
         Path(a.out).write_text(f"# S1 at corpus scale\n\nCommand: `{out['command']}`\n\nMachine: {out['machine']}\n\n"
                                f"Facts: {json.dumps(facts)}\n\n{text}\n")

@@ -101,21 +101,53 @@ def finetune(a, parents: dict[str, str], target: dict[str, str], work: Path, see
     return rows
 
 
-def scan_metrics(package: str, files: Path, work: Path) -> dict[str, dict]:
-    """The fine-tuned head on the target's bond and torsion scans against the wB97X reference."""
+def scan_metrics(package: str, files: Path, work: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The fine-tuned head on the target's bond and torsion scans against the wB97X reference: the metrics and
+    the curves (x, model and reference energies, eV), per scan."""
     from polyfid.evaluation.pes import ScanResult, as_calculator, energies
     from polyfid.models.package import load_package
 
     frames = read_frames(files, TARGET, "scans", work / "tmp")
     calc = as_calculator(load_package(package), HIGH)
-    out = {}
+    out, curves = {}, {}
     for kind in ("bond", "torsion"):
         geoms = sorted((f for f in frames if f.info["sampler"] == f"scan_{kind}" and f"energy_{HIGH}" in f.info),
                        key=lambda f: f.info["scan_value"])
         x = np.array([f.info["scan_value"] for f in geoms])
         ref = np.array([f.info[f"energy_{HIGH}"] for f in geoms])
-        out[kind] = ScanResult(kind, (), x, energies(calc, geoms), HIGH, ref, HIGH).metrics()
-    return out
+        e = energies(calc, geoms)
+        out[kind] = ScanResult(kind, (), x, e, HIGH, ref, HIGH).metrics()
+        curves[kind] = {"x": x.tolist(), "energy": np.asarray(e).tolist(), "reference": ref.tolist()}
+    return out, curves
+
+
+def plot_scans(rows: list[dict], path: Path) -> Path:
+    """Each pretraining's fine-tuned model (first seed, each replay) on the bond and torsion scans, against the
+    wB97X reference; energies relative to each curve's minimum."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    seed = min(r["seed"] for r in rows)
+    for ax, kind in zip(axes, ("bond", "torsion")):
+        ref = rows[0]["scan_curves"][kind]
+        x = np.array(ref["x"])
+        ax.plot(x, (np.array(ref["reference"]) - min(ref["reference"])) * 1e3, "k--", lw=1.5, label="wB97X/6-31G*")
+        for r in (r for r in rows if r["seed"] == seed):
+            e = np.array(r["scan_curves"][kind]["energy"])
+            name = r["pretraining"] + ("" if r["replay"] is None else f", replay {r['replay']:g}")
+            ax.plot(x, (e - e.min()) * 1e3, "o-", ms=3, lw=1, label=name)
+        ax.set_xlabel("O-H distance (Å)" if kind == "bond" else "amide torsion (deg)")
+        ax.set_ylabel("E - E_min (meV)")
+        ax.set_title(f"paracetamol {kind} scan, fine-tuned (seed {seed})", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _mean(rows: list[dict], key) -> float:
@@ -173,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="pretraining override")
     ap.add_argument("--ft-set", action="append", default=[], metavar="KEY=VALUE", help="fine-tuning override")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None, help="the scan figure (default: WORKDIR/s3_corpus_scans.png)")
     a = ap.parse_args(argv)
 
     from polyfid.data_shards.corpus.stores import FILES
@@ -190,12 +223,13 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         pkg = r["summary"]["package"]
         r["test"] = compare_table({"m": pkg}, [target["test"]])["m"][HIGH]
-        r["scans"] = scan_metrics(pkg, files, work)
+        r["scans"], r["scan_curves"] = scan_metrics(pkg, files, work)
     text = report(rows, a, time.perf_counter() - t0, argv)
     print(text)
     (work / "results.json").write_text(json.dumps(rows, indent=2, default=str))
     if a.out:
         a.out.write_text(text)
+    print("figure:", plot_scans(rows, a.plot or work / "s3_corpus_scans.png"))
     import ray
 
     if ray.is_initialized():
