@@ -59,10 +59,13 @@ def pretrain(stores: dict[str, dict[str, str]], out: Path, sets: list[str]) -> d
     return run_training(cfg)
 
 
-def measure(package: str, stores: dict[str, dict[str, str]]) -> dict[str, dict[str, dict[str, float]]]:
-    """level -> split (test, heldout) -> errors of the level's head on that store (eV, eV/Å)."""
+def measure(package: str, stores: dict[str, dict[str, str]], figures: Path | None = None,
+            ) -> dict[str, dict[str, dict[str, float]]]:
+    """level -> split (test, heldout) -> errors of the level's head on that store (eV, eV/Å). With `figures`, a
+    parity plot of each head on the held-out molecules goes there (parity_<level>.png)."""
     from polyfid.data_shards.store import Store
     from polyfid.evaluation.metrics import evaluate_stores
+    from polyfid.evaluation.plots import parity_plots
     from polyfid.models.package import load_package
 
     model = load_package(package)
@@ -70,10 +73,24 @@ def measure(package: str, stores: dict[str, dict[str, str]]) -> dict[str, dict[s
     for level, by_split in stores.items():
         for split in ("test", "heldout"):
             if split in by_split:
-                res = evaluate_stores(model, [Store.open(by_split[split])], [level]).results()
+                stats = evaluate_stores(model, [Store.open(by_split[split])], [level],
+                                        keep_points=figures is not None and split == "heldout")
+                res = stats.results()
                 if level in res:
                     out.setdefault(level, {})[split] = res[level]
+                if stats.keep_points:
+                    parity_plots(stats, figures)
     return out
+
+
+def figures_of(package: Path, summary: dict) -> list[Path]:
+    """The package's figures: the parity plots `measure` drew, and the learning curve from its MLflow run."""
+    from polyfid.evaluation.plots import learning_curve_plot
+
+    folder = package / "figures"
+    if summary.get("mlflow_run_id") and summary.get("tracking_uri"):
+        learning_curve_plot(summary["mlflow_run_id"], summary["tracking_uri"], folder / "learning_curve.png")
+    return sorted(folder.glob("*.png")) if folder.exists() else []
 
 
 def _counts(stores: dict[str, dict[str, str]]) -> dict[str, dict[str, int]]:
@@ -82,7 +99,8 @@ def _counts(stores: dict[str, dict[str, str]]) -> dict[str, dict[str, int]]:
     return {lv: {sp: Store.open(p).n_structures for sp, p in by.items()} for lv, by in stores.items()}
 
 
-def write_card(package: Path, name: str, errors: dict, counts: dict[str, dict[str, int]], info: dict) -> Path:
+def write_card(package: Path, name: str, errors: dict, counts: dict[str, dict[str, int]], info: dict,
+               figures: list[Path] = ()) -> Path:
     """MODEL_CARD.md beside the package: data, levels, elements, cutoff, errors, command, cost, use and limits."""
     meta = json.loads((package / "polyfid.json").read_text())
     cfg, levels = meta["config"], {lv.name: lv for lv in LEVELS}
@@ -112,6 +130,9 @@ def write_card(package: Path, name: str, errors: dict, counts: dict[str, dict[st
             lines.append(f"| `{level}` | {split} | {r['n_structures']:,} | {_me(r, 'energy_mae')} | "
                          f"{_me(r, 'energy_mae_per_atom')} | {_me(r, 'energy_rmse')} | {_me(r, 'forces_mae')} | "
                          f"{_me(r, 'forces_rmse')} |")
+    if figures:
+        lines += ["", "Parity plots on the held-out molecules, per head, and the learning curve of the pretraining:", ""]
+        lines += [f"![{p.stem}]({p.relative_to(package).as_posix()})" for p in figures]
     lines += ["", "## How it was trained", "",
               f"Command: `{info['command']}`", "",
               f"Wall time: {info['wall_s'] / 60:.1f} min of pretraining"
@@ -199,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = pretrain(stores, a.out.resolve(), a.set)
     walls = _wall_log(a.out, summary.get("wall_s") or time.perf_counter() - t0)
     package = Path(summary["package"])
-    errors = measure(str(package), stores)
+    errors = measure(str(package), stores, package / "figures")
     (a.out / "errors.json").write_text(json.dumps(errors, indent=2))
     from polyfid.distributed.config import load_config
 
@@ -207,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     info = {"command": "python -m polyfid.launch.foundation " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "wall_s": sum(walls), "invocations": len(walls), "hardware": hardware(),
             "steps": cfg.trainer.steps, "workers": cfg.cluster.workers}
-    card = write_card(package, a.name, errors, _counts(stores), info)
+    card = write_card(package, a.name, errors, _counts(stores), info, figures_of(package, summary))
     print(card.read_text())
     if a.ship:
         print(f"shipped as pretrained:{a.name} in {ship(package, a.name, a.ship_to)}")

@@ -88,6 +88,9 @@ def test_build_measure_card_and_ship(small_corpus, tmp_path, monkeypatch, capsys
     assert "python -m polyfid.launch.foundation --stores" in card and "Known limits" in card
     hf_test = errors["hf_631g"]["test"]["forces_mae"] * 1e3
     assert f"{hf_test:.1f}" in card  # the card prints the measured figure
+    for fig in ("parity_gfn2_xtb", "parity_hf_631g", "learning_curve"):  # drawn, shipped and shown in the card
+        assert (shelf / "test-mini" / "figures" / f"{fig}.png").stat().st_size > 1000
+        assert f"![{fig}](figures/{fig}.png)" in card
 
     named = available()["test-mini"]
     assert named.card is not None and set(named.fidelities) == {"gfn2_xtb", "hf_631g"}
