@@ -180,3 +180,20 @@ def test_export_leaves_unchanged_files_alone(tmp_path: Path) -> None:
     write_extxyz_gz(frames, path)
     assert path.stat().st_mtime > 1e9 and _count_frames(path) == 1
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_label_workers_take_the_configured_niceness() -> None:
+    """Ray starts workers at niceness 15; `nice=0` must bring them back to 0 (where privileges allow), and a
+    higher niceness is always taken."""
+    import os
+
+    code = ("import os; from polyfid.data_shards.corpus.generate import _renice; "
+            "_renice(int(os.environ['LEVEL'])); print(os.getpriority(os.PRIO_PROCESS, 0))")
+    def run(level: int) -> int:
+        out = subprocess.run(["nice", "-n", "15", sys.executable, "-c", code], env={**os.environ, "LEVEL": str(level)},
+                             capture_output=True, text=True, timeout=120, check=True)
+        return int(out.stdout.split()[-1])
+
+    start = run(15)  # the niceness the worker starts with (15, or more if pytest itself runs niced)
+    assert run(19) == 19
+    assert run(0) == (0 if os.geteuid() == 0 else start)

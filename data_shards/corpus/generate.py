@@ -43,9 +43,17 @@ THREAD_ENV = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_N
 
 
 def _renice(level: int) -> None:
-    """Lower this worker's CPU priority to ``level`` (the Ray control processes keep theirs)."""
-    if level > os.nice(0):
-        os.nice(level - os.nice(0))
+    """Set this process's CPU niceness to ``level`` (the Ray control processes keep theirs). Ray starts its
+    workers at niceness 15 (RAY_worker_niceness), which would let any other work on the machine starve the
+    labelling; moving back up needs privileges, so without them a worker keeps the niceness it has."""
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if level == current:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, level)
+    except PermissionError:
+        if level > current:
+            raise
 
 
 def _log_call(call_log: str, kind: str, name: str, key: str) -> None:
