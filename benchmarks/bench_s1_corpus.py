@@ -168,12 +168,9 @@ def ratios(rows: dict[str, dict], split: str) -> list[str]:
 def plot_rows(rows: dict[str, dict], splits: list[str], path: Path) -> Path:
     """Force and energy MAE against the DFT CPU hours of each variant's labels (mean and std over seeds): the
     (c) curve as a line, (a), (b) and (c=) as labelled points; one colour per split."""
-    import matplotlib
+    from polyfid.evaluation.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4))
     cs = sorted((k for k in rows if k.startswith("c") and k[1:].isdigit()), key=lambda k: int(k[1:]))
     for ax, key, unit in zip(axes, ("forces_mae", "energy_mae"), ("meV/Å", "meV")):
         for i, split in enumerate(splits):
@@ -197,10 +194,7 @@ def plot_rows(rows: dict[str, dict], splits: list[str], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("S1: GFN2-xTB E+F plus wB97X energies (c) against wB97X labels alone (a: E, b: E+F)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

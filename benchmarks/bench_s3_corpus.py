@@ -124,12 +124,9 @@ def scan_metrics(package: str, files: Path, work: Path) -> tuple[dict[str, dict]
 def plot_scans(rows: list[dict], path: Path) -> Path:
     """Each pretraining's fine-tuned model (first seed, each replay) on the bond and torsion scans, against the
     wB97X reference; energies relative to each curve's minimum."""
-    import matplotlib
+    from polyfid.evaluation.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4))
     seed = min(r["seed"] for r in rows)
     for ax, kind in zip(axes, ("bond", "torsion")):
         ref = rows[0]["scan_curves"][kind]
@@ -144,10 +141,7 @@ def plot_scans(rows: list[dict], path: Path) -> Path:
         ax.set_title(f"paracetamol {kind} scan, fine-tuned (seed {seed})", fontsize=9)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _mean(rows: list[dict], key) -> float:

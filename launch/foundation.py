@@ -83,13 +83,14 @@ def measure(package: str, stores: dict[str, dict[str, str]], figures: Path | Non
     return out
 
 
-def figures_of(package: Path, summary: dict) -> list[Path]:
-    """The package's figures: the parity plots `measure` drew, and the learning curve from its MLflow run."""
-    from polyfid.evaluation.plots import learning_curve_plot
-
+def figures_of(package: Path) -> list[Path]:
+    """The package's figures: the parity plots `measure` drew, and the learning curve that the training run drew
+    from its MLflow metrics (`evaluation.report`, in the run's eval/), copied in."""
     folder = package / "figures"
-    if summary.get("mlflow_run_id") and summary.get("tracking_uri"):
-        learning_curve_plot(summary["mlflow_run_id"], summary["tracking_uri"], folder / "learning_curve.png")
+    curve = package.parent / "eval" / "learning_curve.png"
+    if curve.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(curve, folder / curve.name)
     return sorted(folder.glob("*.png")) if folder.exists() else []
 
 
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     info = {"command": "python -m polyfid.launch.foundation " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "wall_s": sum(walls), "invocations": len(walls), "hardware": hardware(),
             "steps": cfg.trainer.steps, "workers": cfg.cluster.workers}
-    card = write_card(package, a.name, errors, _counts(stores), info, figures_of(package, summary))
+    card = write_card(package, a.name, errors, _counts(stores), info, figures_of(package))
     print(card.read_text())
     if a.ship:
         print(f"shipped as pretrained:{a.name} in {ship(package, a.name, a.ship_to)}")
