@@ -370,13 +370,32 @@ def _read_db(spec: str, path: str, index: Any) -> Iterator[tuple[int, Frame]]:
             yield j, _from_row(db.get(id=ids[j]))
 
 
+def _seekable(path: str) -> Any:
+    """A gzipped file decompressed into an anonymous temporary file, else the path itself.
+
+    ASE's extxyz reader indexes the frames, then seeks back to each one; on a GzipFile every backward seek
+    decompresses from the start again, so reading N frames costs O(N^2) (a 30k-frame file took over an hour;
+    `benchmarks/bench_gzip_read.py`). The temporary file is on disk, so memory stays bounded, and it is gone
+    when the reader is."""
+    if not path.endswith(".gz"):
+        return path
+    import shutil
+    import tempfile
+
+    tmp = tempfile.TemporaryFile("w+")
+    with gzip.open(path, "rt") as fh:
+        shutil.copyfileobj(fh, tmp, 1 << 22)
+    tmp.seek(0)
+    return tmp
+
+
 def _read_ase(spec: str, path: str, index: Any,
               span: tuple[int, int, int] | None = None) -> Iterator[tuple[int, Frame]]:
     import ase.io
 
     if span is None:
-        source: Any = path
         fmt = "extxyz" if path.endswith((".xyz", ".extxyz", ".xyz.gz", ".extxyz.gz")) else None
+        source: Any = _seekable(path) if fmt else path
     else:  # frames first.. of a plain extxyz, bytes [lo, hi) of the file (hi = -1: to its end)
         first, lo, hi = span
         with open(path, "rb") as fh:

@@ -78,6 +78,28 @@ def test_ingest_gz_with_slice_and_calculator_results(tmp_path: Path) -> None:
     _check(store, chosen)
 
 
+def test_gz_input_is_decompressed_once_not_seeked_back(tmp_path: Path, monkeypatch) -> None:
+    """ASE seeks back to every frame; on a GzipFile each backward seek decompresses from the start (O(N^2)).
+    The reader must read a .gz without seeking in it, and give the same frames as the plain file."""
+    import gzip
+
+    from polyfid.data_shards.sources import read_frames
+
+    frames = _frames(30)
+    ase.io.write(tmp_path / "a.extxyz", frames)
+    ase.io.write(tmp_path / "a.extxyz.gz", frames)
+    seeks = []
+    real_seek = gzip.GzipFile.seek
+    monkeypatch.setattr(gzip.GzipFile, "seek", lambda self, *a, **k: seeks.append(a) or real_seek(self, *a, **k))
+    got = list(read_frames(str(tmp_path / "a.extxyz.gz")))
+    assert seeks == []
+    plain = list(read_frames(str(tmp_path / "a.extxyz")))
+    assert [i for i, _ in got] == list(range(30))
+    for (_, f), (_, g) in zip(got, plain):
+        np.testing.assert_array_equal(f.positions, g.positions)
+        assert f.scalars == g.scalars
+
+
 def test_ingest_ase_db_and_append(tmp_path: Path) -> None:
     frames = _frames(8)
     with ase.db.connect(tmp_path / "a.db") as db:
