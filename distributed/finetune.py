@@ -242,8 +242,8 @@ def measure_forgetting(parent: str, child: str, parent_meta: dict, max_structure
     """Errors of the parent and of the fine-tuned package on the parent's own data, per fidelity.
 
     The data are the parent's validation stores from its lineage, else its training stores (at most
-    `max_structures`). `*_increase` = fine-tuned − parent: positive values are forgetting. None when the
-    parent's stores cannot be read.
+    `max_structures`, shared among the stores). `*_increase` = fine-tuned − parent: positive values are
+    forgetting. None when the parent's stores cannot be read.
     """
     from polyfid.evaluation.metrics import evaluate_batches
     from polyfid.distributed.replay import open_replay_stores
@@ -259,19 +259,22 @@ def measure_forgetting(parent: str, child: str, parent_meta: dict, max_structure
     if not fids:
         return None
 
+    share = max(1, max_structures // len(stores))  # each store its share: every level is measured
+
     def limited(model):
         def batches():
-            seen = 0
-            for b in iter_all(stores, fidelities=fids):
-                yield b
-                seen += len(b["n_atoms"])
-                if seen >= max_structures:
-                    return
+            for store in stores:
+                seen = 0
+                for b in iter_all([store], fidelities=fids):
+                    yield b
+                    seen += len(b["n_atoms"])
+                    if seen >= share:
+                        break
         return evaluate_batches(model, batches(), fids).results()
 
     before, after = limited(old), limited(new)
     out: dict[str, dict] = {}
-    for fid in fids:
+    for fid in (f for f in fids if f in before and f in after):
         r: dict = {"n_structures": before[fid].get("n_structures")}
         for k in ("energy_mae_per_atom", "energy_mae", "forces_mae"):
             if k in before[fid] and k in after[fid]:
