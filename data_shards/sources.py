@@ -36,7 +36,9 @@ import functools
 import gzip
 import io
 import os
+import shutil
 import string
+import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -374,14 +376,11 @@ def _seekable(path: str) -> Any:
     """A gzipped file decompressed into an anonymous temporary file, else the path itself.
 
     ASE's extxyz reader indexes the frames, then seeks back to each one; on a GzipFile every backward seek
-    decompresses from the start again, so reading N frames costs O(N^2) (a 30k-frame file took over an hour;
-    `benchmarks/bench_gzip_read.py`). The temporary file is on disk, so memory stays bounded, and it is gone
-    when the reader is."""
+    decompresses from the start again, so reading N frames costs O(N^2) (a 30k-frame file was unfinished
+    after 20 minutes; `benchmarks/bench_gzip_read.py`). The temporary file is on disk, so memory stays
+    bounded, and it is gone when the reader is."""
     if not path.endswith(".gz"):
         return path
-    import shutil
-    import tempfile
-
     tmp = tempfile.TemporaryFile("w+")
     with gzip.open(path, "rt") as fh:
         shutil.copyfileobj(fh, tmp, 1 << 22)
