@@ -262,14 +262,14 @@ def measure_forgetting(parent: str, child: str, parent_meta: dict, max_structure
     share = max(1, max_structures // len(stores))  # each store its share: every level is measured
 
     def limited(model):
-        def batches():
-            for store in stores:
-                seen = 0
-                for b in iter_all([store], fidelities=fids):
+        def batches():  # in store order; a store's batches past its share are read, not evaluated
+            seen = np.zeros(len(stores), dtype=np.int64)
+            for b in iter_all(stores, fidelities=fids):
+                if (seen >= share).all():
+                    return
+                if (seen[b["store"]] < share).any():
+                    seen += np.bincount(b["store"], minlength=len(stores))
                     yield b
-                    seen += len(b["n_atoms"])
-                    if seen >= share:
-                        break
         return evaluate_batches(model, batches(), fids).results()
 
     before, after = limited(old), limited(new)

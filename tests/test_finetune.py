@@ -150,3 +150,30 @@ def test_forgetting_advice_only_when_huge_and_without_replay():
     small = {HIGH: {"energy_mae_parent": 0.028, "energy_mae_finetuned": 0.040,
                     "forces_mae_parent": 0.185, "forces_mae_finetuned": 0.190}}
     assert forgetting_advice(small, 0.0) is None and forgetting_advice(None, 0.0) is None
+
+
+def test_forgetting_measures_every_level_of_a_parent_with_several_stores(stores, tmp_path):
+    """The structure cap is shared among the parent's stores: a first store bigger than the cap does not crowd
+    out the others' levels (a parent with one store per level failed with KeyError before)."""
+    from polyfid.data_shards.schema import Fidelity
+    from polyfid.distributed.finetune import measure_forgetting
+    from polyfid.models import save_package
+    from polyfid.models.testing import tiny_potential
+
+    files = {p.name.split(".")[0]: p for p in demo_files()}
+    low_only = tmp_path / "low.zarr"  # LOW labels only, more atoms than one batch holds; the cap below is 10
+    for i in range(5):
+        ingest([str(files["ethanol"])], low_only, dataset=f"ethanol{i}", energy={LOW: f"energy_{LOW}"},
+               forces={LOW: f"forces_{LOW}"}, ranks={LOW: 0}, append=i > 0, progress=False)
+    assert Store.open(low_only).n_atoms > 4096  # iter_all's atom budget: the old cap ended inside this store
+    levels = (Fidelity(LOW, rank=0), Fidelity(HIGH, rank=1))
+    parent, child = (save_package(tmp_path / name, tiny_potential(
+        "hipnn_ts", seed=seed, dtype=torch.float32, elements=(1, 6, 7, 8), fidelities=levels, width=16,
+        cutoff=5.0, soft_max=4.5)) for name, seed in (("parent", 0), ("child", 1)))
+    lineage = {"valid_stores": [{"path": str(low_only)}, {"path": str(stores[1].path)}]}
+    out = measure_forgetting(str(parent), str(child), {"lineage": lineage}, max_structures=10)
+    assert set(out) == {LOW, HIGH}
+    for fid in (LOW, HIGH):
+        r = out[fid]
+        assert r["n_structures"] >= 1
+        assert r["energy_mae_increase"] == pytest.approx(r["energy_mae_finetuned"] - r["energy_mae_parent"])
