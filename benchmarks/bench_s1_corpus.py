@@ -94,10 +94,15 @@ def plan_variants(a: argparse.Namespace, work: Path, stores: dict) -> tuple[dict
         counts.append(-int(variants["b"]["dft_cpu_s"] // e_only_cpu))  # negative: the equal-compute point
     for n in counts:
         k = min(abs(n), len(frames))
-        name = f"c{k}" if n > 0 else "c="
-        variants[name] = {"stores": [stores[a.low]["train"], write_store(frames[:k], sd / f"c{k}.zarr", a.high, False)],
+        name = (f"c{k}" if n > 0 else "c=") + (f"os{a.oversample:g}" if a.oversample else "")
+        high = write_store(frames[:k], sd / f"c{k}.zarr", a.high, False)
+        variants[name] = {"stores": [stores[a.low]["train"], high],
                           "labels": f"{a.low} E+F on {n_structures(stores[a.low]['train']):,}, {a.high} E on {k:,}"
-                          + (" (= DFT CPU of b)" if n < 0 else ""), "dft_cpu_s": k * e_only_cpu}
+                          + (" (= DFT CPU of b)" if n < 0 else "")
+                          + (f", oversampled to {a.oversample:.0%} of each batch" if a.oversample else ""),
+                          "dft_cpu_s": k * e_only_cpu,
+                          "sets": [f"data.oversample={high}", f"data.oversample_fraction={a.oversample}"]
+                          if a.oversample else []}
     facts = {"train_structures": len(frames), "with_forces": int(has_f.sum()),
              "cpu_s_per_energy_label": e_only_cpu,
              "cpu_s_per_forces_label": float(np.nanmean(cpu[has_f])) if has_f.any() else float("nan")}
@@ -124,7 +129,8 @@ def train(name: str, spec: dict, seed: int, a: argparse.Namespace, work: Path, t
     shutil.rmtree(out, ignore_errors=True)
     sets = [f"data.train={','.join(spec['stores'])}", f"output={out}", "tracking.enabled=false",
             f"trainer.steps={a.steps}", f"trainer.seed={seed}", f"cluster.workers={a.workers}",
-            f"trainer.checkpoint_every={max(a.steps // 4, 1)}", f"trainer.valid_every={a.steps + 1}"] + a.set
+            f"trainer.checkpoint_every={max(a.steps // 4, 1)}", f"trainer.valid_every={a.steps + 1}"] + a.set \
+        + spec.get("sets", [])
     t = time.perf_counter()
     summary = run_training(load_config(RECIPE, sets))
     res = {split: s1_errors(summary["package"], store, a.high) for split, store in tests.items()}
@@ -134,6 +140,12 @@ def train(name: str, spec: dict, seed: int, a: argparse.Namespace, work: Path, t
                                                for s, r in res.items() if isinstance(r, dict))
           + f" ({res['wall_s']:.0f} s)", flush=True)
     return res
+
+
+def _curve_point(name: str) -> int | None:
+    """The number of high-level energies of a (c) curve row (c300, c729os0.25), None for other rows."""
+    digits = name[1:].split("os")[0]
+    return int(digits) if name.startswith("c") and digits.isdigit() else None
 
 
 def _stat(xs: list[float]) -> str:
@@ -157,7 +169,7 @@ def ratios(rows: dict[str, dict], split: str) -> list[str]:
     def f(name: str) -> float:
         return float(np.mean([run[split]["forces_mae"] for run in rows[name]["runs"]]))
 
-    cs = sorted((k for k in rows if k.startswith("c") and k[1:].isdigit()), key=lambda k: int(k[1:]))
+    cs = sorted((k for k in rows if _curve_point(k) is not None), key=_curve_point)
     if not cs or "a" not in rows or "b" not in rows:
         return []
     c = cs[-1]
@@ -171,7 +183,7 @@ def plot_rows(rows: dict[str, dict], splits: list[str], path: Path) -> Path:
     from polyfid.evaluation.plots import pyplot, save_figure
 
     fig, axes = pyplot().subplots(1, 2, figsize=(10, 4))
-    cs = sorted((k for k in rows if k.startswith("c") and k[1:].isdigit()), key=lambda k: int(k[1:]))
+    cs = sorted((k for k in rows if _curve_point(k) is not None), key=_curve_point)
     for ax, key, unit in zip(axes, ("forces_mae", "energy_mae"), ("meV/Å", "meV")):
         for i, split in enumerate(splits):
             def stat(name: str) -> tuple[float, float, float]:
@@ -183,7 +195,7 @@ def plot_rows(rows: dict[str, dict], splits: list[str], path: Path) -> Path:
                 pts = np.array([stat(c) for c in cs])
                 ax.errorbar(pts[:, 0], pts[:, 1], pts[:, 2], color=colour, marker="o", capsize=3,
                             label=f"(c) {split}")
-            for name, marker in (("a", "s"), ("b", "^"), ("c=", "D")):
+            for name, marker in (("a", "s"), ("b", "^")) + tuple((k, "D") for k in rows if k.startswith("c=")):
                 if name in rows:
                     x, y, e = stat(name)
                     ax.errorbar([x], [y], [e], color=colour, marker=marker, capsize=3, linestyle="none")
@@ -210,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--low", default="gfn2_xtb")
     p.add_argument("--curve", default="300,1000,all", help="numbers of high-level energies in (c); `all`")
     p.add_argument("--no-equal-compute", dest="equal_compute", action="store_false")
+    p.add_argument("--oversample", type=float, default=0.0, help="(c): the high-level store's share of each "
+                   "batch's atoms (data.oversample); 0: its share by size. Names the (c) rows c...os<F>")
     p.add_argument("--variants", default="", help="only these (comma-separated names, e.g. a,b,c300); default all")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     p.add_argument("--fresh", action="store_true")

@@ -41,9 +41,13 @@ class DataConfig:
     atom_budget: int = 1024  # at most this many atoms per batch on each rank
     shuffle_buffer: int = 2048  # structures held for shuffling
     prefetch: int = 2  # batches read ahead in a background thread
+    # Stores of `train` read by a reader of their own that gets `oversample_fraction` of every batch's atoms,
+    # instead of their share by size: a small high-level store beside a large low-level one (S1, BENCHMARKS.md).
+    oversample: list[str] = dataclasses.field(default_factory=list)
+    oversample_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("train", "valid"):
+        for name in ("train", "valid", "oversample"):
             v = getattr(self, name)
             if v is None:  # `--set data.valid=` (empty): no stores
                 setattr(self, name, [])
@@ -51,6 +55,9 @@ class DataConfig:
                 setattr(self, name, split_list(v))
         if self.atom_budget < 1:
             raise ConfigError(f"data.atom_budget must be positive, got {self.atom_budget}")
+        if self.oversample and not 0.0 < self.oversample_fraction < 1.0:
+            raise ConfigError(f"data.oversample_fraction must be in (0, 1) when data.oversample is set, "
+                              f"got {self.oversample_fraction}")
 
 
 @dataclasses.dataclass
@@ -240,6 +247,16 @@ class RunConfig:
         self.output = absol(self.output)
         self.data.train = [absol(p) for p in self.data.train]
         self.data.valid = [absol(p) for p in self.data.valid]
+        self.data.oversample = [absol(p) for p in self.data.oversample]
+        unknown = [p for p in self.data.oversample if p not in self.data.train]
+        if unknown:
+            raise ConfigError(f"data.oversample names stores that are not in data.train: {unknown}")
+        if self.data.oversample and len(self.data.oversample) == len(self.data.train):
+            raise ConfigError("data.oversample names every store of data.train; leave at least one out")
+        if self.data.oversample and (self.trainer.mode == "reptile" or self.finetune.replay_fraction > 0):
+            raise ConfigError("data.oversample works in multi-fidelity training without replay; "
+                              f"here trainer.mode={self.trainer.mode}, finetune.replay_fraction="
+                              f"{self.finetune.replay_fraction}")
         self.finetune.replay_stores = [absol(p) for p in self.finetune.replay_stores]
         if self.trainer.trace_dir:
             self.trainer.trace_dir = absol(self.trainer.trace_dir)

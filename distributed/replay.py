@@ -49,8 +49,10 @@ def split_budget(atom_budget: int, fraction: float) -> tuple[int, int]:
     return atom_budget - replay, replay
 
 
-def mixed_reader(stores, replay, reader_cfg, fraction: float, fidelities, rank: int, world: int) -> "MixedReader":
-    """Target and replay readers splitting the atom budget by `fraction` (replay seeded apart from target)."""
+def mixed_reader(stores, replay, reader_cfg, fraction: float, fidelities, rank: int, world: int,
+                 store_index: Sequence[int] | None = None) -> "MixedReader":
+    """Target and replay readers splitting the atom budget by `fraction` (replay seeded apart from target).
+    The same mix serves `data.oversample`, with `store_index` giving each store's place in data.train."""
     import dataclasses
 
     n_target, n_replay = split_budget(reader_cfg.atom_budget, fraction)
@@ -61,19 +63,22 @@ def mixed_reader(stores, replay, reader_cfg, fraction: float, fidelities, rank: 
 
     return MixedReader(ShardReader(stores, t_cfg, rank=rank, world_size=world, fidelities=own(stores)),
                        ShardReader(replay, r_cfg, rank=rank, world_size=world, fidelities=own(replay)),
-                       len(stores), fidelities)
+                       len(stores), fidelities, store_index)
 
 
 class MixedReader:
     """Two ShardReaders read in lockstep; every batch is a target batch followed by a replay batch.
 
     Both readers use the same fidelity columns. The replay reader's store indices are shifted past the
-    target's so that (store, structure_id) stays unique. Cursor state is the pair of cursors.
+    target's so that (store, structure_id) stays unique, then mapped through `store_index` when it is given
+    (data.oversample: the stores' places in data.train). Cursor state is the pair of cursors.
     """
 
-    def __init__(self, target: ShardReader, replay: ShardReader, n_target_stores: int, fidelities: Sequence[str]) -> None:
+    def __init__(self, target: ShardReader, replay: ShardReader, n_target_stores: int, fidelities: Sequence[str],
+                 store_index: Sequence[int] | None = None) -> None:
         self.target, self.replay, self.shift = target, replay, n_target_stores
         self.fidelities = list(fidelities)
+        self.store_index = None if store_index is None else np.asarray(store_index, dtype=np.int64)
 
     @property
     def epoch(self) -> int:
@@ -93,7 +98,10 @@ class MixedReader:
         for a, b in zip(self.target, self.replay):
             a, b = self._widen(a, self.target.fidelities), self._widen(b, self.replay.fidelities)
             b["store"] = b["store"] + self.shift
-            yield concat_batches([a, b])  # type: ignore[list-item]
+            mixed = concat_batches([a, b])  # type: ignore[list-item]
+            if self.store_index is not None:
+                mixed["store"] = self.store_index[np.asarray(mixed["store"])]
+            yield mixed
 
     def state_dict(self) -> dict[str, Any]:
         return {"target": self.target.state_dict(), "replay": self.replay.state_dict()}

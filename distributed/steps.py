@@ -30,6 +30,7 @@ class StreamSpec:
     reader: ShardReader.Config
     rank: int
     world: int
+    store_index: list[int] | None = None  # with data.oversample: the data.train index of each of stores + replay
 
 
 @dataclasses.dataclass
@@ -93,7 +94,7 @@ class MultiFidelityMode:
     def stream(self, spec: StreamSpec, cfg: RunConfig) -> ResumableStream:
         if spec.replay:
             return mixed_reader(spec.stores, spec.replay, spec.reader, spec.replay_fraction, spec.fidelities,
-                                spec.rank, spec.world)
+                                spec.rank, spec.world, spec.store_index)
         return ShardReader(spec.stores, spec.reader, rank=spec.rank, world_size=spec.world, fidelities=spec.fidelities)
 
     def extra(self, spec: StreamSpec, cfg: RunConfig) -> None:

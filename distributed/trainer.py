@@ -72,6 +72,17 @@ def heads_in(model: Potential, stores: list[Store]) -> list[str]:
     return [n for n in model.fidelity_names if n in present]
 
 
+def split_streams(cfg: RunConfig, stores: list, replay: list, plan: FinetunePlan | None):
+    """(main stores, mixed-in stores, their share of each batch's atoms, data.train index of each or None):
+    the fine-tuning replay stores, or the stores named in data.oversample taken out of the main stream."""
+    if not cfg.data.oversample:
+        return stores, replay, (plan.replay_fraction if plan else 0.0), None
+    over = set(cfg.data.oversample)
+    keep = [i for i, p in enumerate(cfg.data.train) if p not in over]
+    mixed = [i for i, p in enumerate(cfg.data.train) if p in over]
+    return [stores[i] for i in keep], [stores[i] for i in mixed], cfg.data.oversample_fraction, keep + mixed
+
+
 class Trainer:
     """One training run on this rank: `build()` assembles the parts, `train()` runs the loop and writes the package."""
 
@@ -98,8 +109,9 @@ class Trainer:
         dtype = compute_dtype(precision)
         reader = ShardReader.Config(atom_budget=cfg.data.atom_budget, shuffle_buffer=cfg.data.shuffle_buffer,
                                     seed=cfg.trainer.seed, loop=True, prefetch=cfg.data.prefetch)
-        spec = StreamSpec(self.stores, replay, self.plan.replay_fraction if self.plan else 0.0, fidelities,
-                          self.model.fidelity_names, reader, self.rank, self.world)
+        main, extra, fraction, index = split_streams(cfg, self.stores, replay, self.plan)
+        spec = StreamSpec(main, extra, fraction, fidelities, self.model.fidelity_names, reader, self.rank, self.world,
+                          index)
         self.stream = self.mode.stream(spec, cfg)
         self.checkpointer = Checkpointer(cfg.output, cfg.trainer.checkpoint_every, cfg.trainer.steps, self.run_id,
                                          self.rank, self.world, stop_check_every=cfg.trainer.log_every)

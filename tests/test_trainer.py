@@ -80,6 +80,43 @@ def test_trainer_on_two_gloo_ranks_without_ray(stores, tmp_path, mode):
         assert all(rec["epoch"] is None and len({s for s, _ in rec["ids"]}) == 1 for rec in trace[0])
 
 
+def test_oversampled_store_gets_its_share_of_every_batch_on_two_ranks(stores, tmp_path):
+    """data.oversample: the named store is read by its own reader with that share of each batch's atoms, and the
+    trace still names stores by their place in data.train."""
+    from dist_utils import spawn
+
+    out = tmp_path / "over"
+    run = _run("multifidelity", str(out), stores, 6).to_dict()
+    run["data"].update(oversample=[stores["train"][1]], oversample_fraction=0.5)
+    spawn(_train, 2, [run], tmp=tmp_path)
+    for recs in _trace(out).values():
+        assert [rec["step"] for rec in recs] == list(range(1, 7))
+        for rec in recs:
+            by_store = [s for s, _ in rec["ids"]]
+            assert set(by_store) <= {0, 1, 2}
+            # malonaldehyde (store 1, 9 atoms) fills its 32 atoms: 3 of the batch's structures; by size it
+            # would get a third of them, here it gets about half
+            assert by_store.count(1) == 3 and len(by_store) - 3 >= 3
+
+
+def test_oversample_is_checked_before_the_run(stores, tmp_path):
+    def cfg(**data) -> RunConfig:
+        c = _run("multifidelity", str(tmp_path / "x"), stores, 1).to_dict()
+        c["data"].update(data)
+        return RunConfig.from_dict(c)
+
+    with pytest.raises(ConfigError, match="oversample_fraction must be in"):
+        cfg(oversample=stores["train"][:1], oversample_fraction=1.0)
+    with pytest.raises(ConfigError, match="not in data.train"):
+        cfg(oversample=stores["valid"][:1], oversample_fraction=0.3).resolve_paths()
+    with pytest.raises(ConfigError, match="every store"):
+        cfg(oversample=stores["train"], oversample_fraction=0.3).resolve_paths()
+    reptile = cfg(oversample=stores["train"][:1], oversample_fraction=0.3)
+    reptile.trainer.mode = "reptile"
+    with pytest.raises(ConfigError, match="multi-fidelity training without replay"):
+        reptile.resolve_paths()
+
+
 def test_mode_registry_names_the_modes():
     from polyfid.distributed.modes import MODES, get_mode
 
