@@ -237,6 +237,19 @@ class RunConfig:
         walk("", self.to_dict())
         return out
 
+    def check_oversample(self) -> None:
+        """data.oversample (on resolved paths): stores of data.train, not all of them, in multi-fidelity training
+        without replay."""
+        unknown = [p for p in self.data.oversample if p not in self.data.train]
+        if unknown:
+            raise ConfigError(f"data.oversample names stores that are not in data.train: {unknown}")
+        if self.data.oversample and len(self.data.oversample) == len(self.data.train):
+            raise ConfigError("data.oversample names every store of data.train; leave at least one out")
+        if self.data.oversample and (self.trainer.mode == "reptile" or self.finetune.replay_fraction > 0):
+            raise ConfigError("data.oversample works in multi-fidelity training without replay; "
+                              f"here trainer.mode={self.trainer.mode}, finetune.replay_fraction="
+                              f"{self.finetune.replay_fraction}")
+
     def resolve_paths(self, base: str | os.PathLike | None = None) -> "RunConfig":
         """Make local paths absolute (Ray workers run elsewhere) and sqlite URIs absolute."""
         base = Path(base or os.getcwd())
@@ -248,15 +261,6 @@ class RunConfig:
         self.data.train = [absol(p) for p in self.data.train]
         self.data.valid = [absol(p) for p in self.data.valid]
         self.data.oversample = [absol(p) for p in self.data.oversample]
-        unknown = [p for p in self.data.oversample if p not in self.data.train]
-        if unknown:
-            raise ConfigError(f"data.oversample names stores that are not in data.train: {unknown}")
-        if self.data.oversample and len(self.data.oversample) == len(self.data.train):
-            raise ConfigError("data.oversample names every store of data.train; leave at least one out")
-        if self.data.oversample and (self.trainer.mode == "reptile" or self.finetune.replay_fraction > 0):
-            raise ConfigError("data.oversample works in multi-fidelity training without replay; "
-                              f"here trainer.mode={self.trainer.mode}, finetune.replay_fraction="
-                              f"{self.finetune.replay_fraction}")
         self.finetune.replay_stores = [absol(p) for p in self.finetune.replay_stores]
         if self.trainer.trace_dir:
             self.trainer.trace_dir = absol(self.trainer.trace_dir)

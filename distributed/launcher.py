@@ -29,9 +29,11 @@ log = logging.getLogger("polyfid.launcher")
 
 
 def check_on_driver(cfg: RunConfig) -> None:
-    """What can be checked before Ray starts: the stores open, and the device and precision make sense here."""
+    """What can be checked before Ray starts: the stores open, data.oversample fits the run, and the device and
+    precision make sense here."""
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give at least one store (data.train=PATH[,PATH...])")
+    cfg.check_oversample()
     for p in cfg.data.train + cfg.data.valid:
         Store.open(p)
     import torch

@@ -100,6 +100,8 @@ def test_oversampled_store_gets_its_share_of_every_batch_on_two_ranks(stores, tm
 
 
 def test_oversample_is_checked_before_the_run(stores, tmp_path):
+    from polyfid.distributed.launcher import check_on_driver
+
     def cfg(**data) -> RunConfig:
         c = _run("multifidelity", str(tmp_path / "x"), stores, 1).to_dict()
         c["data"].update(data)
@@ -108,13 +110,13 @@ def test_oversample_is_checked_before_the_run(stores, tmp_path):
     with pytest.raises(ConfigError, match="oversample_fraction must be in"):
         cfg(oversample=stores["train"][:1], oversample_fraction=1.0)
     with pytest.raises(ConfigError, match="not in data.train"):
-        cfg(oversample=stores["valid"][:1], oversample_fraction=0.3).resolve_paths()
+        check_on_driver(cfg(oversample=stores["valid"][:1], oversample_fraction=0.3).resolve_paths())
     with pytest.raises(ConfigError, match="every store"):
-        cfg(oversample=stores["train"], oversample_fraction=0.3).resolve_paths()
+        check_on_driver(cfg(oversample=stores["train"], oversample_fraction=0.3).resolve_paths())
     reptile = cfg(oversample=stores["train"][:1], oversample_fraction=0.3)
     reptile.trainer.mode = "reptile"
     with pytest.raises(ConfigError, match="multi-fidelity training without replay"):
-        reptile.resolve_paths()
+        check_on_driver(reptile.resolve_paths())
 
 
 def test_mode_registry_names_the_modes():
