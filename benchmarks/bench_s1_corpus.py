@@ -9,7 +9,8 @@ steps and seeds for every variant:
 - (a) wB97X energies only, on every training structure that has one;
 - (b) wB97X energies and forces, on the training structures that have wB97X forces;
 - (c) GFN2-xTB energies and forces on every GFN2 training structure, plus wB97X energies, two stores, two heads.
-  `--curve` gives the numbers of wB97X energies (the first N in the corpus's random hash order; `all`);
+  `--curve` gives the numbers of wB97X energies (nested random subsets, numpy seed 0, fixed across training
+  seeds; `all`);
 - (c=) like (c), with as many wB97X energies as cost the DFT CPU time of (b)'s labels. The CPU seconds are the
   generator's own, per label: (b)'s forces labels against the mean of the energy-only labels.
 Every run goes through the real path (run_training -> Ray Train -> DeepSpeed -> package). A run whose result
@@ -92,10 +93,13 @@ def plan_variants(a: argparse.Namespace, work: Path, stores: dict) -> tuple[dict
     counts = [len(frames) if c == "all" else min(int(c), len(frames)) for c in a.curve.split(",") if c]
     if a.equal_compute and np.isfinite(e_only_cpu) and e_only_cpu > 0:
         counts.append(-int(variants["b"]["dft_cpu_s"] // e_only_cpu))  # negative: the equal-compute point
+    # The (c) subsets: nested prefixes of one random order (seed 0, the same for every training seed). The corpus
+    # files list structures molecule by molecule, so their own order would leave whole elements out of a prefix.
+    shuffled = [frames[i] for i in np.random.default_rng(0).permutation(len(frames))]
     for n in counts:
         k = min(abs(n), len(frames))
         name = (f"c{k}" if n > 0 else "c=") + (f"os{a.oversample:g}" if a.oversample else "")
-        high = write_store(frames[:k], sd / f"c{k}.zarr", a.high, False)
+        high = write_store(shuffled[:k], sd / f"c{k}.zarr", a.high, False)
         variants[name] = {"stores": [stores[a.low]["train"], high],
                           "labels": f"{a.low} E+F on {n_structures(stores[a.low]['train']):,}, {a.high} E on {k:,}"
                           + (" (= DFT CPU of b)" if n < 0 else "")

@@ -110,6 +110,24 @@ def test_undetermined_directions_come_from_the_donor_level():
     assert fit.report["lo"]["scale_from"] == "per-atom energy residual std"  # no forces at any level
 
 
+def test_an_element_without_energies_at_a_level_is_named(caplog):
+    """The S1 corpus bug: 300 wB97X energies of molecules without N took N's GFN2 reference (1,400 eV off).
+    The fit cannot know better, but it must say so, naming the level and the element."""
+    rng = np.random.default_rng(1)
+    acc = ReferenceAccumulator()
+    lo_counts = np.zeros((30, 119))
+    lo_counts[:, [1, 6, 7]] = rng.integers(1, 8, size=(30, 3))
+    acc.add(lo_counts, {"lo": lo_counts @ np.r_[np.zeros(1), -10.0, np.zeros(4), -48.0, -60.0, np.zeros(111)]})
+    hi_counts = np.zeros((12, 119))
+    hi_counts[:, [1, 6]] = rng.integers(1, 8, size=(12, 2))  # no N at the high level
+    acc.add(hi_counts, {"hi": hi_counts[:, 1] * -13.6 + hi_counts[:, 6] * -1030.0})
+    with caplog.at_level("WARNING", logger="polyfid.refs"):
+        fit = joint_reference_fit(acc, [Fidelity("lo", 0), Fidelity("hi", 1)], [1, 6, 7])
+    assert fit.report["hi"]["absent_elements"] == [7] and fit.report["lo"]["absent_elements"] == []
+    assert fit.energies["hi"][6] == pytest.approx(-1030.0) and fit.energies["hi"][7] == pytest.approx(-60.0)
+    assert any("hi: no training energy has Z=7" in r.getMessage() for r in caplog.records)
+
+
 def _train(rank, world, jobs, valid):
     """Train each (output, train stores) job in turn in this process (one import of DeepSpeed for all)."""
     from polyfid.distributed.config import RunConfig
