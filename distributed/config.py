@@ -128,8 +128,9 @@ class GuardConfig:
     """What keeps a long run alive: skip a step whose loss is non-finite or spikes, roll back when that repeats."""
 
     skip_nonfinite: bool = True  # a non-finite loss on any rank: every rank skips the step
-    spike_factor: float = 10.0  # a loss above this x the running median is skipped the same way; 0: off
-    median_window: int = 100  # accepted steps in the running median
+    spike_factor: float = 10.0  # a loss above this x the running median (and above 2x the window's largest
+    # accepted loss, guard.TAIL_MARGIN) is skipped the same way; 0: off
+    median_window: int = 100  # accepted steps in the running median and the largest accepted loss
     spike_warmup: int = 20  # accepted steps before spikes are judged
     rollback_after: int = 5  # this many skips within rollback_window steps: back to the last good checkpoint
     rollback_window: int = 100
