@@ -98,15 +98,15 @@ def plan_variants(a: argparse.Namespace, work: Path, stores: dict) -> tuple[dict
     shuffled = [frames[i] for i in np.random.default_rng(0).permutation(len(frames))]
     for n in counts:
         k = min(abs(n), len(frames))
-        name = (f"c{k}" if n > 0 else "c=") + (f"os{a.oversample:g}" if a.oversample else "")
         high = write_store(shuffled[:k], sd / f"c{k}.zarr", a.high, False)
-        variants[name] = {"stores": [stores[a.low]["train"], high],
-                          "labels": f"{a.low} E+F on {n_structures(stores[a.low]['train']):,}, {a.high} E on {k:,}"
-                          + (" (= DFT CPU of b)" if n < 0 else "")
-                          + (f", oversampled to {a.oversample:.0%} of each batch" if a.oversample else ""),
-                          "dft_cpu_s": k * e_only_cpu,
-                          "sets": [f"data.oversample={high}", f"data.oversample_fraction={a.oversample}"]
-                          if a.oversample else []}
+        for f in a.oversample:
+            name = (f"c{k}" if n > 0 else "c=") + (f"os{f:g}" if f else "")
+            variants[name] = {"stores": [stores[a.low]["train"], high],
+                              "labels": f"{a.low} E+F on {n_structures(stores[a.low]['train']):,}, {a.high} E on "
+                              f"{k:,}" + (" (= DFT CPU of b)" if n < 0 else "")
+                              + (f", oversampled to {f:.0%} of each batch" if f else ""),
+                              "dft_cpu_s": k * e_only_cpu,
+                              "sets": [f"data.oversample={high}", f"data.oversample_fraction={f}"] if f else []}
     facts = {"train_structures": len(frames), "with_forces": int(has_f.sum()),
              "cpu_s_per_energy_label": e_only_cpu,
              "cpu_s_per_forces_label": float(np.nanmean(cpu[has_f])) if has_f.any() else float("nan")}
@@ -120,8 +120,9 @@ def n_structures(path: str) -> int:
     return Store.open(path).n_structures
 
 
-def train(name: str, spec: dict, seed: int, a: argparse.Namespace, work: Path, tests: dict[str, str]) -> dict:
-    """Train (or reuse) one run; its errors on each test store at the high level (meV, meV/Å)."""
+def train(name: str, spec: dict, seed: int, a: argparse.Namespace, work: Path, tests: dict[str, str]) -> dict | None:
+    """Train (or reuse) one run; its errors on each test store at the high level (meV, meV/Å). None: not run
+    (--no-train)."""
     from polyfid.distributed.config import load_config
     from polyfid.distributed.launcher import run_training
     from polyfid.launch.demo import s1_errors
@@ -130,6 +131,8 @@ def train(name: str, spec: dict, seed: int, a: argparse.Namespace, work: Path, t
     record = out / "s1.json"
     if record.exists() and not a.fresh:
         return json.loads(record.read_text())
+    if not a.train:
+        return None
     shutil.rmtree(out, ignore_errors=True)
     sets = [f"data.train={','.join(spec['stores'])}", f"output={out}", "tracking.enabled=false",
             f"trainer.steps={a.steps}", f"trainer.seed={seed}", f"cluster.workers={a.workers}",
@@ -168,26 +171,31 @@ def format_table(rows: dict[str, dict], splits: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _curves(rows: dict[str, dict]) -> dict[str, list[str]]:
+    """The (c) curve rows by their oversampling suffix ("" or "os0.25"), each sorted by its number of energies."""
+    out: dict[str, list[str]] = {}
+    for k in sorted((k for k in rows if _curve_point(k) is not None), key=_curve_point):
+        out.setdefault(k[1:].partition("os")[1] + k[1:].partition("os")[2], []).append(k)
+    return out
+
+
 def ratios(rows: dict[str, dict], split: str) -> list[str]:
-    """The goal's ratios on forces: (c, all energies) / (b) and / (a)."""
+    """The goal's ratios on forces: (c, all energies) / (b) and / (a), for each oversampling of (c)."""
     def f(name: str) -> float:
         return float(np.mean([run[split]["forces_mae"] for run in rows[name]["runs"]]))
 
-    cs = sorted((k for k in rows if _curve_point(k) is not None), key=_curve_point)
-    if not cs or "a" not in rows or "b" not in rows:
+    if "a" not in rows or "b" not in rows:
         return []
-    c = cs[-1]
-    return [f"{split}: F MAE ({c}) / (b) = {f(c) / f('b'):.2f} (goal <= 1.25), ({c}) / (a) = {f(c) / f('a'):.2f} "
-            "(goal <= 0.5)"]
+    return [f"{split}: F MAE ({cs[-1]}) / (b) = {f(cs[-1]) / f('b'):.2f} (goal <= 1.25), ({cs[-1]}) / (a) = "
+            f"{f(cs[-1]) / f('a'):.2f} (goal <= 0.5)" for cs in _curves(rows).values()]
 
 
 def plot_rows(rows: dict[str, dict], splits: list[str], path: Path) -> Path:
     """Force and energy MAE against the DFT CPU hours of each variant's labels (mean and std over seeds): the
-    (c) curve as a line, (a), (b) and (c=) as labelled points; one colour per split."""
+    (c) curves as lines (one style per oversampling), (a), (b) and (c=) as labelled points; one colour per split."""
     from polyfid.evaluation.plots import pyplot, save_figure
 
     fig, axes = pyplot().subplots(1, 2, figsize=(10, 4))
-    cs = sorted((k for k in rows if _curve_point(k) is not None), key=_curve_point)
     for ax, key, unit in zip(axes, ("forces_mae", "energy_mae"), ("meV/Å", "meV")):
         for i, split in enumerate(splits):
             def stat(name: str) -> tuple[float, float, float]:
@@ -195,10 +203,10 @@ def plot_rows(rows: dict[str, dict], splits: list[str], path: Path) -> Path:
                 return rows[name]["dft_cpu_s"] / 3600, float(np.mean(xs)), float(np.std(xs))
 
             colour = f"C{i}"
-            if cs:
+            for (suffix, cs), style in zip(_curves(rows).items(), ("-", "--", ":", "-.")):
                 pts = np.array([stat(c) for c in cs])
-                ax.errorbar(pts[:, 0], pts[:, 1], pts[:, 2], color=colour, marker="o", capsize=3,
-                            label=f"(c) {split}")
+                ax.errorbar(pts[:, 0], pts[:, 1], pts[:, 2], color=colour, marker="o", capsize=3, linestyle=style,
+                            label=f"(c{suffix}) {split}")
             for name, marker in (("a", "s"), ("b", "^")) + tuple((k, "D") for k in rows if k.startswith("c=")):
                 if name in rows:
                     x, y, e = stat(name)
@@ -226,8 +234,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--low", default="gfn2_xtb")
     p.add_argument("--curve", default="300,1000,all", help="numbers of high-level energies in (c); `all`")
     p.add_argument("--no-equal-compute", dest="equal_compute", action="store_false")
-    p.add_argument("--oversample", type=float, default=0.0, help="(c): the high-level store's share of each "
-                   "batch's atoms (data.oversample); 0: its share by size. Names the (c) rows c...os<F>")
+    p.add_argument("--oversample", type=lambda v: [float(x) for x in v.split(",")], default=[0.0],
+                   help="(c): the high-level store's share of each batch's atoms (data.oversample), one (c) row per "
+                   "comma-separated value; 0: its share by size. Names the (c) rows c...os<F>")
+    p.add_argument("--no-train", dest="train", action="store_false", help="only tabulate the runs that exist in the "
+                   "workdir (a variant's seeds that did not run are left out of its row)")
     p.add_argument("--variants", default="", help="only these (comma-separated names, e.g. a,b,c300); default all")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     p.add_argument("--fresh", action="store_true")
@@ -248,8 +259,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, spec in variants.items():
         if only and name not in only:
             continue
-        runs = [train(name, spec, int(s), a, work, tests) for s in a.seeds.split(",") if s]
-        rows[name] = {**spec, "runs": runs}
+        runs = [r for r in (train(name, spec, int(s), a, work, tests) for s in a.seeds.split(",") if s) if r]
+        if runs:
+            rows[name] = {**spec, "runs": runs}
     splits = list(tests)
     table = format_table(rows, splits)
     lines = [f"S1 at corpus scale: {a.high} errors, {a.steps} steps, {a.workers} workers, seeds {a.seeds}", "",
