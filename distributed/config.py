@@ -23,6 +23,9 @@ from polyfid.models.pretrained import is_named
 log = logging.getLogger(__name__)
 
 
+OVERSAMPLE_TOP = "top"  # data.oversample: the stores of the highest-rank fidelity
+
+
 class ConfigError(ValueError):
     """A configuration key or value is not allowed."""
 
@@ -43,6 +46,8 @@ class DataConfig:
     prefetch: int = 2  # batches read ahead in a background thread
     # Stores of `train` read by a reader of their own that gets `oversample_fraction` of every batch's atoms,
     # instead of their share by size: a small high-level store beside a large low-level one (S1, BENCHMARKS.md).
+    # `top` (OVERSAMPLE_TOP): the stores that hold the highest-rank fidelity, when they are not all the stores
+    # and their atoms are below that share (the driver resolves it; launcher.resolve_oversample).
     oversample: list[str] = dataclasses.field(default_factory=list)
     oversample_fraction: float = 0.0
 
@@ -241,6 +246,10 @@ class RunConfig:
     def check_oversample(self) -> None:
         """data.oversample (on resolved paths): stores of data.train, not all of them, in multi-fidelity training
         without replay."""
+        if OVERSAMPLE_TOP in self.data.oversample and self.data.oversample != [OVERSAMPLE_TOP]:
+            raise ConfigError(f"data.oversample={OVERSAMPLE_TOP} stands alone; got {self.data.oversample}")
+        if self.data.oversample == [OVERSAMPLE_TOP]:
+            return  # the driver resolves it against the stores (nothing where it does not apply)
         unknown = [p for p in self.data.oversample if p not in self.data.train]
         if unknown:
             raise ConfigError(f"data.oversample names stores that are not in data.train: {unknown}")
@@ -261,7 +270,7 @@ class RunConfig:
         self.output = absol(self.output)
         self.data.train = [absol(p) for p in self.data.train]
         self.data.valid = [absol(p) for p in self.data.valid]
-        self.data.oversample = [absol(p) for p in self.data.oversample]
+        self.data.oversample = [p if p == OVERSAMPLE_TOP else absol(p) for p in self.data.oversample]
         self.finetune.replay_stores = [absol(p) for p in self.finetune.replay_stores]
         if self.trainer.trace_dir:
             self.trainer.trace_dir = absol(self.trainer.trace_dir)

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from polyfid.data_shards.schema import highest_rank
 from polyfid.data_shards.store import Store
-from polyfid.distributed.config import ConfigError, RunConfig, save_config
+from polyfid.distributed.config import OVERSAMPLE_TOP, ConfigError, RunConfig, save_config
 from polyfid.distributed.checkpoint import STOP_FILE
 from polyfid.distributed.engine import ensure_extension_cache, resolve_device, resolve_precision
 from polyfid.distributed.finetune import (FinetunePlan, compare_table, forgetting_advice, measure_forgetting,
@@ -36,12 +37,32 @@ def check_on_driver(cfg: RunConfig) -> None:
     cfg.check_oversample()
     for p in cfg.data.train + cfg.data.valid:
         Store.open(p)
+    resolve_oversample(cfg)
     import torch
 
     if cfg.cluster.address is None:  # a local cluster: its workers see the devices this process sees
         resolve_precision(cfg.trainer, resolve_device(cfg.cluster))
     elif cfg.cluster.use_gpu is False:
         resolve_precision(cfg.trainer, torch.device("cpu"))
+
+
+def resolve_oversample(cfg: RunConfig) -> None:
+    """data.oversample=top becomes the stores of data.train that hold the highest-rank fidelity, or nothing: in
+    Reptile or replay runs, when those stores are all the stores, or when their atoms already reach
+    data.oversample_fraction of the total. The saved config.yaml and MLflow params show what it became."""
+    if cfg.data.oversample != [OVERSAMPLE_TOP]:
+        return
+    stores = {p: Store.open(p) for p in cfg.data.train}
+    top = highest_rank([f for s in stores.values() for f in s.fidelities]).name
+    chosen = [p for p, s in stores.items() if top in {f.name for f in s.fidelities}]
+    share = sum(stores[p].n_atoms for p in chosen) / max(sum(s.n_atoms for s in stores.values()), 1)
+    why = ("Reptile" if cfg.trainer.mode == "reptile" else "replay" if cfg.finetune.replay_fraction > 0
+           else "they are all the stores" if len(chosen) == len(stores)
+           else f"they already hold {share:.0%} of the atoms" if share >= cfg.data.oversample_fraction else None)
+    cfg.data.oversample = [] if why else chosen
+    log.info("data.oversample=top: %s", f"off ({top}'s stores: {why})" if why else
+             f"{len(chosen)} store(s) of {top} ({share:.1%} of the atoms) get {cfg.data.oversample_fraction:.0%} "
+             "of each batch's atoms")
 
 
 @dataclasses.dataclass

@@ -119,6 +119,29 @@ def test_oversample_is_checked_before_the_run(stores, tmp_path):
         check_on_driver(reptile.resolve_paths())
 
 
+def test_oversample_top_picks_the_highest_level_stores_where_they_are_a_small_share(stores, tmp_path):
+    """data.oversample=top (the recipes' default): the stores holding the highest-rank fidelity (here malonaldehyde
+    at the high level, 9 of the 25 atoms per frame triple = 36%) get the share when they hold less than it, and
+    nothing happens where it does not apply."""
+    from polyfid.distributed.launcher import check_on_driver
+
+    def resolved(fraction: float, train=None, mode="multifidelity") -> list[str]:
+        c = _run(mode, str(tmp_path / "x"), stores, 1).to_dict()
+        c["data"].update(oversample="top", oversample_fraction=fraction, train=train or stores["train"])
+        run = RunConfig.from_dict(c).resolve_paths()
+        check_on_driver(run)
+        return run.data.oversample
+
+    assert resolved(0.5) == [stores["train"][1]]
+    assert resolved(0.3) == []  # already 36% of the atoms
+    assert resolved(0.5, mode="reptile") == []
+    assert resolved(0.5, train=stores["train"][1:2]) == []  # the only store
+    mixed = _run("multifidelity", str(tmp_path / "y"), stores, 1).to_dict()
+    mixed["data"].update(oversample=["top", stores["train"][0]], oversample_fraction=0.5)
+    with pytest.raises(ConfigError, match="stands alone"):
+        RunConfig.from_dict(mixed).check_oversample()
+
+
 def test_mode_registry_names_the_modes():
     from polyfid.distributed.modes import MODES, get_mode
 
