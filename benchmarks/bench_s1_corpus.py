@@ -1,7 +1,7 @@
 """S1 at corpus scale: do GFN2-xTB forces plus wB97X energies reach a model trained on wB97X forces?
 
-    python benchmarks/bench_s1_corpus.py --workdir runs/s1c --steps 3000 --seeds 0,1,2 --curve 300,1000,all \
-        --out benchmarks/RESULTS_s1_corpus.md
+    python benchmarks/bench_s1_corpus.py --workdir runs/s1c --steps 1000 --seeds 0,1,2 --curve 300,all \
+        --oversample 0,0.25 --out benchmarks/RESULTS_s1_corpus.md
 
 Data: the pretraining corpus (`data_shards/corpus/`), its training molecules' train split for training, its
 test split and its held-out molecules for the errors. The same model, recipe (`launch/recipes/foundation.yaml`),
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--stores", default="runs/corpus", help="the corpus stores (made from the files if empty)")
     p.add_argument("--files", default=None, help="corpus extxyz folder (default: data_shards/corpus/extxyz); "
                    "another folder has no CPU-time records, so no equal-compute point")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--high", default="wb97x_631gs")

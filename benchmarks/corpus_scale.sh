@@ -5,12 +5,12 @@
 #      pretrained:organic-mini into $SHIP_TO;
 #   3. S3 at corpus scale: none / multi-fidelity (the foundation run) / Reptile with the same steps, fine-tuned
 #      to paracetamol at wB97X/6-31G*, 3 seeds;
-#   4. S1 at corpus scale: (a), (b), the (c) curve and (c=), 3 seeds.
+#   4. S1 at corpus scale: (a), (b), the (c) curve and (c=), each (c) by size and oversampled to 25%, 3 seeds.
 #
 #   bash benchmarks/corpus_scale.sh [STEPS]     # STEPS: pretraining steps (default: launch/recipes/foundation.yaml)
 #
 # Environment: PY (python, default .venv/bin/python), OUT (default runs), SHIP_TO (default models/pretrained),
-# S1_STEPS (default 3000), SEEDS (default 0,1,2). Run it after the corpus is labelled and exported
+# S1_STEPS (default 1000), SEEDS (default 0,1,2). Run it after the corpus is labelled and exported
 # (python -m polyfid.data_shards.corpus.generate, then --export-only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +31,7 @@ echo "== $(date -Is) 3. S3 at corpus scale"
     --plot benchmarks/s3_corpus_scans.png
 
 echo "== $(date -Is) 4. S1 at corpus scale"
-"$PY" benchmarks/bench_s1_corpus.py --workdir "$OUT/s1c" --stores "$OUT/corpus" --steps "${S1_STEPS:-3000}" \
-    --seeds "$SEEDS" --curve 300,1000,all --out benchmarks/RESULTS_s1_corpus.md --plot benchmarks/s1_corpus.png
+"$PY" benchmarks/bench_s1_corpus.py --workdir "$OUT/s1c" --stores "$OUT/corpus" --steps "${S1_STEPS:-1000}" \
+    --seeds "$SEEDS" --curve 300,all --oversample 0,0.25 --out benchmarks/RESULTS_s1_corpus.md \
+    --plot benchmarks/s1_corpus.png
 echo "== $(date -Is) done"
