@@ -149,6 +149,53 @@ def train(name: str, spec: dict, seed: int, a: argparse.Namespace, work: Path, t
     return res
 
 
+def low_head_forces(run: dict, package: Path, frames: dict[str, list], low: str, high: str) -> dict:
+    """Adds to a (c) run's record each split's high-level force MAE of the package's *low* head ({split}:
+    low_head_forces_mae, meV/Å) beside its high head's: does training the high head on energies improve on the
+    low level's forces? The structures are those with high-level forces."""
+    from polyfid.models.calculator import Calculator
+
+    calc = Calculator(str(package), fidelity=low)
+    for split, atoms in frames.items():
+        err = []
+        for ref in atoms:
+            a = ref.copy()
+            a.calc = calc
+            err.append(np.abs(a.get_forces() - ref.arrays[f"forces_{high}"]).ravel())
+        run[split]["low_head_forces_mae"] = 1000.0 * float(np.mean(np.concatenate(err)))
+    return run
+
+
+def add_low_heads(rows: dict[str, dict], splits: list[str], a: argparse.Namespace, work: Path) -> None:
+    """low_head_forces for every (c) run that lacks it; the run's record is rewritten with it."""
+    from polyfid.data_shards.corpus.stores import FILES
+
+    files = Path(a.files) if a.files else FILES
+    frames = None
+    for r in (r for r in rows.values() if len(r["stores"]) == 2):
+        for run in r["runs"]:
+            if all("low_head_forces_mae" in run[s] for s in splits):
+                continue
+            if frames is None:
+                frames = {s: [f for f in read_frames(files, a.high, s, work / "tmp") if f"forces_{a.high}" in f.arrays]
+                          for s in splits}
+            out = Path(next(x.split("=", 1)[1] for x in run["sets"] if x.startswith("output=")))
+            (out / "s1.json").write_text(json.dumps(low_head_forces(run, out / "package", frames, a.low, a.high),
+                                                    indent=2))
+
+
+def head_table(rows: dict[str, dict], splits: list[str], low: str) -> str:
+    """Markdown: for the (c) rows, the high-level force MAE of the high head and of the low head."""
+    lines = [f"| variant | " + " | ".join(f"{s}: high head | {s}: {low} head" for s in splits) + " |",
+             "|" + "---|" * (1 + 2 * len(splits))]
+    for name, r in rows.items():
+        if all("low_head_forces_mae" in run.get(splits[0], {}) for run in r["runs"]):
+            lines.append(f"| ({name}) | " + " | ".join(
+                f"{_stat([run[s]['forces_mae'] for run in r['runs']])} | "
+                f"{_stat([run[s]['low_head_forces_mae'] for run in r['runs']])}" for s in splits) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _curve_point(name: str) -> int | None:
     """The number of high-level energies of a (c) curve row (c300, c729os0.25), None for other rows."""
     digits = name[1:].split("os")[0]
@@ -263,9 +310,14 @@ def main(argv: list[str] | None = None) -> dict:
         if runs:
             rows[name] = {**spec, "runs": runs}
     splits = list(tests)
+    add_low_heads(rows, splits, a, work)
     table = format_table(rows, splits)
     lines = [f"S1 at corpus scale: {a.high} errors, {a.steps} steps, {a.workers} workers, seeds {a.seeds}", "",
              table, ""] + [f"- {r}" for s in splits for r in ratios(rows, s)]
+    heads = head_table(rows, splits, a.low)
+    if heads:
+        lines += ["", f"{a.high} force MAE (meV/Å) of the (c) models' two heads, on the structures with {a.high} "
+                  "forces:", "", heads]
     text = "\n".join(lines)
     print("\n" + text)
     out = {"command": "python benchmarks/bench_s1_corpus.py " + " ".join(argv if argv is not None else sys.argv[1:]),
