@@ -106,7 +106,8 @@ def plan_variants(a: argparse.Namespace, work: Path, stores: dict) -> tuple[dict
                               f"{k:,}" + (" (= DFT CPU of b)" if n < 0 else "")
                               + (f", oversampled to {f:.0%} of each batch" if f else ""),
                               "dft_cpu_s": k * e_only_cpu,
-                              "sets": [f"data.oversample={high}", f"data.oversample_fraction={f}"] if f else []}
+                              "sets": [f"data.oversample={high}", f"data.oversample_fraction={f}"] if f
+                              else ["data.oversample="]}  # by size (the recipe's default is oversample=top)
     facts = {"train_structures": len(frames), "with_forces": int(has_f.sum()),
              "cpu_s_per_energy_label": e_only_cpu,
              "cpu_s_per_forces_label": float(np.nanmean(cpu[has_f])) if has_f.any() else float("nan")}
@@ -233,8 +234,8 @@ def ratios(rows: dict[str, dict], split: str) -> list[str]:
 
     if "a" not in rows or "b" not in rows:
         return []
-    return [f"{split}: F MAE ({cs[-1]}) / (b) = {f(cs[-1]) / f('b'):.2f} (goal <= 1.25), ({cs[-1]}) / (a) = "
-            f"{f(cs[-1]) / f('a'):.2f} (goal <= 0.5)" for cs in _curves(rows).values()]
+    return [f"{split}: F MAE ({cs[-1]}) / (b) = {f(cs[-1]) / f('b'):.3f} (goal <= 1.25), ({cs[-1]}) / (a) = "
+            f"{f(cs[-1]) / f('a'):.3f} (goal <= 0.5)" for cs in _curves(rows).values()]
 
 
 def plot_rows(rows: dict[str, dict], splits: list[str], path: Path) -> Path:

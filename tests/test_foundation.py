@@ -10,6 +10,7 @@ from pathlib import Path
 
 import ase.io
 import pytest
+import yaml
 from ase.build import molecule
 
 from polyfid.data_shards.corpus.stores import FILES
@@ -77,6 +78,13 @@ def test_build_measure_card_and_ship(small_corpus, tmp_path, monkeypatch, capsys
                  "--set", "trainer.checkpoint_every=3", "--set", "model.width=16", "--set", "model.n_sensitivities=8",
                  "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "--set", "tracking.register_as=null"])
     assert code == 0
+    # the recipe's data.oversample=top: the highest level's store gets a quarter of each batch if it holds less
+    from polyfid.data_shards.store import Store
+
+    ran = yaml.safe_load((tmp_path / "run" / "pretrain" / "config.yaml").read_text())["data"]
+    atoms = {p: Store.open(p).n_atoms for p in ran["train"]}
+    top = [p for p in ran["train"] if "hf_631g" in p]
+    assert ran["oversample"] == (top if sum(atoms[p] for p in top) < 0.25 * sum(atoms.values()) else [])
     errors = json.loads((tmp_path / "run" / "errors.json").read_text())
     assert set(errors) == {"gfn2_xtb", "hf_631g"}
     assert errors["gfn2_xtb"]["heldout"]["n_structures"] == 8 and errors["hf_631g"]["test"]["n_structures"] == 6
