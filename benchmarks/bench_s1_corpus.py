@@ -254,7 +254,7 @@ def plot_rows(rows: dict[str, dict], splits: list[str], path: Path) -> Path:
             for (suffix, cs), style in zip(_curves(rows).items(), ("-", "--", ":", "-.")):
                 pts = np.array([stat(c) for c in cs])
                 ax.errorbar(pts[:, 0], pts[:, 1], pts[:, 2], color=colour, marker="o", capsize=3, linestyle=style,
-                            label=f"(c{suffix}) {split}")
+                            label=f"(c{', ' + suffix if suffix else ''}) {split}")
             for name, marker in (("a", "s"), ("b", "^")) + tuple((k, "D") for k in rows if k.startswith("c=")):
                 if name in rows:
                     x, y, e = stat(name)
