@@ -223,7 +223,7 @@ def _curves(rows: dict[str, dict]) -> dict[str, list[str]]:
     """The (c) curve rows by their oversampling suffix ("" or "os0.25"), each sorted by its number of energies."""
     out: dict[str, list[str]] = {}
     for k in sorted((k for k in rows if _curve_point(k) is not None), key=_curve_point):
-        out.setdefault(k[1:].partition("os")[1] + k[1:].partition("os")[2], []).append(k)
+        out.setdefault(k[len(f"c{_curve_point(k)}"):], []).append(k)
     return out
 
 

@@ -35,9 +35,8 @@ def check_on_driver(cfg: RunConfig) -> None:
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give at least one store (data.train=PATH[,PATH...])")
     cfg.check_oversample()
-    for p in cfg.data.train + cfg.data.valid:
-        Store.open(p)
-    resolve_oversample(cfg)
+    opened = {p: Store.open(p) for p in cfg.data.train + cfg.data.valid}
+    resolve_oversample(cfg, [opened[p] for p in cfg.data.train])
     import torch
 
     if cfg.cluster.address is None:  # a local cluster: its workers see the devices this process sees
@@ -46,13 +45,14 @@ def check_on_driver(cfg: RunConfig) -> None:
         resolve_precision(cfg.trainer, torch.device("cpu"))
 
 
-def resolve_oversample(cfg: RunConfig) -> None:
-    """data.oversample=top becomes the stores of data.train that hold the highest-rank fidelity, or nothing: in
-    Reptile or replay runs, when those stores are all the stores, or when their atoms already reach
-    data.oversample_fraction of the total. The saved config.yaml and MLflow params show what it became."""
+def resolve_oversample(cfg: RunConfig, train: list[Store]) -> None:
+    """data.oversample=top becomes the stores of data.train (`train`, opened in that order) that hold the
+    highest-rank fidelity, or nothing: in Reptile or replay runs, when those stores are all the stores, or when
+    their atoms already reach data.oversample_fraction of the total. The saved config.yaml and MLflow params show
+    what it became."""
     if cfg.data.oversample != [OVERSAMPLE_TOP]:
         return
-    stores = {p: Store.open(p) for p in cfg.data.train}
+    stores = dict(zip(cfg.data.train, train))
     top = highest_rank([f for s in stores.values() for f in s.fidelities]).name
     chosen = [p for p, s in stores.items() if top in {f.name for f in s.fidelities}]
     share = sum(stores[p].n_atoms for p in chosen) / max(sum(s.n_atoms for s in stores.values()), 1)
