@@ -14,8 +14,9 @@ donor; its undetermined directions get the minimum-norm solution.
 
 An element that no energy of a fidelity contains is the worst case: its reference is the donor's, which at
 another level of theory is off by the difference of the atomic energies (core electrons: ~1,400 eV for N
-between ωB97X and GFN2-xTB). The fit warns, naming the fidelity and elements, and reports them
-(`absent_elements`) in the package lineage.
+between ωB97X and GFN2-xTB). Where no level can lend it (the most determined fidelity lacks the element), the
+reference is 0 eV, off by the atom's whole energy. In both cases the fit warns, naming the fidelity and elements,
+and reports them (`absent_elements`) in the package lineage.
 """
 
 from __future__ import annotations
@@ -73,6 +74,19 @@ def _absent_elements(s: dict[str, np.ndarray] | None, idx: list[int]) -> list[in
     return [z for z in idx if float(s["xtx"][z, z]) <= 0.0]
 
 
+def _warn_absent(name: str, absent: list[int], donor: str | None) -> None:
+    elements = ", ".join(f"Z={z}" for z in absent)
+    if donor is None:
+        log.warning("%s: no training energy has %s, and no other level can lend their reference energies, so "
+                    "they are 0 eV: %s energies of structures with them will be off by those atoms' whole "
+                    "energies. Add %s energies of structures with them.", name, elements, name, name)
+    else:
+        log.warning("%s: no training energy has %s; their reference energies at %s are %s's, and %s energies of "
+                    "structures with them will be off by the two levels' atomic-energy difference (at DFT "
+                    "against xTB, hundreds of eV per atom). Add %s energies of structures with them.",
+                    name, elements, name, donor, name, name)
+
+
 def _residual_stats(s: dict[str, np.ndarray], e: np.ndarray, idx: list[int]) -> tuple[float, float]:
     """(mean, std) of the per-atom energy residual y/n − (x/n)·e, from the accumulated sums."""
     n = float(s["n"])
@@ -112,15 +126,12 @@ def joint_reference_fit(acc: ReferenceAccumulator, fidelities: Sequence[Fidelity
         else:
             e = _solve_towards(s["xtx"][np.ix_(idx, idx)], s["xty"][idx], prior)
         solved[name] = e
-        absent = _absent_elements(s, idx) if donor is not None else []
+        absent = _absent_elements(s, idx) if s is not None or donor is not None else []
         report[name] = {"n_structures": int(info[name][1]), "determined_directions": info[name][0],
                         "n_elements": len(idx), "donor": donor if info[name][0] < len(idx) else None,
                         "absent_elements": absent}
         if absent and s is not None:
-            log.warning("%s: no training energy has %s; their reference energies at %s are %s's, and %s energies "
-                        "of structures with them will be off by the two levels' atomic-energy difference (at "
-                        "DFT against xTB, hundreds of eV per atom). Add %s energies of structures with them.",
-                        name, ", ".join(f"Z={z}" for z in absent), name, donor, name, name)
+            _warn_absent(name, absent, donor)
     shift, scale, spread = {}, {}, {}
     for name in levels:
         s = acc.sums(name)

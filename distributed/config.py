@@ -74,9 +74,24 @@ class LossConfig:
     forces_weight: float = 1.0
     per_atom_energy: bool = True  # compare energies divided by the atom count
     fidelity_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # name -> factor on both terms
+    # Force prior: {high: low} makes head `high` also fit `low`'s force labels, with weight force_prior_weight, on
+    # the atoms that have `low` forces and no `high` forces (a level known from energies alone borrows the force
+    # field of a cheaper one; S1 at corpus scale in BENCHMARKS.md).
+    force_prior: dict[str, str] = dataclasses.field(default_factory=dict)
+    force_prior_weight: float = 0.1
 
     def __post_init__(self) -> None:
         _choice("loss", "kind", self.kind, ("rmse+mae", "mse", "mae"))
+        if self.force_prior is None:  # `--set loss.force_prior=`
+            self.force_prior = {}
+        if not isinstance(self.force_prior, dict):
+            raise ConfigError(f"loss.force_prior must map a fidelity to another, e.g. {{wb97x: gfn2_xtb}}, "
+                              f"got {self.force_prior!r}")
+        for high, low in self.force_prior.items():
+            if high == low:
+                raise ConfigError(f"loss.force_prior maps {high!r} to itself")
+        if self.force_prior_weight < 0:
+            raise ConfigError(f"loss.force_prior_weight must be >= 0, got {self.force_prior_weight}")
 
 
 @dataclasses.dataclass

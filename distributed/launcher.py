@@ -37,12 +37,27 @@ def check_on_driver(cfg: RunConfig) -> None:
     cfg.check_oversample()
     opened = {p: Store.open(p) for p in cfg.data.train + cfg.data.valid}
     resolve_oversample(cfg, [opened[p] for p in cfg.data.train])
+    check_force_prior(cfg, [opened[p] for p in cfg.data.train])
     import torch
 
     if cfg.cluster.address is None:  # a local cluster: its workers see the devices this process sees
         resolve_precision(cfg.trainer, resolve_device(cfg.cluster))
     elif cfg.cluster.use_gpu is False:
         resolve_precision(cfg.trainer, torch.device("cpu"))
+
+
+def check_force_prior(cfg: RunConfig, train: list[Store]) -> None:
+    """Every level named in loss.force_prior is a fidelity of the training stores, and each `low` has forces."""
+    have = {f.name: f for s in train for f in s.fidelities}
+    forces = {name for s in train for info in s.shards for name in info.forces}
+    for high, low in cfg.loss.force_prior.items():
+        for name in (high, low):
+            if name not in have:
+                raise ConfigError(f"loss.force_prior names {name!r}, which no store of data.train holds; "
+                                  f"their fidelities: {', '.join(sorted(have))}")
+        if low not in forces:
+            raise ConfigError(f"loss.force_prior: {low!r} has no force labels in data.train, so {high!r} has "
+                              "nothing to borrow")
 
 
 def resolve_oversample(cfg: RunConfig, train: list[Store]) -> None:

@@ -46,11 +46,14 @@ class Targets:
             with_forces=tuple(int(k) for k in torch.nonzero(fmask.any(0)).flatten()),
         )
 
-    def force_heads(self) -> list[int]:
-        """Fidelities that have at least one force label in this (local) batch."""
+    def force_heads(self, prior: Sequence[tuple[int, int]] = ()) -> list[int]:
+        """Fidelities that have at least one force label in this (local) batch, and the `high` of each force-prior
+        pair (high, low) whose `low` has one."""
         if self.with_forces is not None:
-            return list(self.with_forces)
-        return [int(k) for k in torch.nonzero(self.forces_mask.sum(0) > 0).flatten()]
+            have = list(self.with_forces)
+        else:
+            have = [int(k) for k in torch.nonzero(self.forces_mask.sum(0) > 0).flatten()]
+        return sorted(set(have) | {high for high, low in prior if low in have})
 
 
 def _world() -> tuple[bool, int]:
@@ -74,6 +77,23 @@ def error_sums(pred: dict[str, torch.Tensor], t: Targets, per_atom_energy: bool)
     return torch.stack(rows, dim=1)
 
 
+def prior_pairs(cfg: LossConfig, fidelity_names: Sequence[str]) -> list[tuple[int, int]]:
+    """loss.force_prior as (high, low) label columns; pairs whose levels are not both columns are left out."""
+    col = {name: k for k, name in enumerate(fidelity_names)}
+    return [(col[h], col[lo]) for h, lo in cfg.force_prior.items() if h in col and lo in col]
+
+
+def prior_sums(pred: dict[str, torch.Tensor], t: Targets, pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Per pair [P, 3]: (squared error, absolute error, count) of head `high`'s forces against `low`'s force labels
+    on the atoms that have `low` forces and no `high` forces."""
+    rows = []
+    for high, low in pairs:
+        mask = t.forces_mask[:, low] * (1.0 - t.forces_mask[:, high])
+        df = (pred["forces"][:, high] - t.forces[:, low]) * mask[:, None]
+        rows.append(torch.stack([(df**2).sum(), df.abs().sum(), mask.sum() * 3.0]))
+    return torch.stack(rows)
+
+
 def multifidelity_loss(
     pred: dict[str, torch.Tensor],
     targets: Targets,
@@ -83,8 +103,15 @@ def multifidelity_loss(
     lazy: bool = False,
 ) -> tuple[torch.Tensor, Mapping[str, float]]:
     """Return (surrogate to backpropagate, metrics of the global batch): a dict of floats, or with `lazy` a
-    StepMetrics that stays on the device until read (what the training loop uses)."""
+    StepMetrics that stays on the device until read (what the training loop uses). With loss.force_prior, each
+    pair's term (weighted by loss.force_prior_weight) counts in the loss of its `high` fidelity."""
     local = error_sums(pred, targets, cfg.per_atom_energy)  # [F, 2, 3]
+    pairs = prior_pairs(cfg, fidelity_names) if "forces" in pred else []
+    if pairs:  # the prior's sums ride in the same all-reduce as a third term: [F, 3, 3]
+        extra = torch.zeros_like(local[:, 0])
+        extra = extra.index_add(0, torch.tensor([h for h, _ in pairs], device=local.device),
+                                prior_sums(pred, targets, pairs))
+        local = torch.cat([local, extra[:, None]], dim=1)
     glob = local.detach().clone()
     on, world = _world()
     if reduce and on:
@@ -104,14 +131,15 @@ def multifidelity_loss(
         term, value = sse_l / n, sse_g / n
     else:
         term, value = sae_l / n, sae_g / n
-    w = torch.tensor([cfg.energy_weight, cfg.forces_weight], dtype=local.dtype, device=local.device)
+    w = [cfg.energy_weight, cfg.forces_weight] + ([cfg.force_prior_weight] if pairs else [])
+    w = torch.tensor(w, dtype=local.dtype, device=local.device)
     fw = torch.tensor(
         [cfg.fidelity_weights.get(name, 1.0) for name in fidelity_names], dtype=local.dtype, device=local.device
     )
     weights = fw[:, None] * w[None, :] * has
     surrogate = (term * weights).sum() * world
     per_fid = (value * weights).sum(dim=1)
-    metrics = StepMetrics(per_fid, sse_g, sae_g, n_g, fidelity_names)
+    metrics = StepMetrics(per_fid, sse_g[:, :2], sae_g[:, :2], n_g[:, :2], fidelity_names)
     return surrogate, metrics if lazy else dict(metrics)
 
 

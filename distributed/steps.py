@@ -11,7 +11,7 @@ import torch
 from polyfid.data_shards.reader import ShardReader
 from polyfid.data_shards.store import Store
 from polyfid.distributed.config import LossConfig, RunConfig
-from polyfid.distributed.losses import Targets, multifidelity_loss
+from polyfid.distributed.losses import Targets, multifidelity_loss, prior_pairs
 from polyfid.distributed.replay import mixed_reader
 from polyfid.distributed.stream import Prepared, ResumableStream, TaskBatches
 from polyfid.models.graph import build_graph
@@ -47,6 +47,10 @@ class StepContext:
     extra: Any = None  # the mode's own state: reptile.ReptileExtra for Reptile, None for multi-fidelity
     guard: Any = None  # guard.Guard: skips a step whose loss is non-finite or spikes; None: no guard
 
+    def force_heads(self, targets: Targets) -> list[int]:
+        """Model heads whose forces this batch needs: those with force labels, and loss.force_prior's."""
+        return self.layout.heads_of(targets.force_heads(prior_pairs(self.loss, self.fidelity_names)))
+
     @property
     def layout(self) -> LabelLayout:
         """Label column k (named fidelity_names[k]) trains head heads[k]."""
@@ -74,7 +78,7 @@ def multifidelity_step(batch: dict | Prepared, ctx: StepContext) -> Mapping[str,
     """One optimiser step on a batch that mixes fidelities; the loss is masked and globally normalised."""
     graph, targets = prepare(batch, ctx)
     layout = ctx.layout
-    out = layout.select(ctx.engine(graph, force_heads=layout.heads_of(targets.force_heads()), create_graph=True))
+    out = layout.select(ctx.engine(graph, force_heads=ctx.force_heads(targets), create_graph=True))
     loss, metrics = multifidelity_loss(out, targets, ctx.loss, ctx.fidelity_names, lazy=True)
     if ctx.guard is not None and ctx.guard.check(loss, metrics, batch):
         return metrics  # skipped on every rank alike: no backward, no optimiser step

@@ -10,7 +10,7 @@ from conftest import emt_frames
 from helpers import batch_from_frames, tiny_model
 from polyfid.data_shards.schema import concat_batches
 from polyfid.distributed.config import LossConfig
-from polyfid.distributed.losses import Targets, multifidelity_loss
+from polyfid.distributed.losses import Targets, multifidelity_loss, prior_pairs
 from polyfid.models.graph import build_graph
 
 
@@ -18,7 +18,7 @@ def _loss_and_grads(model, batch, cfg=LossConfig()):
     model.zero_grad()
     graph = build_graph(batch, model.config.cutoff, dtype=torch.float64)
     t = Targets.from_batch(batch, torch.float64, "cpu")
-    out = model(graph, force_heads=t.force_heads(), create_graph=True)
+    out = model(graph, force_heads=t.force_heads(prior_pairs(cfg, model.fidelity_names)), create_graph=True)
     loss, metrics = multifidelity_loss(out, t, cfg, model.fidelity_names)
     loss.backward()
     return float(loss.detach()), metrics, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -85,3 +85,36 @@ def test_two_ranks_with_unequal_labels_equal_one_rank_on_the_union(tmp_path):
     assert two["metrics"]["loss"] == pytest.approx(m1["loss"], rel=1e-10)
     for n in g1:
         torch.testing.assert_close(two["grads"][n], g1[n], rtol=1e-8, atol=1e-12)
+
+
+def test_force_prior_term_fits_low_forces_with_the_high_head_where_high_has_none():
+    """loss.force_prior={hi: lo}: head hi also fits lo's force labels on atoms without hi forces, with the
+    prior's weight; the reported loss and its surrogate gradient equal a direct autograd of that formula."""
+    model = tiny_model().double()
+    frames = emt_frames(6)
+    batch = batch_from_frames(frames, forces_for=("lo", "hi"))
+    n_first = len(frames[0]) + len(frames[1])
+    batch["forces"][:n_first, 1] = np.nan  # hi forces only on frames 2..5: the prior acts on frames 0 and 1
+    cfg = LossConfig(force_prior={"hi": "lo"}, force_prior_weight=0.3)
+    t = Targets.from_batch(batch, torch.float64, "cpu")
+    assert t.force_heads() == [0, 1] and Targets.from_batch(
+        batch_from_frames(frames, forces_for=("lo",)), torch.float64, "cpu").force_heads([(1, 0)]) == [0, 1]
+    _, metrics, g = _loss_and_grads(model, batch, cfg)
+    _, plain, _ = _loss_and_grads(model, batch)
+    model.zero_grad()
+    graph = build_graph(batch, model.config.cutoff, dtype=torch.float64)
+    out = model(graph, force_heads=[0, 1], create_graph=True)
+    total = 0.0
+    for k in range(2):
+        de = ((out["energy"][:, k] - t.energy[:, k]) / t.n_atoms)[t.energy_mask[:, k] > 0]
+        df = (out["forces"][:, k] - t.forces[:, k])[t.forces_mask[:, k] > 0]
+        total = total + de.pow(2).mean().sqrt() + de.abs().mean() + df.pow(2).mean().sqrt() + df.abs().mean()
+    prior = (out["forces"][:n_first, 1] - t.forces[:n_first, 0])
+    total = total + 0.3 * (prior.pow(2).mean().sqrt() + prior.abs().mean())
+    total.backward()
+    assert float(total) == pytest.approx(metrics["loss"], rel=1e-10)
+    assert metrics["loss/hi"] > plain["loss/hi"] and metrics["loss/lo"] == pytest.approx(plain["loss/lo"])
+    assert metrics["forces_mae/hi"] == pytest.approx(plain["forces_mae/hi"])  # the prior is not a hi label
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(g[n], p.grad, rtol=1e-8, atol=1e-12)

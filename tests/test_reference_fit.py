@@ -192,3 +192,23 @@ def _step0_of_a_new_head(package, tmp):
     labels = np.concatenate([b["energy"][:, 0] for b in iter_all([target], fidelities=[EXTRA])])
     spread = np.abs(labels - labels.mean()).mean()
     assert res["energy_mae"] < 2.0 * spread, (res, spread)
+
+
+def test_an_element_the_most_determined_level_lacks_is_named_too(caplog):
+    """The most determined level has no donor: an element none of its energies contain gets 0 eV. The fit names
+    that case as well, and the level that has the element still fits it from its own data."""
+    rng = np.random.default_rng(2)
+    acc = ReferenceAccumulator()
+    lo_counts = np.zeros((30, 119))
+    lo_counts[:, [1, 6, 8]] = rng.integers(1, 8, size=(30, 3))  # three directions, no N
+    acc.add(lo_counts, {"lo": lo_counts @ np.r_[np.zeros(1), -10.0, np.zeros(4), -48.0, 0.0, -60.0, np.zeros(110)]})
+    hi_counts = np.zeros((3, 119))
+    hi_counts[:, [1, 7]] = [[3, 1], [4, 2], [2, 1]]  # ammonia-like: two directions, with N
+    acc.add(hi_counts, {"hi": hi_counts[:, 1] * -13.6 + hi_counts[:, 7] * -1500.0})
+    with caplog.at_level("WARNING", logger="polyfid.refs"):
+        fit = joint_reference_fit(acc, [Fidelity("lo", 0), Fidelity("hi", 1)], [1, 6, 7, 8])
+    assert fit.report["lo"]["donor"] is None and fit.report["lo"]["absent_elements"] == [7]
+    assert fit.energies["lo"][7] == 0.0
+    assert fit.energies["hi"][7] == pytest.approx(-1500.0) and fit.report["hi"]["absent_elements"] == [6, 8]
+    assert any("lo: no training energy has Z=7, and no other level can lend" in r.getMessage()
+               for r in caplog.records)

@@ -142,6 +142,25 @@ def test_oversample_top_picks_the_highest_level_stores_where_they_are_a_small_sh
         RunConfig.from_dict(mixed).check_oversample()
 
 
+def test_force_prior_is_checked_before_the_run(stores, tmp_path):
+    """loss.force_prior names levels of data.train, and the level it borrows from has force labels there."""
+    from polyfid.distributed.launcher import check_on_driver
+
+    def check(prior: dict, train=None) -> None:
+        c = _run("multifidelity", str(tmp_path / "x"), stores, 1).to_dict()
+        c["loss"] = {"force_prior": prior}
+        c["data"]["train"] = train or stores["train"]
+        check_on_driver(RunConfig.from_dict(c).resolve_paths())
+
+    check({HIGH: LOW})
+    with pytest.raises(ConfigError, match="'nope', which no store of data.train holds"):
+        check({HIGH: "nope"})
+    with pytest.raises(ConfigError, match="no store of data.train holds"):
+        check({HIGH: LOW}, train=stores["train"][1:2])  # malonaldehyde alone: no low level
+    with pytest.raises(ConfigError, match="maps .* to itself"):
+        check({HIGH: HIGH})
+
+
 def test_mode_registry_names_the_modes():
     from polyfid.distributed.modes import MODES, get_mode
 
