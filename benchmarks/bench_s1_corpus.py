@@ -1,7 +1,7 @@
 """S1 at corpus scale: do GFN2-xTB forces plus wB97X energies reach a model trained on wB97X forces?
 
     python benchmarks/bench_s1_corpus.py --workdir runs/s1c --steps 1000 --seeds 0,1,2 --curve 300,all \
-        --oversample 0,0.25 --out benchmarks/RESULTS_s1_corpus.md
+        --oversample 0.25 --force-prior 0,0.1 --out benchmarks/RESULTS_s1_corpus.md
 
 Data: the pretraining corpus (`data_shards/corpus/`), its training molecules' train split for training, its
 test split and its held-out molecules for the errors. The same model, recipe (`launch/recipes/foundation.yaml`),
@@ -10,7 +10,8 @@ steps and seeds for every variant:
 - (b) wB97X energies and forces, on the training structures that have wB97X forces;
 - (c) GFN2-xTB energies and forces on every GFN2 training structure, plus wB97X energies, two stores, two heads.
   `--curve` gives the numbers of wB97X energies (nested random subsets, numpy seed 0, fixed across training
-  seeds; `all`);
+  seeds; `all`); `--oversample` the wB97X store's share of each batch; `--force-prior` the weight with which the
+  wB97X head also fits the GFN2 forces where it has none (loss.force_prior; 0: off);
 - (c=) like (c), with as many wB97X energies as cost the DFT CPU time of (b)'s labels. The CPU seconds are the
   generator's own, per label: (b)'s forces labels against the mean of the energy-only labels.
 Every run goes through the real path (run_training -> Ray Train -> DeepSpeed -> package). A run whose result
@@ -24,6 +25,7 @@ import gzip
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -99,15 +101,19 @@ def plan_variants(a: argparse.Namespace, work: Path, stores: dict) -> tuple[dict
     for n in counts:
         k = min(abs(n), len(frames))
         high = write_store(shuffled[:k], sd / f"c{k}.zarr", a.high, False)
-        for f in a.oversample:
-            name = (f"c{k}" if n > 0 else "c=") + (f"os{f:g}" if f else "")
+        for f, w in ((f, w) for f in a.oversample for w in a.force_prior):
+            name = (f"c{k}" if n > 0 else "c=") + (f"os{f:g}" if f else "") + (f"fp{w:g}" if w else "")
             variants[name] = {"stores": [stores[a.low]["train"], high],
                               "labels": f"{a.low} E+F on {n_structures(stores[a.low]['train']):,}, {a.high} E on "
                               f"{k:,}" + (" (= DFT CPU of b)" if n < 0 else "")
-                              + (f", oversampled to {f:.0%} of each batch" if f else ""),
+                              + (f", oversampled to {f:.0%} of each batch" if f else "")
+                              + (f", force prior {w:g}" if w else ""),
                               "dft_cpu_s": k * e_only_cpu,
-                              "sets": [f"data.oversample={high}", f"data.oversample_fraction={f}"] if f
-                              else ["data.oversample="]}  # by size (the recipe's default is oversample=top)
+                              # by size with f = 0 (the recipe's default is oversample=top)
+                              "sets": ([f"data.oversample={high}", f"data.oversample_fraction={f}"] if f
+                                       else ["data.oversample="])
+                              + ([f"loss.force_prior={{{a.high}: {a.low}}}", f"loss.force_prior_weight={w}"] if w
+                                 else ["loss.force_prior="])}
     facts = {"train_structures": len(frames), "with_forces": int(has_f.sum()),
              "cpu_s_per_energy_label": e_only_cpu,
              "cpu_s_per_forces_label": float(np.nanmean(cpu[has_f])) if has_f.any() else float("nan")}
@@ -199,8 +205,8 @@ def head_table(rows: dict[str, dict], splits: list[str], low: str) -> str:
 
 def _curve_point(name: str) -> int | None:
     """The number of high-level energies of a (c) curve row (c300, c729os0.25), None for other rows."""
-    digits = name[1:].split("os")[0]
-    return int(digits) if name.startswith("c") and digits.isdigit() else None
+    m = re.match(r"c(\d+)", name)
+    return int(m.group(1)) if m else None
 
 
 def _stat(xs: list[float]) -> str:
@@ -285,6 +291,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--oversample", type=lambda v: [float(x) for x in v.split(",")], default=[0.0],
                    help="(c): the high-level store's share of each batch's atoms (data.oversample), one (c) row per "
                    "comma-separated value; 0: its share by size. Names the (c) rows c...os<F>")
+    p.add_argument("--force-prior", type=lambda v: [float(x) for x in v.split(",")], default=[0.1],
+                   help="(c): loss.force_prior_weight of the high head on the low level's forces where it has none "
+                   "(loss.force_prior), one (c) row per comma-separated value; 0: no prior. Names the (c) rows "
+                   "c...fp<W>")
     p.add_argument("--no-train", dest="train", action="store_false", help="only tabulate the runs that exist in the "
                    "workdir (a variant's seeds that did not run are left out of its row)")
     p.add_argument("--variants", default="", help="only these (comma-separated names, e.g. a,b,c300); default all")

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 
 OVERSAMPLE_TOP = "top"  # data.oversample: the stores of the highest-rank fidelity
+FORCE_PRIOR_AUTO = "auto"  # loss.force_prior: levels without forces borrow the most force-labelled level's
 
 
 class ConfigError(ValueError):
@@ -76,18 +77,19 @@ class LossConfig:
     fidelity_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # name -> factor on both terms
     # Force prior: {high: low} makes head `high` also fit `low`'s force labels, with weight force_prior_weight, on
     # the atoms that have `low` forces and no `high` forces (a level known from energies alone borrows the force
-    # field of a cheaper one; S1 at corpus scale in BENCHMARKS.md).
-    force_prior: dict[str, str] = dataclasses.field(default_factory=dict)
+    # field of a cheaper one; S1 at corpus scale in BENCHMARKS.md). `auto` (FORCE_PRIOR_AUTO): every level of
+    # data.train without force labels borrows from the level with the most force-labelled atoms.
+    force_prior: dict[str, str] | str = dataclasses.field(default_factory=dict)
     force_prior_weight: float = 0.1
 
     def __post_init__(self) -> None:
         _choice("loss", "kind", self.kind, ("rmse+mae", "mse", "mae"))
         if self.force_prior is None:  # `--set loss.force_prior=`
             self.force_prior = {}
-        if not isinstance(self.force_prior, dict):
-            raise ConfigError(f"loss.force_prior must map a fidelity to another, e.g. {{wb97x: gfn2_xtb}}, "
-                              f"got {self.force_prior!r}")
-        for high, low in self.force_prior.items():
+        if isinstance(self.force_prior, str) and self.force_prior != FORCE_PRIOR_AUTO:
+            raise ConfigError(f"loss.force_prior must be {FORCE_PRIOR_AUTO} or map a fidelity to another, e.g. "
+                              f"{{wb97x: gfn2_xtb}}; got {self.force_prior!r}")
+        for high, low in (self.force_prior.items() if isinstance(self.force_prior, dict) else ()):
             if high == low:
                 raise ConfigError(f"loss.force_prior maps {high!r} to itself")
         if self.force_prior_weight < 0:

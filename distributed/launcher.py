@@ -13,7 +13,7 @@ from typing import Any
 
 from polyfid.data_shards.schema import highest_rank
 from polyfid.data_shards.store import Store
-from polyfid.distributed.config import OVERSAMPLE_TOP, ConfigError, RunConfig, save_config
+from polyfid.distributed.config import FORCE_PRIOR_AUTO, OVERSAMPLE_TOP, ConfigError, RunConfig, save_config
 from polyfid.distributed.checkpoint import STOP_FILE
 from polyfid.distributed.engine import ensure_extension_cache, resolve_device, resolve_precision
 from polyfid.distributed.finetune import (FinetunePlan, compare_table, forgetting_advice, measure_forgetting,
@@ -37,7 +37,7 @@ def check_on_driver(cfg: RunConfig) -> None:
     cfg.check_oversample()
     opened = {p: Store.open(p) for p in cfg.data.train + cfg.data.valid}
     resolve_oversample(cfg, [opened[p] for p in cfg.data.train])
-    check_force_prior(cfg, [opened[p] for p in cfg.data.train])
+    resolve_force_prior(cfg, [opened[p] for p in cfg.data.train])
     import torch
 
     if cfg.cluster.address is None:  # a local cluster: its workers see the devices this process sees
@@ -46,16 +46,30 @@ def check_on_driver(cfg: RunConfig) -> None:
         resolve_precision(cfg.trainer, torch.device("cpu"))
 
 
-def check_force_prior(cfg: RunConfig, train: list[Store]) -> None:
-    """Every level named in loss.force_prior is a fidelity of the training stores, and each `low` has forces."""
-    have = {f.name: f for s in train for f in s.fidelities}
-    forces = {name for s in train for info in s.shards for name in info.forces}
+def resolve_force_prior(cfg: RunConfig, train: list[Store]) -> None:
+    """loss.force_prior=auto becomes {level: donor} for every level of data.train (`train`, opened) that has
+    energies and no force labels, the donor being the level with the most force-labelled atoms (nothing in
+    Reptile, whose tasks hold one level each). Then every level named is checked: a fidelity of data.train, and
+    each donor has force labels. The saved config.yaml and MLflow params show what it became."""
+    have = {f.name for s in train for f in s.fidelities}
+    forced: dict[str, int] = {}
+    for info in (info for s in train for info in s.shards):
+        for name in info.forces:
+            forced[name] = forced.get(name, 0) + info.n_atoms
+    if cfg.loss.force_prior == FORCE_PRIOR_AUTO:
+        energies = {name for s in train for info in s.shards for name in info.energy}
+        donor = max(sorted(forced), key=lambda f: forced[f]) if forced else None
+        without = sorted(energies - set(forced))
+        cfg.loss.force_prior = ({} if cfg.trainer.mode == "reptile" or donor is None
+                                else {name: donor for name in without})
+        log.info("loss.force_prior=auto: %s", ", ".join(f"{h} borrows {lo}'s forces" for h, lo in cfg.loss.force_prior.items())
+                 or ("off (Reptile)" if cfg.trainer.mode == "reptile" else "off (every level has forces)"))
     for high, low in cfg.loss.force_prior.items():
         for name in (high, low):
             if name not in have:
                 raise ConfigError(f"loss.force_prior names {name!r}, which no store of data.train holds; "
                                   f"their fidelities: {', '.join(sorted(have))}")
-        if low not in forces:
+        if low not in forced:
             raise ConfigError(f"loss.force_prior: {low!r} has no force labels in data.train, so {high!r} has "
                               "nothing to borrow")
 

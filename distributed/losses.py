@@ -79,6 +79,9 @@ def error_sums(pred: dict[str, torch.Tensor], t: Targets, per_atom_energy: bool)
 
 def prior_pairs(cfg: LossConfig, fidelity_names: Sequence[str]) -> list[tuple[int, int]]:
     """loss.force_prior as (high, low) label columns; pairs whose levels are not both columns are left out."""
+    if isinstance(cfg.force_prior, str):
+        raise ValueError(f"loss.force_prior={cfg.force_prior} is resolved on the driver (launcher.prepare), "
+                         "not in the loss")
     col = {name: k for k, name in enumerate(fidelity_names)}
     return [(col[h], col[lo]) for h, lo in cfg.force_prior.items() if h in col and lo in col]
 

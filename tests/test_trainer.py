@@ -150,15 +150,45 @@ def test_force_prior_is_checked_before_the_run(stores, tmp_path):
         c = _run("multifidelity", str(tmp_path / "x"), stores, 1).to_dict()
         c["loss"] = {"force_prior": prior}
         c["data"]["train"] = train or stores["train"]
-        check_on_driver(RunConfig.from_dict(c).resolve_paths())
+        run = RunConfig.from_dict(c).resolve_paths()
+        check_on_driver(run)
+        return run.loss.force_prior
 
     check({HIGH: LOW})
+    assert check("auto") == {}  # every level has forces here
+    with pytest.raises(ConfigError, match="must be auto or map"):
+        check("everything")
     with pytest.raises(ConfigError, match="'nope', which no store of data.train holds"):
         check({HIGH: "nope"})
     with pytest.raises(ConfigError, match="no store of data.train holds"):
         check({HIGH: LOW}, train=stores["train"][1:2])  # malonaldehyde alone: no low level
     with pytest.raises(ConfigError, match="maps .* to itself"):
         check({HIGH: HIGH})
+
+
+def test_force_prior_auto_lends_the_most_forced_level_to_levels_without_forces(tmp_path):
+    """loss.force_prior=auto (the recipes' default): a level with energies and no force labels in data.train
+    borrows from the level with the most force-labelled atoms; in Reptile it is off."""
+    from polyfid.distributed.launcher import check_on_driver
+
+    files = {p.name.split(".")[0]: p for p in demo_files()}
+    train = []
+    for name, fid, forces in (("ethanol", LOW, True), ("malonaldehyde", HIGH, False), ("methylamine", LOW, True)):
+        path = tmp_path / f"{name}.zarr"
+        ingest([f"{files[name]}@:8"], path, dataset=name, energy={fid: f"energy_{fid}"},
+               forces={fid: f"forces_{fid}"} if forces else {}, ranks={fid: 0 if fid == LOW else 1}, shard_size=8,
+               progress=False)
+        train.append(str(path))
+
+    def resolved(mode: str) -> dict:
+        c = _run(mode, str(tmp_path / mode), {"train": train, "valid": []}, 1).to_dict()
+        c["loss"] = {"force_prior": "auto"}
+        run = RunConfig.from_dict(c).resolve_paths()
+        check_on_driver(run)
+        return run.loss.force_prior
+
+    assert resolved("multifidelity") == {HIGH: LOW}
+    assert resolved("reptile") == {}
 
 
 def test_mode_registry_names_the_modes():
