@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--oversample", type=lambda v: [float(x) for x in v.split(",")], default=[0.0],
                    help="(c): the high-level store's share of each batch's atoms (data.oversample), one (c) row per "
                    "comma-separated value; 0: its share by size. Names the (c) rows c...os<F>")
-    p.add_argument("--force-prior", type=lambda v: [float(x) for x in v.split(",")], default=[0.1],
+    p.add_argument("--force-prior", type=lambda v: [float(x) for x in v.split(",")], default=[0.3],
                    help="(c): loss.force_prior_weight of the high head on the low level's forces where it has none "
                    "(loss.force_prior), one (c) row per comma-separated value; 0: no prior. Names the (c) rows "
                    "c...fp<W>")
