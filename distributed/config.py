@@ -80,7 +80,7 @@ class LossConfig:
     # field of a cheaper one; S1 at corpus scale in BENCHMARKS.md). `auto` (FORCE_PRIOR_AUTO): every level of
     # data.train without force labels borrows from the level with the most force-labelled atoms.
     force_prior: dict[str, str] | str = dataclasses.field(default_factory=dict)
-    force_prior_weight: float = 0.1
+    force_prior_weight: float = 0.3
 
     def __post_init__(self) -> None:
         _choice("loss", "kind", self.kind, ("rmse+mae", "mse", "mae"))
