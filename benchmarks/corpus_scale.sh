@@ -5,7 +5,8 @@
 #      pretrained:organic-mini into $SHIP_TO;
 #   3. S3 at corpus scale: none / multi-fidelity (the foundation run) / Reptile with the same steps, fine-tuned
 #      to paracetamol at wB97X/6-31G*, 3 seeds;
-#   4. S1 at corpus scale: (a), (b), the (c) curve and (c=), each (c) by size and oversampled to 25%, 3 seeds.
+#   4. S1 at corpus scale: (a), (b), the (c) curve and (c=), each (c) oversampled to 25% with and without the
+#      force prior (weight 0.3), 3 seeds.
 #
 #   bash benchmarks/corpus_scale.sh [STEPS]     # STEPS: pretraining steps (default: launch/recipes/foundation.yaml)
 #
@@ -32,6 +33,6 @@ echo "== $(date -Is) 3. S3 at corpus scale"
 
 echo "== $(date -Is) 4. S1 at corpus scale"
 "$PY" benchmarks/bench_s1_corpus.py --workdir "$OUT/s1c" --stores "$OUT/corpus" --steps "${S1_STEPS:-1000}" \
-    --seeds "$SEEDS" --curve 300,all --oversample 0,0.25 --out benchmarks/RESULTS_s1_corpus.md \
+    --seeds "$SEEDS" --curve 300,all --oversample 0.25 --force-prior 0,0.3 --out benchmarks/RESULTS_s1_corpus.md \
     --plot benchmarks/s1_corpus.png
 echo "== $(date -Is) done"
