@@ -142,7 +142,7 @@ def multifidelity_loss(
     weights = fw[:, None] * w[None, :] * has
     surrogate = (term * weights).sum() * world
     per_fid = (value * weights).sum(dim=1)
-    metrics = StepMetrics(per_fid, sse_g[:, :2], sae_g[:, :2], n_g[:, :2], fidelity_names)
+    metrics = StepMetrics(per_fid, sse_g, sae_g, n_g, fidelity_names)
     return surrogate, metrics if lazy else dict(metrics)
 
 
@@ -151,25 +151,28 @@ class StepMetrics(Mapping[str, float]):
     so a loop that reads them once per log window syncs with the GPU once per window, not per fidelity per step.
 
     Keys: `loss`, and for each fidelity `loss/<k>` and, where the global batch has such labels,
-    `energy_rmse/<k>`, `energy_mae/<k>`, `forces_rmse/<k>`, `forces_mae/<k>`.
+    `energy_rmse/<k>`, `energy_mae/<k>`, `forces_rmse/<k>`, `forces_mae/<k>`; with loss.force_prior also
+    `prior_forces_rmse/<k>` and `prior_forces_mae/<k>` (head k against the lender's force labels).
     """
+
+    TERMS = ("energy", "forces", "prior_forces")
 
     def __init__(self, per_fid: torch.Tensor, sse: torch.Tensor, sae: torch.Tensor, n: torch.Tensor,
                  fidelity_names: Sequence[str]) -> None:
         self._device = torch.cat([per_fid.detach().flatten(), sse.detach().flatten(), sae.detach().flatten(),
                                   n.detach().flatten()])
-        self._names, self._rows = list(fidelity_names), per_fid.numel()
+        self._names, self._rows, self._terms = list(fidelity_names), per_fid.numel(), sse.shape[-1]
         self._host: dict[str, float] | None = None
 
     def _values(self) -> dict[str, float]:
         if self._host is None:
-            f = self._rows
-            per_fid, sse, sae, n = self._device.cpu().split([f, 2 * f, 2 * f, 2 * f])
-            sse, sae, n = sse.view(f, 2), sae.view(f, 2), n.view(f, 2)
+            f, t = self._rows, self._terms
+            per_fid, sse, sae, n = self._device.cpu().split([f, t * f, t * f, t * f])
+            sse, sae, n = sse.view(f, t), sae.view(f, t), n.view(f, t)
             out = {"loss": float(per_fid.sum())}
             for k, name in enumerate(self._names):
                 out[f"loss/{name}"] = float(per_fid[k])
-                for j, what in enumerate(("energy", "forces")):
+                for j, what in enumerate(self.TERMS[:t]):
                     if n[k, j] > 0:
                         out[f"{what}_rmse/{name}"] = float(torch.sqrt(sse[k, j] / n[k, j]))
                         out[f"{what}_mae/{name}"] = float(sae[k, j] / n[k, j])

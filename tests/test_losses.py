@@ -115,6 +115,8 @@ def test_force_prior_term_fits_low_forces_with_the_high_head_where_high_has_none
     assert float(total) == pytest.approx(metrics["loss"], rel=1e-10)
     assert metrics["loss/hi"] > plain["loss/hi"] and metrics["loss/lo"] == pytest.approx(plain["loss/lo"])
     assert metrics["forces_mae/hi"] == pytest.approx(plain["forces_mae/hi"])  # the prior is not a hi label
+    assert metrics["prior_forces_mae/hi"] == pytest.approx(float(prior.abs().mean()))
+    assert "prior_forces_mae/lo" not in metrics and "prior_forces_mae/hi" not in plain
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(g[n], p.grad, rtol=1e-8, atol=1e-12)
