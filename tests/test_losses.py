@@ -24,6 +24,21 @@ def _loss_and_grads(model, batch, cfg=LossConfig()):
     return float(loss.detach()), metrics, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _direct_loss(model, batch):
+    """RMSE+MAE of per-atom energies and forces of both heads by direct autograd, written independently of the
+    surrogate: (total, model output, targets); the model's gradients are zeroed first."""
+    model.zero_grad()
+    graph = build_graph(batch, model.config.cutoff, dtype=torch.float64)
+    t = Targets.from_batch(batch, torch.float64, "cpu")
+    out = model(graph, force_heads=[0, 1], create_graph=True)
+    total = 0.0
+    for k in range(2):
+        de = ((out["energy"][:, k] - t.energy[:, k]) / t.n_atoms)[t.energy_mask[:, k] > 0]
+        df = (out["forces"][:, k] - t.forces[:, k])[t.forces_mask[:, k] > 0]
+        total = total + de.pow(2).mean().sqrt() + de.abs().mean() + df.pow(2).mean().sqrt() + df.abs().mean()
+    return total, out, t
+
+
 def test_missing_labels_do_not_count():
     model = tiny_model().double()
     frames = emt_frames(6)
@@ -47,15 +62,7 @@ def test_surrogate_gradient_equals_gradient_of_reported_loss():
     batch = batch_from_frames(emt_frames(5), forces_for=("lo", "hi"))
     _, metrics, g = _loss_and_grads(model, batch)
     # Direct autograd of RMSE+MAE, written independently of the surrogate.
-    model.zero_grad()
-    graph = build_graph(batch, model.config.cutoff, dtype=torch.float64)
-    t = Targets.from_batch(batch, torch.float64, "cpu")
-    out = model(graph, force_heads=[0, 1], create_graph=True)
-    total = 0.0
-    for k in range(2):
-        de = ((out["energy"][:, k] - t.energy[:, k]) / t.n_atoms)[t.energy_mask[:, k] > 0]
-        df = (out["forces"][:, k] - t.forces[:, k])[t.forces_mask[:, k] > 0]
-        total = total + de.pow(2).mean().sqrt() + de.abs().mean() + df.pow(2).mean().sqrt() + df.abs().mean()
+    total, _, _ = _direct_loss(model, batch)
     total.backward()
     assert float(total) == pytest.approx(metrics["loss"], rel=1e-10)
     for n, p in model.named_parameters():
@@ -101,14 +108,7 @@ def test_force_prior_term_fits_low_forces_with_the_high_head_where_high_has_none
         batch_from_frames(frames, forces_for=("lo",)), torch.float64, "cpu").force_heads([(1, 0)]) == [0, 1]
     _, metrics, g = _loss_and_grads(model, batch, cfg)
     _, plain, _ = _loss_and_grads(model, batch)
-    model.zero_grad()
-    graph = build_graph(batch, model.config.cutoff, dtype=torch.float64)
-    out = model(graph, force_heads=[0, 1], create_graph=True)
-    total = 0.0
-    for k in range(2):
-        de = ((out["energy"][:, k] - t.energy[:, k]) / t.n_atoms)[t.energy_mask[:, k] > 0]
-        df = (out["forces"][:, k] - t.forces[:, k])[t.forces_mask[:, k] > 0]
-        total = total + de.pow(2).mean().sqrt() + de.abs().mean() + df.pow(2).mean().sqrt() + df.abs().mean()
+    total, out, t = _direct_loss(model, batch)
     prior = (out["forces"][:n_first, 1] - t.forces[:n_first, 0])
     total = total + 0.3 * (prior.pow(2).mean().sqrt() + prior.abs().mean())
     total.backward()
