@@ -62,8 +62,9 @@ def resolve_force_prior(cfg: RunConfig, train: list[Store]) -> None:
         without = sorted(energies - set(forced))
         cfg.loss.force_prior = ({} if cfg.trainer.mode == "reptile" or donor is None
                                 else {name: donor for name in without})
-        log.info("loss.force_prior=auto: %s", ", ".join(f"{h} borrows {lo}'s forces" for h, lo in cfg.loss.force_prior.items())
-                 or ("off (Reptile)" if cfg.trainer.mode == "reptile" else "off (every level has forces)"))
+        lent = ", ".join(f"{h} borrows {lo}'s forces" for h, lo in cfg.loss.force_prior.items())
+        log.info("loss.force_prior=auto: %s", lent or ("off (Reptile)" if cfg.trainer.mode == "reptile"
+                                                        else "off (every level has forces)"))
     for high, low in cfg.loss.force_prior.items():
         for name in (high, low):
             if name not in have:

@@ -87,13 +87,14 @@ def prior_pairs(cfg: LossConfig, fidelity_names: Sequence[str]) -> list[tuple[in
 
 
 def prior_sums(pred: dict[str, torch.Tensor], t: Targets, pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """Per pair [P, 3]: (squared error, absolute error, count) of head `high`'s forces against `low`'s force labels
-    on the atoms that have `low` forces and no `high` forces."""
-    rows = []
+    """Per fidelity [F, 3]: (squared error, absolute error, count) of head `high`'s forces against `low`'s force
+    labels on the atoms that have `low` forces and no `high` forces, in the row of each pair's `high`; zeros in
+    the other rows."""
+    rows = [pred["forces"].new_zeros(3)] * t.forces_mask.shape[1]
     for high, low in pairs:
         mask = t.forces_mask[:, low] * (1.0 - t.forces_mask[:, high])
         df = (pred["forces"][:, high] - t.forces[:, low]) * mask[:, None]
-        rows.append(torch.stack([(df**2).sum(), df.abs().sum(), mask.sum() * 3.0]))
+        rows[high] = torch.stack([(df**2).sum(), df.abs().sum(), mask.sum() * 3.0])
     return torch.stack(rows)
 
 
@@ -111,10 +112,7 @@ def multifidelity_loss(
     local = error_sums(pred, targets, cfg.per_atom_energy)  # [F, 2, 3]
     pairs = prior_pairs(cfg, fidelity_names) if "forces" in pred else []
     if pairs:  # the prior's sums ride in the same all-reduce as a third term: [F, 3, 3]
-        extra = torch.zeros_like(local[:, 0])
-        extra = extra.index_add(0, torch.tensor([h for h, _ in pairs], device=local.device),
-                                prior_sums(pred, targets, pairs))
-        local = torch.cat([local, extra[:, None]], dim=1)
+        local = torch.cat([local, prior_sums(pred, targets, pairs).to(local.dtype)[:, None]], dim=1)
     glob = local.detach().clone()
     on, world = _world()
     if reduce and on:
