@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from polyfid._util import split_list
+from polyfid.data_shards.named import is_named_store
 from polyfid.models.config import ModelConfig
 from polyfid.models.pretrained import is_named
 
@@ -134,6 +135,11 @@ class TrainerConfig:
     checkpoint_every: int = 100
     trace_dir: str | None = None  # if set, each rank appends (step, epoch, structure ids, node) per step there
     ema_decay: float = 0.0  # > 0: validate, early-stop and package an EMA of the weights with this decay (0.99)
+    # Closed-form refit of the trained heads' reference energies on the training data (distributed/energy_refit.py)
+    # every this many steps and at the last step, before validating: a head's energy offset follows the data
+    # instead of drifting with the readout. 0: off. The fine-tuning recipe sets it to its valid_every.
+    energy_refit_every: int = 0
+    energy_refit_structures: int = 2048  # training structures read per refit (all ranks together)
 
     def __post_init__(self) -> None:
         _choice("trainer", "mode", self.mode, ("multifidelity", "reptile"))
@@ -141,6 +147,10 @@ class TrainerConfig:
         _choice("trainer", "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         if self.steps < 1:
             raise ConfigError(f"trainer.steps must be at least 1, got {self.steps}")
+        if self.energy_refit_every < 0:
+            raise ConfigError(f"trainer.energy_refit_every must be >= 0 (0: off), got {self.energy_refit_every}")
+        if self.energy_refit_structures < 1:
+            raise ConfigError(f"trainer.energy_refit_structures must be at least 1, got {self.energy_refit_structures}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"trainer.ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
 
@@ -206,9 +216,6 @@ class FinetuneConfig:
     refit_references: bool = True  # least-squares reference energies of the head on the target first
     replay_fraction: float = 0.0  # share of each batch's atoms drawn from the pretraining stores (anti-forgetting)
     replay_stores: list[str] = dataclasses.field(default_factory=list)  # default: the stores in the parent's lineage
-    early_stopping_patience: int = 5  # stop after this many validations without improvement; 0: never
-    early_stopping_min_steps: int = 200  # validations before this step never count against the patience
-    early_stopping_smoothing: float = 0.5  # the score is an exponential average keeping this much of the last
     compare_scratch: bool = False  # also train the same budget from a random init and report both
 
     def __post_init__(self) -> None:
@@ -217,10 +224,30 @@ class FinetuneConfig:
             self.replay_stores = split_list(self.replay_stores)
         if not 0.0 <= self.replay_fraction < 1.0:
             raise ConfigError(f"finetune.replay_fraction must be in [0, 1), got {self.replay_fraction}")
-        if not 0.0 <= self.early_stopping_smoothing < 1.0:
-            raise ConfigError(f"finetune.early_stopping_smoothing must be in [0, 1), got {self.early_stopping_smoothing}")
-        if self.early_stopping_patience < 0:
-            raise ConfigError(f"finetune.early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
+
+
+@dataclasses.dataclass
+class StoppingConfig:
+    """Best-weights selection and early stopping on the validation stores: the same rules for every run, so that
+    a fine-tuned model and its from-scratch comparison are chosen alike (finetune.compare_scratch, BENCHMARKS.md).
+
+    The score is loss.energy_weight x energy MAE per atom (eV) + loss.forces_weight x force MAE (eV/Å) of the
+    scored head (the mean over heads when several are scored), smoothed over validations.
+    """
+
+    patience: int = 0  # stop after this many validations without improvement; 0: run every step
+    min_steps: int = 0  # validations before this step never count against the patience
+    smoothing: float = 0.5  # the score is an exponential average keeping this much of the previous one
+    keep_best: bool = True  # package the best-validated weights (best.json says which step), else the last
+    head: str | None = None  # the head scored; default: the fine-tuned head, else every head the valid data holds
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ConfigError(f"stopping.smoothing must be in [0, 1), got {self.smoothing}")
+        if self.patience < 0:
+            raise ConfigError(f"stopping.patience must be >= 0 (0: never stop early), got {self.patience}")
+        if self.min_steps < 0:
+            raise ConfigError(f"stopping.min_steps must be >= 0, got {self.min_steps}")
 
 
 @dataclasses.dataclass
@@ -238,6 +265,7 @@ class RunConfig:
     guard: GuardConfig = dataclasses.field(default_factory=GuardConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    stopping: StoppingConfig = dataclasses.field(default_factory=StoppingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
@@ -281,8 +309,8 @@ class RunConfig:
         """Make local paths absolute (Ray workers run elsewhere) and sqlite URIs absolute."""
         base = Path(base or os.getcwd())
 
-        def absol(p: str) -> str:
-            return p if "://" in p else str((base / p).resolve())
+        def absol(p: str) -> str:  # URLs and named stores (corpus:NAME) stay as they are
+            return p if "://" in p or is_named_store(p) else str((base / p).resolve())
 
         self.output = absol(self.output)
         self.data.train = [absol(p) for p in self.data.train]
@@ -308,9 +336,23 @@ def resolve_tracking_uri(uri: str, base: str | os.PathLike | None = None) -> str
 MOVED_TO_CLUSTER = tuple(f.name for f in dataclasses.fields(ClusterConfig))  # trainer.X before the split
 
 
+MOVED_TO_STOPPING = {"early_stopping_patience": "patience", "early_stopping_min_steps": "min_steps",
+                     "early_stopping_smoothing": "smoothing"}  # finetune.X before `stopping:` served every run
+
+
 def _moved_keys(d: dict[str, Any]) -> dict[str, Any]:
-    """Accept recipes, overrides and saved configs written before `cluster:` was split from `trainer:`:
-    `trainer.workers` (and the other placement keys) are read as `cluster.workers`, with a warning."""
+    """Accept recipes, overrides and saved configs written before `cluster:` was split from `trainer:`
+    (`trainer.workers` is read as `cluster.workers`) and before `stopping:` was split from `finetune:`
+    (`finetune.early_stopping_patience` is read as `stopping.patience`), with a warning."""
+    finetune = d.get("finetune")
+    if isinstance(finetune, dict) and set(finetune) & set(MOVED_TO_STOPPING):
+        d, finetune = dict(d), dict(finetune)
+        stopping = dict(d.get("stopping") or {})
+        for old, new in MOVED_TO_STOPPING.items():
+            if old in finetune:
+                log.warning("finetune.%s is now stopping.%s; reading it there", old, new)
+                stopping.setdefault(new, finetune.pop(old))
+        d["finetune"], d["stopping"] = finetune, stopping
     trainer = d.get("trainer")
     if not isinstance(trainer, dict) or not set(trainer) & set(MOVED_TO_CLUSTER):
         return d
@@ -425,6 +467,9 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         if len(parts) == 2 and parts[0] == "trainer" and parts[1] in MOVED_TO_CLUSTER:
             log.warning("--set trainer.%s is now cluster.%s; setting that", parts[1], parts[1])
             parts[0] = "cluster"
+        if len(parts) == 2 and parts[0] == "finetune" and parts[1] in MOVED_TO_STOPPING:
+            log.warning("--set finetune.%s is now stopping.%s; setting that", parts[1], MOVED_TO_STOPPING[parts[1]])
+            parts = ["stopping", MOVED_TO_STOPPING[parts[1]]]
         node = d
         for p in parts[:-1]:
             node = node.setdefault(p, {})

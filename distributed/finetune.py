@@ -129,7 +129,7 @@ class FinetunePlan:
     def build(cls, cfg: RunConfig, stores: Sequence[Store], source: str | None = None,
               source_uri: str | None = None) -> "FinetunePlan":
         """The plan of `cfg.finetune` on the target `stores`; `source`: the local copy of an MLflow URI."""
-        from polyfid.distributed.replay import lineage_stores, open_replay_stores
+        from polyfid.distributed.replay import lineage_stores, openable_refs, replay_refs
 
         ft = cfg.finetune
         source = source or ft.source
@@ -140,14 +140,13 @@ class FinetunePlan:
         if replay_fraction > 0:
             paths = replay_paths or lineage_stores(meta)
             prints = {s.get("path"): s.get("fingerprint") for s in (meta.get("lineage") or {}).get("stores", [])}
-            replay_paths = [str(s.path) for s in open_replay_stores(paths, prints)]
-            if not replay_paths:
-                log.warning("finetune.replay_fraction=%g but no pretraining store can be read (lineage: %s); "
-                            "fine-tuning without replay", replay_fraction, ", ".join(paths) or "none")
-                replay_fraction = 0.0
+            if not paths:
+                raise ValueError(f"finetune.replay_fraction={replay_fraction:g}, but the parent {source_uri or ft.source} "
+                                 "records no pretraining stores; name them with --replay-stores, or pass --replay 0")
+            replay_paths = replay_refs(paths, prints)
         anchors: list[str] = []
         if ft.refit_references and new_fid is None:  # an existing head keeps its energies on the pretraining data
-            anchors = [str(s.path) for s in open_replay_stores(replay_paths or lineage_stores(meta))]
+            anchors = openable_refs(replay_paths or lineage_stores(meta))
         init = _init_head(parent, new_fid, ft.init_from)
         references = None
         if ft.refit_references:  # once, on the driver; every worker sets the same values, the lineage keeps them
@@ -192,15 +191,16 @@ def prepare_finetune_model(cfg: RunConfig, stores: Sequence[Store]) -> Potential
 
 
 class EarlyStopping:
-    """Stop after `patience` validations without improvement of the fine-tuned head; keep the best weights.
+    """Stop after `patience` validations without improvement; keep the best weights (config: `stopping:`).
 
-    The score is the loss's weighting of the head's validation errors: energy_weight × energy MAE per atom
-    (eV) + forces_weight × force MAE (eV/Å), smoothed over validations (an exponential average that keeps
-    `smoothing` of the previous value), because a small validation set is noisy. Validations before
-    `min_steps` never count against patience. Validation results are all-reduced, so every rank decides alike.
+    The score weighs the validation errors as the loss does: energy_weight × energy MAE per atom (eV) +
+    forces_weight × force MAE (eV/Å) of `head`, or the mean of that over every head validated when `head` is
+    None; smoothed over validations (an exponential average that keeps `smoothing` of the previous value),
+    because a small validation set is noisy. Validations before `min_steps` never count against patience.
+    Validation results are all-reduced, so every rank decides alike. `patience` 0: never stop.
     """
 
-    def __init__(self, patience: int, head: str, energy_weight: float = 1.0, forces_weight: float = 1.0,
+    def __init__(self, patience: int, head: str | None, energy_weight: float = 1.0, forces_weight: float = 1.0,
                  min_steps: int = 0, smoothing: float = 0.0) -> None:
         self.patience, self.head = patience, head
         self.weights = (energy_weight, forces_weight)
@@ -209,12 +209,17 @@ class EarlyStopping:
         self.smoothed: float | None = None
         self.best_state: dict | None = None
 
-    def score(self, results: dict[str, dict[str, float]]) -> float:
-        r = results.get(self.head) or {}
+    def _head_score(self, r: dict[str, float]) -> float:
         e, f = r.get("energy_mae_per_atom"), r.get("forces_mae")
         if e is None and f is None:
             return float("nan")
         return self.weights[0] * (e or 0.0) + self.weights[1] * (f or 0.0)
+
+    def score(self, results: dict[str, dict[str, float]]) -> float:
+        if self.head is not None:
+            return self._head_score(results.get(self.head) or {})
+        scores = [s for s in (self._head_score(r) for r in results.values()) if np.isfinite(s)]
+        return float(np.mean(scores)) if scores else float("nan")
 
     def update(self, results: dict[str, dict[str, float]], module, step: int, keep: bool) -> bool:
         """Record a validation; returns True when training should stop. `keep`: hold a copy of the best weights."""

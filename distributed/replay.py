@@ -8,10 +8,12 @@ they hold, so the old heads keep being trained while the target head learns.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from polyfid.data_shards.named import is_named_store
 from polyfid.data_shards.reader import ShardReader
 from polyfid.data_shards.schema import Batch, concat_batches
 from polyfid.data_shards.store import Store
@@ -20,19 +22,29 @@ log = logging.getLogger("polyfid.replay")
 
 
 def lineage_stores(metadata: dict | None) -> list[str]:
-    """The pretraining store paths recorded in a package's lineage (validation stores preferred last)."""
+    """The pretraining stores recorded in a package's lineage: `corpus:` names, URLs, or paths relative to the
+    working directory of the run that made it (older packages: absolute paths)."""
     lineage = (metadata or {}).get("lineage") or {}
     return [s["path"] for s in lineage.get("stores", []) if s.get("path")]
 
 
-def open_replay_stores(paths: Sequence[str], fingerprints: dict[str, str] | None = None) -> list[Store]:
-    """Open the replay stores; a store that is gone or changed since pretraining is skipped with a warning."""
+def _usable(ref: str) -> str:
+    """A reference every worker can open: names and URLs as they are, local paths absolute."""
+    return ref if is_named_store(ref) or "://" in ref else os.path.abspath(ref)
+
+
+def open_replay_stores(paths: Sequence[str], fingerprints: dict[str, str] | None = None,
+                       failures: list[str] | None = None) -> list[Store]:
+    """Open the replay stores; a store that is gone or changed since pretraining is skipped with a warning
+    (and its reason appended to `failures`, when given)."""
     out = []
     for p in paths:
         try:
-            s = Store.open(p)
+            s = Store.open(_usable(p))
         except (OSError, ValueError) as err:
             log.warning("replay: cannot open pretraining store %s (%s); training without it", p, err)
+            if failures is not None:
+                failures.append(f"{p} ({err})")
             continue
         want = (fingerprints or {}).get(p)
         if want and s.fingerprint != want:
@@ -40,6 +52,27 @@ def open_replay_stores(paths: Sequence[str], fingerprints: dict[str, str] | None
                         p, s.fingerprint[:12], want[:12])
         out.append(s)
     return out
+
+
+def openable_refs(paths: Sequence[str], fingerprints: dict[str, str] | None = None,
+                  failures: list[str] | None = None) -> list[str]:
+    """The references of the stores that open (as open_replay_stores), in a form every worker opens alike."""
+    return [_usable(p) for p in paths if open_replay_stores([p], fingerprints, failures)]
+
+
+def replay_refs(paths: Sequence[str], fingerprints: dict[str, str] | None = None) -> list[str]:
+    """openable_refs, or an error that says how to get the data, and how to skip replay, when none opens."""
+    failures: list[str] = []
+    ok = openable_refs(paths, fingerprints, failures)
+    if paths and not ok:
+        raise FileNotFoundError(
+            "replay: none of the parent's pretraining stores can be opened: " + "; ".join(failures) + ". "
+            "Named corpus stores (corpus:NAME) are built on first use from the files committed in "
+            "data_shards/corpus/extxyz/ (check that they are there, and that $POLYFID_CACHE is writable); a store "
+            "recorded by a relative path is looked up from the working directory, so run from the folder the "
+            "parent was trained in, or name the stores with --replay-stores PATH[,PATH]. "
+            "To fine-tune without replay, pass --replay 0.")
+    return ok
 
 
 def split_budget(atom_budget: int, fraction: float) -> tuple[int, int]:

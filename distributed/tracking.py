@@ -117,6 +117,11 @@ class Tracker:
         items = [Metric(_key(k), float(v), now, int(step)) for k, v in metrics.items() if v == v]
         self._call("log metrics", lambda: self.client.log_batch(self.run_id, metrics=items))
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set run tags (e.g. stop_reason), each on its own call."""
+        for k, v in tags.items():
+            self._call(f"set tag {k}", lambda k=k, v=v: self.client.set_tag(self.run_id, k, str(v)[:5000]))
+
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         p = Path(path)
         fn = self.client.log_artifacts if p.is_dir() else self.client.log_artifact

@@ -3,8 +3,8 @@
     Trainer(cfg, ...).build().train()
 
 Parts: the model and its engine, the mode (modes.py) and its stream, the validator with early stopping
-(validation.py), the checkpointer (checkpoint.py), telemetry (telemetry.py), the MLflow tracker and the
-progress display. torch.distributed is already initialised (by Ray Train, or by the caller) when it runs.
+(validation.py), the energy refit (energy_refit.py), the checkpointer (checkpoint.py), telemetry
+(telemetry.py), the MLflow tracker and the progress display. torch.distributed is already initialised (by Ray Train, or by the caller) when it runs.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from polyfid.distributed.checkpoint import Checkpointer
 from polyfid.distributed.config import RunConfig
 from polyfid.distributed.engine import build_engine, compute_dtype, resolve_device
 from polyfid.distributed.ema import EMA
+from polyfid.distributed.energy_refit import EnergyRefit
 from polyfid.distributed.finetune import FinetunePlan
 from polyfid.distributed.guard import Guard
 from polyfid.distributed.modes import get_mode
@@ -127,6 +128,11 @@ class Trainer:
             self.stream = Collated(self.stream, functools.partial(collate, ctx=self.ctx), cfg.data.prefetch)
         self.validator = Validator(cfg, self.valid, heads_in(self.model, self.valid), self.plan and self.plan.head,
                                    dtype, self.device, self.rank, self.world, self.tracker)
+        refit_heads = [self.plan.head] if self.plan else heads_in(self.model, self.stores)
+        anchors = [Store.open(p) for p in self.plan.anchors] if self.plan else []
+        self.refit = EnergyRefit(cfg.trainer.energy_refit_every, cfg.trainer.steps, self.stores + anchors, refit_heads,
+                                 cfg.data.atom_budget, dtype, self.device, self.rank, self.world,
+                                 cfg.trainer.energy_refit_structures)
         self.telemetry = Telemetry(cfg.data.atom_budget, cfg.trainer.trace_dir, self.rank)
         self.progress = make_progress(cfg.trainer.steps, self.step, self.rank, self.live_progress,
                                       cfg.trainer.progress_every_s)
@@ -150,6 +156,8 @@ class Trainer:
                 self.progress.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 self.log(metrics)
+            if self.refit.due(self.step):
+                self.refit_energies()
             if self.validator.due(self.step) and self.validate():
                 break
             stopped = self.checkpointer.after_step(self.engine, self.stream, self.step)
@@ -175,6 +183,13 @@ class Trainer:
         """The weights that are validated and packaged: the EMA when trainer.ema_decay > 0, else the live ones."""
         return self.ema.applied(self.engine.module) if self.ema is not None else contextlib.nullcontext(
             self.engine.module)
+
+    def refit_energies(self) -> None:
+        """The trained heads' reference energies refitted on the training data (the weights that are validated)."""
+        with self.weights() as module:
+            drift = self.refit(module, self.step)
+        if self.rank == 0 and drift:
+            self.tracker.log_metrics({f"energy_refit/{h}": v for h, v in drift.items()}, self.step)
 
     def validate(self) -> bool:
         """Validate at this step (the EMA weights, if any); True when early stopping ends the run."""

@@ -41,24 +41,33 @@ def short(res: dict[str, dict[str, float]]) -> str:
 
 
 class Validator:
-    """Validates every `trainer.valid_every` steps; when fine-tuning a head, also at step 0 and with early stopping.
+    """Validates every `trainer.valid_every` steps (and at step 0 when fine-tuning a head), keeps the best weights
+    and stops early by the `stopping:` config, the same way for every run.
 
-    Every rank validates its share and gets the all-reduced errors, so every rank decides alike; rank 0 logs.
+    Every rank validates its share and gets the all-reduced errors, so every rank decides alike; rank 0 logs,
+    appends each validation to <output>/validation.jsonl and writes best.json with why the run stopped.
     """
 
     def __init__(self, cfg: RunConfig, valid: list[Store], fidelities: list[str], head: str | None, dtype: torch.dtype,
                  device: torch.device, rank: int, world: int, tracker: Tracker) -> None:
         self.cfg, self.valid, self.fidelities, self.head = cfg, valid, fidelities, head
         self.dtype, self.device, self.rank, self.world, self.tracker = dtype, device, rank, world, tracker
-        ft = cfg.finetune
-        self.stopper = EarlyStopping(ft.early_stopping_patience if head else 0, head or "", cfg.loss.energy_weight,
-                                     cfg.loss.forces_weight, ft.early_stopping_min_steps, ft.early_stopping_smoothing)
+        st = cfg.stopping
+        scored = st.head or head  # None: every validated head
+        if scored is not None and valid and scored not in fidelities:
+            raise ValueError(f"stopping.head={scored!r} is not a fidelity of the validation stores "
+                             f"({', '.join(fidelities) or 'none'})")
+        self.stopper = EarlyStopping(st.patience, scored, cfg.loss.energy_weight, cfg.loss.forces_weight,
+                                     st.min_steps, st.smoothing)
         self.stopped_early = False
+        self.keep = st.keep_best and rank == 0
 
     def _errors(self, module, step: int) -> dict[str, dict[str, float]]:
         res = validate(module, self.cfg, self.valid, self.fidelities, self.dtype, self.device, self.rank, self.world)
         if self.rank == 0:
             self.tracker.log_metrics(flatten(res, "valid"), step)
+            with open(Path(self.cfg.output) / "validation.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": step, "errors": res}) + "\n")
         return res
 
     def at_start(self, module, step: int) -> None:
@@ -66,7 +75,7 @@ class Validator:
         if not (self.valid and self.head and step == 0):
             return
         res = self._errors(module, 0)
-        self.stopper.update(res, module, 0, keep=self.rank == 0)
+        self.stopper.update(res, module, 0, keep=self.keep)
         if self.rank == 0:
             (Path(self.cfg.output) / "step0_validation.json").write_text(json.dumps(res, indent=2))
             log.warning("step 0 (after the reference refit) validation: %s", short(res))
@@ -79,21 +88,34 @@ class Validator:
         res = self._errors(module, step)
         if self.rank == 0:
             log.warning("step %d validation: %s", step, short(res))
-        self.stopped_early = self.stopper.update(res, module, step, keep=self.rank == 0)
+        self.stopped_early = self.stopper.update(res, module, step, keep=self.keep)
         if self.stopped_early:
-            log.warning("early stopping at step %d: no improvement of %r in %d validations; best at step %d",
-                        step, self.head, self.stopper.bad, self.stopper.best_step)
+            log.warning("early stopping at step %d: %s", step, self.stop_reason(step))
         return self.stopped_early
 
+    def stop_reason(self, last_step: int) -> str:
+        """Why the run ended where it did, in words (best.json, MLflow tag stop_reason, the summary)."""
+        s, what = self.stopper, repr(self.stopper.head) if self.stopper.head else "the validated heads"
+        if self.stopped_early:
+            return (f"early stopping: no improvement of {what} in {s.bad} validations (stopping.patience="
+                    f"{s.patience}); best at step {s.best_step}")
+        return f"ran all {last_step} steps; best validation of {what} at step {s.best_step}"
+
     def best(self, module, last_step: int):
-        """The weights to package: the best validated ones when early stopping kept them (best.json says which)."""
+        """The weights to package: the best validated ones when stopping.keep_best kept them (best.json says which)."""
         s = self.stopper
+        if self.rank == 0 and self.valid and s.best_step >= 0:
+            reason = self.stop_reason(last_step)
+            self.tracker.log_metrics({"best_step": s.best_step, "stopped_early": float(self.stopped_early)}, last_step)
+            self.tracker.set_tags({"stop_reason": reason})
+            (Path(self.cfg.output) / "best.json").write_text(json.dumps(
+                {"best_step": s.best_step, "best_score": s.best_score, "last_step": last_step,
+                 "stopped_early": self.stopped_early, "kept": "best" if s.best_state is not None else "last",
+                 "stop_reason": reason}, indent=2))
+            log.warning("%s; the package holds the %s weights", reason,
+                        "best" if s.best_state is not None else "last")
         if s.best_state is None:
             return module
         best = copy.deepcopy(module)
         s.restore_best(best)
-        self.tracker.log_metrics({"best_step": s.best_step, "stopped_early": float(self.stopped_early)}, last_step)
-        (Path(self.cfg.output) / "best.json").write_text(json.dumps(
-            {"best_step": s.best_step, "best_score": s.best_score, "last_step": last_step,
-             "stopped_early": self.stopped_early}, indent=2))
         return best

@@ -38,7 +38,7 @@ def run(a: argparse.Namespace, load_config) -> int:
     for flag, key in ((a.valid, "data.valid"), (a.head, "finetune.head"), (a.init_from, "finetune.init_from"),
                       (a.freeze, "finetune.freeze"),
                       (a.replay, "finetune.replay_fraction"), (a.replay_stores, "finetune.replay_stores"),
-                      (a.patience, "finetune.early_stopping_patience")):
+                      (a.patience, "stopping.patience")):
         if flag is not None:
             extra.append(f"{key}={flag}")
     if a.compare_scratch:
@@ -69,8 +69,7 @@ def print_finetune_summary(s: dict) -> None:
             for fid, r in s["step0_validation"].items()))
     if s.get("best"):
         b = s["best"]
-        how = "stopped early" if b["stopped_early"] else "ran all steps"
-        print(f"best validation at step {b['best_step']} of {b['last_step']} ({how}); the package holds those weights")
+        print(f"{b.get('stop_reason', '')}; the package holds the {b.get('kept', 'best')} weights")
     for fid, r in (s.get("forgetting") or {}).items():
         print(f"forgetting on the parent's data, {fid} (fine-tuned − parent, meV or meV/Å): " + ", ".join(
             f"{k[:-len('_increase')]} {r[k] * 1000:+.1f}" for k in r if k.endswith("_increase")))

@@ -207,6 +207,20 @@ def hardware() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}"
 
 
+def portable_args(args: list[str]) -> list[str]:
+    """The command's arguments as the card records them: absolute paths (alone or after KEY=) relative to the
+    working directory, so that a card names no path of the machine that made it."""
+    from polyfid.data_shards.named import portable_ref
+
+    def one(text: str) -> str:
+        key, eq, value = text.rpartition("=") if "=" in text and not text.startswith("-") else ("", "", text)
+        if os.path.isabs(value) or value.startswith(("sqlite:////", "file:///")):
+            value = portable_ref(value)
+        return f"{key}{eq}{value}"
+
+    return [one(x) for x in args]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stores", type=Path, default=Path("runs/corpus"), help="the corpus stores (made if empty)")
@@ -226,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     from polyfid.distributed.config import load_config
 
     cfg = load_config(RECIPE, a.set)
-    info = {"command": "python -m polyfid.launch.foundation " + shlex.join(argv if argv is not None else sys.argv[1:]),
+    info = {"command": "python -m polyfid.launch.foundation " + shlex.join(portable_args(argv if argv is not None
+                                                                                         else sys.argv[1:])),
             "wall_s": sum(walls), "invocations": len(walls), "hardware": hardware(),
             "steps": cfg.trainer.steps, "workers": cfg.cluster.workers}
     card = write_card(package, a.name, errors, _counts(stores), info, figures_of(package))

@@ -26,6 +26,30 @@ def source_of(out: Path) -> Path:
     return Path(mark.read_text().strip()) if mark.is_file() else FILES
 
 
+def corpus_file(stem: str, files: Path = FILES) -> Path:
+    """The committed file of store `stem` (`gfn2_xtb_train`, `target_paracetamol_valid`, ...)."""
+    return Path(files) / f"{stem}.extxyz.gz"
+
+
+def make_store(path: Path, out: Path, workers: int = 1) -> Path:
+    """Ingest one corpus file into ``out/<stem>.zarr`` (replaced whole, only once the new one is complete)."""
+    stem = path.name[: -len(".extxyz.gz")]
+    target = stem.startswith("target_")
+    levels = [lv for lv in LEVELS if (lv.target if target else stem.startswith(lv.name + "_"))]
+    if not levels:
+        raise ValueError(f"{path}: no corpus level matches the file name (levels: {[lv.name for lv in LEVELS]})")
+    store = out / f"{stem}.zarr"
+    tmp = out / f".{stem}.zarr.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ingest([str(path)], str(tmp), dataset=stem.rsplit("_", 1)[0] if target else f"corpus_{levels[0].name}",
+           energy={lv.name: f"energy_{lv.name}" for lv in levels},
+           forces={lv.name: f"forces_{lv.name}" for lv in levels},
+           fidelity_meta={lv.name: lv.meta() for lv in levels}, workers=workers, progress=False)
+    shutil.rmtree(store, ignore_errors=True)
+    os.replace(tmp, store)
+    return store
+
+
 def make_stores(out: Path, files: Path = FILES, workers: int = 1, stale_only: bool = False) -> list[Path]:
     """Ingest every corpus file into its own store under ``out``; returns the store paths.
 
@@ -36,20 +60,10 @@ def make_stores(out: Path, files: Path = FILES, workers: int = 1, stale_only: bo
     made = []
     for path in sorted(files.glob("*.extxyz.gz")):
         stem = path.name[: -len(".extxyz.gz")]
-        target = stem.startswith("target_")
-        levels = [lv for lv in LEVELS if (lv.target if target else stem.startswith(lv.name + "_"))]
-        store = out / f"{stem}.zarr"
-        done = store / "zarr.json"  # written last, with the manifest
+        done = out / f"{stem}.zarr" / "zarr.json"  # written last, with the manifest
         if stale_only and done.exists() and done.stat().st_mtime >= path.stat().st_mtime:
             continue
-        tmp = out / f".{stem}.zarr.tmp"  # a store is replaced whole, only once its new version is complete
-        shutil.rmtree(tmp, ignore_errors=True)
-        ingest([str(path)], str(tmp), dataset=stem.rsplit("_", 1)[0] if target else f"corpus_{levels[0].name}",
-               energy={lv.name: f"energy_{lv.name}" for lv in levels},
-               forces={lv.name: f"forces_{lv.name}" for lv in levels},
-               fidelity_meta={lv.name: lv.meta() for lv in levels}, workers=workers, progress=False)
-        shutil.rmtree(store, ignore_errors=True)
-        os.replace(tmp, store)
+        store = make_store(path, out, workers)
         print(f"{store}: {path.name}", flush=True)
         made.append(store)
     return made
