@@ -214,6 +214,7 @@ class FinetuneConfig:
     init_from: str | None = None  # the parent head a new head starts from; default: the closest by rank
     freeze: str = "none"  # none | backbone
     refit_references: bool = True  # least-squares reference energies of the head on the target first
+    rescale_head: bool = True  # a new head's scale becomes the target's force RMS (its predictions unchanged)
     replay_fraction: float = 0.0  # share of each batch's atoms drawn from the pretraining stores (anti-forgetting)
     replay_stores: list[str] = dataclasses.field(default_factory=list)  # default: the stores in the parent's lineage
     compare_scratch: bool = False  # also train the same budget from a random init and report both

@@ -69,6 +69,16 @@ def _head_batches(stores: Sequence[Store], head: str, atom_budget: int, limit: i
             return
 
 
+def force_rms(stores: Sequence[Store], head: str, atom_budget: int = 4096, limit: int | None = 2048) -> float | None:
+    """RMS force component (eV/Å) of `head`'s labels in the stores (the scale a fresh head gets), None without."""
+    total, count = 0.0, 0
+    for batch in _head_batches(stores, head, atom_budget, limit):
+        f = batch["forces"][:, 0]
+        ok = np.isfinite(f)
+        total, count = total + float((f[ok] ** 2).sum()), count + int(ok.sum())
+    return float(np.sqrt(total / count)) if count else None
+
+
 def refit_references(model: Potential, head: str, stores: Sequence[Store], atom_budget: int = 4096,
                      anchors: Sequence[Store] = (), max_anchor_structures: int = 1000) -> dict[int, float]:
     """Shift the head's reference energies by a least-squares fit of (label - prediction) per element.
@@ -124,6 +134,7 @@ class FinetunePlan:
     replay_stores: list[str]
     parent_lineage: dict | None
     references: dict[str, float] | None = None  # the head's refitted reference energies {Z: eV}, fitted once here
+    head_scale: float | None = None  # a new head's scale (the target's force RMS), its readout rescaled to match
 
     @classmethod
     def build(cls, cfg: RunConfig, stores: Sequence[Store], source: str | None = None,
@@ -148,6 +159,10 @@ class FinetunePlan:
         if ft.refit_references and new_fid is None:  # an existing head keeps its energies on the pretraining data
             anchors = openable_refs(replay_paths or lineage_stores(meta))
         init = _init_head(parent, new_fid, ft.init_from)
+        # A new head copies its parent head's scale, which was fit to that level's pretraining forces (11.8 eV/Å
+        # for organic-mini's wB97X head, rattled structures included); on a target of MD frames (~1 eV/Å) every
+        # Adam step would move its energies ~10x further than a scratch run's. Rescale it to the target's.
+        head_scale = force_rms(stores, head, cfg.data.atom_budget) if new_fid is not None and ft.rescale_head else None
         references = None
         if ft.refit_references:  # once, on the driver; every worker sets the same values, the lineage keeps them
             if new_fid is not None:
@@ -159,7 +174,8 @@ class FinetunePlan:
                    new_fidelity=new_fid.to_dict() if new_fid is not None else None,
                    init_from=init, freeze=ft.freeze,
                    refit_references=ft.refit_references, anchors=anchors, replay_fraction=replay_fraction,
-                   replay_stores=replay_paths, parent_lineage=meta.get("lineage"), references=references)
+                   replay_stores=replay_paths, parent_lineage=meta.get("lineage"), references=references,
+                   head_scale=head_scale)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -174,6 +190,10 @@ class FinetunePlan:
         if self.new_fidelity is not None:
             model.add_fidelity(Fidelity.from_dict(self.new_fidelity), init_from=self.init_from)
             log.warning("fine-tuning adds head %r, initialised from %r", self.head, self.init_from)
+        if self.head_scale is not None:
+            old = model.rescale_head(self.head, self.head_scale)
+            log.warning("head %r rescaled from %.3g to %.3g eV (the target's force RMS); its predictions are unchanged",
+                        self.head, old, self.head_scale)
         if self.references is not None:
             model.set_reference_energies(self.head, {int(z): e for z, e in self.references.items()})
         elif self.refit_references:  # a plan written before the fit moved into build()

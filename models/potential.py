@@ -111,6 +111,21 @@ class Potential(torch.nn.Module):
             self.head_scale[k] = float(scale)
             self.head_shift[k] = float(shift)
 
+    def rescale_head(self, name: str, scale: float) -> float:
+        """Give head `name` the scale `scale` without changing what it predicts: its readout rows (weights and
+        bias, in every layer) are multiplied by old/new. Adam's step on those rows then moves the head's energies
+        in units of `scale`. Returns the old scale."""
+        if not scale > 0:
+            raise ValueError(f"the scale of head {name!r} must be positive, got {scale}")
+        k = self.fidelity_index(name)
+        old = float(self.head_scale[k])
+        with torch.no_grad():
+            for readout in self.readouts:
+                readout.weight[k] *= old / scale
+                readout.bias[k] *= old / scale
+            self.head_scale[k] = float(scale)
+        return old
+
     def scale_shift_dict(self) -> dict[str, dict[str, float]]:
         """{fidelity: {"scale": ..., "shift": eV/atom}}."""
         sc, sh = self.head_scale.detach().cpu().tolist(), self.head_shift.detach().cpu().tolist()

@@ -1,0 +1,207 @@
+"""Fine-tuning that pays: `pretrained:organic-mini` against a tuned scratch run, on targets at a new level of theory.
+
+    python benchmarks/bench_finetune.py --workdir runs/ftbench --phase sweep          # seed 0, valid split only
+    python benchmarks/bench_finetune.py --workdir runs/ftbench --phase final --seeds 0,1,2
+    python benchmarks/bench_finetune.py --workdir runs/ftbench --phase curve --sizes 50,100,200
+    python benchmarks/bench_finetune.py --workdir runs/ftbench --phase report --out benchmarks/RESULTS_finetune.md
+
+Targets: `benchmarks/ft_targets/<molecule>.extxyz.gz`, B3LYP/6-31G* energies and forces (PySCF) of GFN2-xTB MD
+frames of molecules held out of the pretraining corpus (make_targets.py there), with fixed test (50), valid (20)
+and train splits; a run trains on the first N train structures.
+
+Both sides run `launch/recipes/finetune.yaml` (the same steps, validation, energy refit, early stopping and
+best-weights selection) with the same architecture (organic-mini's): the fine-tuned run from the shipped
+package, the scratch run from a random init (`finetune.scratch_config`). The sweep chooses each side's settings
+by the validation score (energy MAE per atom + force MAE, eV and eV/Å, as early stopping scores) on seed 0 with
+the same lr grid for both; then the fine-tuning-only options one at a time at the best lr, and one longer budget
+for each side. The final phase reads the test split once, for the chosen settings, over several seeds.
+A finished run in the workdir is reused, so every phase resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ROOT / "benchmarks" / "ft_targets"
+RECIPE = ROOT / "launch" / "recipes" / "finetune.yaml"
+LEVEL = "b3lyp_631gs"
+PARENT = "pretrained:organic-mini"
+LRS = (3e-4, 1e-3, 3e-3)  # both sides
+SCRATCH_LRS = LRS + (1e-2,)  # a random init may want more: scratch gets one lr more than fine-tuning
+FT_OPTIONS = {  # one at a time, at the best lr
+    "init_gfn2": ["finetune.init_from=gfn2_xtb"],
+    "freeze_backbone": ["finetune.freeze=backbone"],
+    "replay25": ["finetune.replay_fraction=0.25"],
+    "no_rescale": ["finetune.rescale_head=false"],
+    "no_refit": ["trainer.energy_refit_every=0"],
+}
+LONG = ["trainer.steps=4000"]  # the longer budget each side gets once
+
+
+def stores(molecule: str, n_train: int, work: Path) -> dict[str, str]:
+    """test, valid and train (the first n_train of the train pool) stores of a target, made once."""
+    import ase.io
+
+    from polyfid.data_shards.ingest import ingest
+
+    frames = ase.io.read(str(TARGETS / f"{molecule}.extxyz.gz"), ":")
+    by = {s: [a for a in frames if a.info["split"] == s] for s in ("train", "valid", "test")}
+    if len(by["train"]) < n_train:
+        raise SystemExit(f"{molecule}: {len(by['train'])} train structures labelled, {n_train} wanted "
+                         "(benchmarks/ft_targets/make_targets.py labels more)")
+    out = {}
+    for split, sel in (("test", by["test"]), ("valid", by["valid"]), (f"train{n_train}", by["train"][:n_train])):
+        path = work / "stores" / f"{molecule}_{split}.zarr"
+        if not path.exists():
+            xyz = path.with_suffix(".extxyz")
+            xyz.parent.mkdir(parents=True, exist_ok=True)
+            ase.io.write(str(xyz), sel, format="extxyz")
+            ingest([str(xyz)], str(path), dataset=molecule, energy={LEVEL: f"energy_{LEVEL}"},
+                   forces={LEVEL: f"forces_{LEVEL}"}, ranks={LEVEL: 3}, progress=False)
+            xyz.unlink()
+        out[split.rstrip("0123456789")] = str(path)
+    return out
+
+
+def run(kind: str, name: str, data: dict, sets: list[str], seed: int, work: Path) -> dict:
+    """One fine-tuned (kind 'ft') or scratch run; returns its summary (reused when finished)."""
+    from polyfid.distributed.config import RunConfig, apply_overrides, load_config
+    from polyfid.distributed.finetune import scratch_config
+    from polyfid.distributed.launcher import run_training
+    from polyfid.models.package import read_metadata, resolve_name
+
+    out = work / "runs" / f"{name}_s{seed}"
+    done = out / "summary.json"
+    if done.exists() and json.loads(done.read_text()).get("package"):
+        return json.loads(done.read_text())
+    base = [f"data.train={data['train']}", f"data.valid={data['valid']}", f"trainer.seed={seed}",
+            f"output={out}", "tracking.enabled=false", "cluster.workers=1"]
+    cfg = load_config(RECIPE, base + [f"finetune.source={PARENT}"] + (sets if kind == "ft" else []))
+    if kind == "scratch":
+        cfg = scratch_config(cfg, read_metadata(resolve_name(PARENT)))
+        d = apply_overrides(cfg.to_dict(), sets + [f"output={out}", f"name={name}"])  # the sweep's values on top
+        cfg = RunConfig.from_dict(d)
+    t0 = time.perf_counter()
+    summary = run_training(cfg, shutdown_ray=False)
+    summary["bench_wall_s"] = time.perf_counter() - t0
+    done.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def valid_curve(summary: dict) -> list[dict]:
+    path = Path(summary["package"]).parent / "validation.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def swing(summary: dict, steps: int) -> float:
+    """max / min of the validation energy MAE after the first 10% of steps (the issue's stability measure)."""
+    e = [r["errors"][LEVEL]["energy_mae"] for r in valid_curve(summary) if r["step"] >= 0.1 * steps]
+    return float(max(e) / max(min(e), 1e-9)) if e else float("nan")
+
+
+def score(summary: dict) -> float:
+    """The best validation score of the run (energy MAE per atom + force MAE), as early stopping scores it."""
+    s = [r["errors"][LEVEL]["energy_mae_per_atom"] + r["errors"][LEVEL]["forces_mae"] for r in valid_curve(summary)]
+    return float(min(s)) if s else float("inf")
+
+
+def test_errors(summary: dict, test: str) -> dict:
+    from polyfid.distributed.finetune import compare_table
+
+    r = compare_table({"m": summary["package"]}, [test])["m"][LEVEL]
+    return {"E": r["energy_mae"] * 1000, "F": r["forces_mae"] * 1000, "E_rmse": r["energy_rmse"] * 1000,
+            "F_rmse": r["forces_rmse"] * 1000}
+
+
+def sweep(a, work: Path) -> dict:
+    """Seed 0, validation only: the lr grid on both sides, then the options; returns the chosen settings."""
+    rows = {}
+    for mol in a.molecules:
+        data = stores(mol, a.n, work)
+        for lr in LRS:
+            rows[(mol, f"ft_lr{lr:g}")] = ("ft", [f"trainer.lr={lr}"])
+        for lr in SCRATCH_LRS:
+            rows[(mol, f"scratch_lr{lr:g}")] = ("scratch", [f"trainer.lr={lr}"])
+    results = {}
+    for (mol, name), (kind, sets) in rows.items():
+        s = run(kind, f"{mol}_n{a.n}_{name}", stores(mol, a.n, work), sets, 0, work)
+        results[(mol, name)] = s
+        print(f"{mol} {name}: valid score {score(s) * 1000:.1f}, swing {swing(s, a.steps):.2f}", flush=True)
+
+    def best(prefix: str) -> str:  # the lr whose mean valid score over the molecules is lowest
+        names = sorted({n for (_, n) in results if n.startswith(prefix)})
+        return min(names, key=lambda n: np.mean([score(results[(m, n)]) for m in a.molecules]))
+
+    ft_lr, sc_lr = best("ft_lr"), best("scratch_lr")
+    chosen = {"ft": [f"trainer.lr={ft_lr[len('ft_lr'):]}"], "scratch": [f"trainer.lr={sc_lr[len('scratch_lr'):]}"]}
+    options = {f"ft_{k}": ("ft", chosen["ft"] + v) for k, v in FT_OPTIONS.items()}
+    options["ft_long"] = ("ft", chosen["ft"] + LONG)
+    options["scratch_long"] = ("scratch", chosen["scratch"] + LONG)
+    for mol in a.molecules:
+        for name, (kind, sets) in options.items():
+            s = run(kind, f"{mol}_n{a.n}_{name}", stores(mol, a.n, work), sets, 0, work)
+            results[(mol, name)] = s
+            print(f"{mol} {name}: valid score {score(s) * 1000:.1f}, swing {swing(s, a.steps):.2f}", flush=True)
+    for kind, base_name in (("ft", ft_lr), ("scratch", sc_lr)):
+        cands = [base_name] + [n for n in options if n.startswith(kind + "_")]
+        pick = min(cands, key=lambda n: np.mean([score(results[(m, n)]) for m in a.molecules]))
+        if pick != base_name:
+            chosen[kind] = options[pick][1]
+    table = {f"{m}|{n}": {"valid_score": score(s), "swing": swing(s, a.steps),
+                          "best_step": (s.get("best") or {}).get("best_step"),
+                          "stop_reason": (s.get("best") or {}).get("stop_reason"), "wall_s": s.get("bench_wall_s")}
+             for (m, n), s in results.items()}
+    out = {"chosen": chosen, "table": table, "n": a.n, "molecules": a.molecules}
+    (work / "sweep.json").write_text(json.dumps(out, indent=2))
+    print(json.dumps(chosen), flush=True)
+    return out
+
+
+def final(a, work: Path, sizes: list[int], tag: str) -> dict:
+    """Test errors of the chosen settings (sweep.json) over seeds and training-set sizes."""
+    chosen = json.loads((work / "sweep.json").read_text())["chosen"]
+    rows = {}
+    for mol in a.molecules:
+        for n in sizes:
+            data = stores(mol, n, work)
+            for kind in ("ft", "scratch"):
+                for seed in a.seeds:
+                    s = run(kind, f"{mol}_n{n}_{kind}_chosen", data, chosen[kind], seed, work)
+                    r = {**test_errors(s, data["test"]), "swing": swing(s, a.steps),
+                         "best_step": (s.get("best") or {}).get("best_step"), "wall_s": s.get("bench_wall_s")}
+                    rows[f"{mol}|{n}|{kind}|{seed}"] = r
+                    print(f"{mol} n={n} {kind} seed {seed}: test E {r['E']:.1f} meV F {r['F']:.1f} meV/Å", flush=True)
+    (work / f"{tag}.json").write_text(json.dumps({"chosen": chosen, "rows": rows}, indent=2))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, default=Path("runs/ftbench"))
+    ap.add_argument("--phase", choices=("sweep", "final", "curve"), required=True)
+    ap.add_argument("--molecules", default="propionitrile,1-propanol")
+    ap.add_argument("--n", type=int, default=80, help="training structures of the sweep and the final phase")
+    ap.add_argument("--sizes", default="50,100,200", help="training structures of the curve phase")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=1500, help="the recipe's trainer.steps (for the swing measure)")
+    a = ap.parse_args(argv)
+    a.molecules = [m for m in a.molecules.split(",") if m]
+    a.seeds = [int(s) for s in a.seeds.split(",")]
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    if a.phase == "sweep":
+        sweep(a, a.workdir)
+    elif a.phase == "final":
+        final(a, a.workdir, [a.n], "final")
+    else:
+        final(a, a.workdir, [int(x) for x in a.sizes.split(",")], "curve")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
