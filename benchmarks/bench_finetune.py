@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -101,9 +103,12 @@ def valid_curve(summary: dict) -> list[dict]:
 
 
 def swing(summary: dict, steps: int) -> float:
-    """max / min of the validation energy MAE after the first 10% of steps (the issue's stability measure)."""
-    e = [r["errors"][LEVEL]["energy_mae"] for r in valid_curve(summary) if r["step"] >= 0.1 * steps]
-    return float(max(e) / max(min(e), 1e-9)) if e else float("nan")
+    """The largest ratio of a validation energy MAE after the first 10% of steps to the best one reached by
+    then (the issue's stability measure: at most 3)."""
+    curve = valid_curve(summary)
+    e = [r["errors"][LEVEL]["energy_mae"] for r in curve]
+    ratios = [e[i] / max(min(e[: i + 1]), 1e-9) for i, r in enumerate(curve) if r["step"] >= 0.1 * steps]
+    return float(max(ratios)) if ratios else float("nan")
 
 
 def score(summary: dict) -> float:
@@ -182,10 +187,78 @@ def final(a, work: Path, sizes: list[int], tag: str) -> dict:
     return rows
 
 
+def _stats(rows: dict, mol: str, n: int, kind: str, key: str) -> tuple[float, float, list[float]]:
+    v = [r[key] for k, r in rows.items() if k.startswith(f"{mol}|{n}|{kind}|")]
+    return float(np.mean(v)), float(np.std(v)), v
+
+
+def _paired_p(a: list[float], b: list[float]) -> float:
+    """Two-sided paired t-test p value over seeds (nan with fewer than 2 pairs)."""
+    from scipy import stats
+
+    return float(stats.ttest_rel(a, b).pvalue) if len(a) >= 2 and len(a) == len(b) else float("nan")
+
+
+def report(a, work: Path) -> str:
+    """RESULTS_finetune.md from sweep.json, final.json and curve.json (what exists), and the gain table that
+    `polyfid models` and the model card show (FINETUNE.json)."""
+    lines = ["# Fine-tuning `pretrained:organic-mini` against a tuned scratch run (B3LYP/6-31G*, new molecules)", "",
+             f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), no GPU, torch {_torch()}; "
+             f"command: `python benchmarks/bench_finetune.py --workdir {a.workdir} --phase ...` (this file: "
+             "`--phase report`). Errors in meV (E) and meV/Å (F); test split read once, after the sweep.", ""]
+    sweep_path = work / "sweep.json"
+    if sweep_path.exists():
+        sw = json.loads(sweep_path.read_text())
+        lines += ["## Sweep (seed 0, validation split only)", "",
+                  f"Training structures: {sw['n']}. Score: the best validation energy MAE per atom + force MAE "
+                  "(meV/atom + meV/Å), as early stopping scores. Swing: the largest validation energy MAE after "
+                  "the first 10% of steps over the best one reached by then (goal: at most 3).", "",
+                  "| molecule | run | valid score | swing | best step | stop |", "|---|---|---|---|---|---|"]
+        for key, r in sw["table"].items():
+            mol, name = key.split("|")
+            lines.append(f"| {mol} | {name} | {r['valid_score'] * 1000:.1f} | {r['swing']:.2f} | {r['best_step']} | "
+                         f"{(r['stop_reason'] or '').split(';')[0]} |")
+        lines += ["", f"Chosen: fine-tuning `{' '.join(sw['chosen']['ft'])}`, scratch "
+                  f"`{' '.join(sw['chosen']['scratch'])}` (over the recipe `launch/recipes/finetune.yaml`).", ""]
+    gains = {}
+    for tag, title in (("final", "Test errors at the sweep's size, seeds"), ("curve", "Gain over scratch by size")):
+        path = work / f"{tag}.json"
+        if not path.exists():
+            continue
+        rows = json.loads(path.read_text())["rows"]
+        lines += [f"## {title}", "", "| molecule | N train | fine-tuned E | scratch E | fine-tuned F | scratch F | "
+                  "F ratio | E ratio | paired p (F) | seeds | max swing |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for mol, n in sorted({(k.split("|")[0], int(k.split("|")[1])) for k in rows}):
+            fe, fe_s, _ = _stats(rows, mol, n, "ft", "E")
+            se, se_s, _ = _stats(rows, mol, n, "scratch", "E")
+            ff, ff_s, fv = _stats(rows, mol, n, "ft", "F")
+            sf, sf_s, sv = _stats(rows, mol, n, "scratch", "F")
+            sw_max = max(r["swing"] for k, r in rows.items() if k.startswith(f"{mol}|{n}|"))
+            lines.append(f"| {mol} | {n} | {fe:.1f} ± {fe_s:.1f} | {se:.1f} ± {se_s:.1f} | {ff:.1f} ± {ff_s:.1f} | "
+                         f"{sf:.1f} ± {sf_s:.1f} | {ff / sf:.2f} | {fe / se:.2f} | {_paired_p(fv, sv):.3g} | "
+                         f"{len(fv)} | {sw_max:.2f} |")
+            if tag == "curve":
+                gains.setdefault(mol, {})[str(n)] = {"force_ratio": ff / sf, "energy_ratio": fe / se,
+                                                     "finetuned_F": ff, "scratch_F": sf, "seeds": len(fv)}
+        lines.append("")
+    if gains:
+        (work / "FINETUNE.json").write_text(json.dumps(
+            {"level": "B3LYP/6-31G* (PySCF), new to the model", "molecules": sorted(gains), "gain": gains,
+             "command": "python benchmarks/bench_finetune.py --workdir runs/ftbench --phase curve"}, indent=2))
+    return "\n".join(lines)
+
+
+def _torch() -> str:
+    import torch
+
+    return torch.__version__
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("runs/ftbench"))
-    ap.add_argument("--phase", choices=("sweep", "final", "curve"), required=True)
+    ap.add_argument("--phase", choices=("sweep", "final", "curve", "report"), required=True)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS_finetune.md")
     ap.add_argument("--molecules", default="propionitrile,1-propanol")
     ap.add_argument("--n", type=int, default=80, help="training structures of the sweep and the final phase")
     ap.add_argument("--sizes", default="50,100,200", help="training structures of the curve phase")
@@ -199,8 +272,11 @@ def main(argv: list[str] | None = None) -> None:
         sweep(a, a.workdir)
     elif a.phase == "final":
         final(a, a.workdir, [a.n], "final")
-    else:
+    elif a.phase == "curve":
         final(a, a.workdir, [int(x) for x in a.sizes.split(",")], "curve")
+    else:
+        a.out.write_text(report(a, a.workdir) + "\n")
+        print(a.out.read_text())
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Fine-tuning the shipped model as a user does: `polyfid finetune --from pretrained:organic-mini` on a small
 real target at a level it never saw (the demo's formic acid at B3LYP/6-31G*), through real Ray + DeepSpeed.
 
-- The validation energy follows the data: after the first 10% of the steps it never swings above 3x its best.
-  Before the energy refit and the head rescale (issue 28) the same run swung 43x (18.8 -> 466 meV).
+- The validation energy follows the data: after the first 10% of the steps no validation is above 3x the best
+  energy error reached by then. Before the energy refit and the head rescale (issue 28) the same run went from
+  42 meV at step 0 to 466 meV at step 30, and from 18.8 meV at step 110 to 256 meV at step 130.
 - Replay from the shipped model on a machine that never saw its data: its corpus stores are built from the
   committed files into a fresh cache, and forgetting is measured on every level.
 """
@@ -42,8 +43,10 @@ def test_the_validation_energy_of_a_fine_tuned_shipped_model_stays_near_its_best
                   "--set", "trainer.energy_refit_every=10", "--patience", "0")
     curve = [json.loads(line) for line in (tmp_path / "ft" / "validation.jsonl").read_text().splitlines()]
     assert [r["step"] for r in curve] == list(range(0, steps + 1, 10))
-    e = [r["errors"][HIGH]["energy_mae"] for r in curve if r["step"] >= 0.1 * steps]
-    assert max(e) <= 3 * min(e), [round(x * 1000, 1) for x in e]
+    e = [r["errors"][HIGH]["energy_mae"] for r in curve]
+    for i, r in enumerate(curve):  # no swing: never above 3x the best energy error reached by then
+        if r["step"] >= 0.1 * steps:
+            assert e[i] <= 3 * min(e[: i + 1]), (r["step"], [round(x * 1000, 1) for x in e])
     f = [r["errors"][HIGH]["forces_mae"] for r in curve]
     assert f[-1] < 0.5 * f[0]  # and the forces learned the new level
     # the new head works in units of the target: its scale is the target's force RMS, not the parent head's
