@@ -35,16 +35,21 @@ TARGETS = ROOT / "benchmarks" / "ft_targets"
 RECIPE = ROOT / "launch" / "recipes" / "finetune.yaml"
 LEVEL = "b3lyp_631gs"
 PARENT = "pretrained:organic-mini"
-LRS = (3e-4, 1e-3, 3e-3)  # both sides
-SCRATCH_LRS = LRS + (1e-2,)  # a random init may want more: scratch gets one lr more than fine-tuning
-FT_OPTIONS = {  # one at a time, at the best lr
+# Each side gets three lrs (a random init wants larger steps: scratch's grid sits one step higher, and its warm-up
+# is the parent's pretraining one, 100, as finetune.scratch_config gives it), then three options one at a time at
+# its best lr. The ablations (no_rescale, no_refit) are run after the choice and are not candidates.
+FT_LRS = (3e-4, 1e-3, 3e-3)
+SCRATCH_LRS = (1e-3, 3e-3, 1e-2)
+FT_OPTIONS = {
     "init_gfn2": ["finetune.init_from=gfn2_xtb"],
     "freeze_backbone": ["finetune.freeze=backbone"],
     "replay25": ["finetune.replay_fraction=0.25"],
-    "no_rescale": ["finetune.rescale_head=false"],
-    "no_refit": ["trainer.energy_refit_every=0"],
 }
-LONG = ["trainer.steps=4000"]  # the longer budget each side gets once
+SCRATCH_OPTIONS = {
+    "warmup10": ["trainer.warmup_steps=10"],
+    "wide": ["model.width=128"],
+}
+ABLATIONS = {"no_rescale": ["finetune.rescale_head=false"], "no_refit": ["trainer.energy_refit_every=0"]}
 
 
 def stores(molecule: str, n_train: int, work: Path) -> dict[str, str]:
@@ -125,53 +130,48 @@ def test_errors(summary: dict, test: str) -> dict:
             "F_rmse": r["forces_rmse"] * 1000}
 
 
-def sweep(a, work: Path) -> dict:
-    """Seed 0, validation only: the lr grid on both sides, then the options; returns the chosen settings."""
-    rows = {}
-    for mol in a.molecules:
-        data = stores(mol, a.n, work)
-        for lr in LRS:
-            rows[(mol, f"ft_lr{lr:g}")] = ("ft", [f"trainer.lr={lr}"])
-        for lr in SCRATCH_LRS:
-            rows[(mol, f"scratch_lr{lr:g}")] = ("scratch", [f"trainer.lr={lr}"])
+def sweep(a, work: Path, side: str) -> dict:
+    """Seed 0, validation only, one side ('ft' or 'scratch'; the two can run side by side): its lr grid, then its
+    options one at a time at its best lr; writes sweep_<side>.json with the chosen settings."""
+    lrs, opts = (FT_LRS, FT_OPTIONS) if side == "ft" else (SCRATCH_LRS, SCRATCH_OPTIONS)
     results = {}
-    for (mol, name), (kind, sets) in rows.items():
-        s = run(kind, f"{mol}_n{a.n}_{name}", stores(mol, a.n, work), sets, 0, work)
+
+    def do(mol: str, name: str, sets: list[str]) -> None:
+        s = run(side, f"{mol}_n{a.n}_{name}", stores(mol, a.n, work), sets, 0, work)
         results[(mol, name)] = s
         print(f"{mol} {name}: valid score {score(s) * 1000:.1f}, swing {swing(s, a.steps):.2f}", flush=True)
 
-    def best(prefix: str) -> str:  # the lr whose mean valid score over the molecules is lowest
-        names = sorted({n for (_, n) in results if n.startswith(prefix)})
+    def best(names: list[str]) -> str:  # the lowest mean valid score over the molecules
         return min(names, key=lambda n: np.mean([score(results[(m, n)]) for m in a.molecules]))
 
-    ft_lr, sc_lr = best("ft_lr"), best("scratch_lr")
-    chosen = {"ft": [f"trainer.lr={ft_lr[len('ft_lr'):]}"], "scratch": [f"trainer.lr={sc_lr[len('scratch_lr'):]}"]}
-    options = {f"ft_{k}": ("ft", chosen["ft"] + v) for k, v in FT_OPTIONS.items()}
-    options["ft_long"] = ("ft", chosen["ft"] + LONG)
-    options["scratch_long"] = ("scratch", chosen["scratch"] + LONG)
     for mol in a.molecules:
-        for name, (kind, sets) in options.items():
-            s = run(kind, f"{mol}_n{a.n}_{name}", stores(mol, a.n, work), sets, 0, work)
-            results[(mol, name)] = s
-            print(f"{mol} {name}: valid score {score(s) * 1000:.1f}, swing {swing(s, a.steps):.2f}", flush=True)
-    for kind, base_name in (("ft", ft_lr), ("scratch", sc_lr)):
-        cands = [base_name] + [n for n in options if n.startswith(kind + "_")]
-        pick = min(cands, key=lambda n: np.mean([score(results[(m, n)]) for m in a.molecules]))
-        if pick != base_name:
-            chosen[kind] = options[pick][1]
+        for lr in lrs:
+            do(mol, f"{side}_lr{lr:g}", [f"trainer.lr={lr}"])
+    base = best([f"{side}_lr{lr:g}" for lr in lrs])
+    options = {base: [f"trainer.lr={base[len(side) + 3:]}"]}
+    options.update({f"{side}_{k}": options[base] + v for k, v in opts.items()})
+    for mol in a.molecules:
+        for name, sets in list(options.items())[1:]:
+            do(mol, name, sets)
+    pick = best(list(options))
+    if a.ablations and side == "ft":
+        for mol in a.molecules:
+            for k, v in ABLATIONS.items():
+                do(mol, f"ft_{k}", options[pick] + v)
     table = {f"{m}|{n}": {"valid_score": score(s), "swing": swing(s, a.steps),
                           "best_step": (s.get("best") or {}).get("best_step"),
                           "stop_reason": (s.get("best") or {}).get("stop_reason"), "wall_s": s.get("bench_wall_s")}
              for (m, n), s in results.items()}
-    out = {"chosen": chosen, "table": table, "n": a.n, "molecules": a.molecules}
-    (work / "sweep.json").write_text(json.dumps(out, indent=2))
-    print(json.dumps(chosen), flush=True)
+    out = {"side": side, "chosen": options[pick], "chosen_name": pick, "table": table, "n": a.n,
+           "molecules": a.molecules}
+    (work / f"sweep_{side}.json").write_text(json.dumps(out, indent=2))
+    print(f"{side}: chose {pick} {options[pick]}", flush=True)
     return out
 
 
 def final(a, work: Path, sizes: list[int], tag: str) -> dict:
     """Test errors of the chosen settings (sweep.json) over seeds and training-set sizes."""
-    chosen = json.loads((work / "sweep.json").read_text())["chosen"]
+    chosen = {side: json.loads((work / f"sweep_{side}.json").read_text())["chosen"] for side in ("ft", "scratch")}
     rows = {}
     for mol in a.molecules:
         for n in sizes:
@@ -206,20 +206,22 @@ def report(a, work: Path) -> str:
              f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), no GPU, torch {_torch()}; "
              f"command: `python benchmarks/bench_finetune.py --workdir {a.workdir} --phase ...` (this file: "
              "`--phase report`). Errors in meV (E) and meV/Å (F); test split read once, after the sweep.", ""]
-    sweep_path = work / "sweep.json"
-    if sweep_path.exists():
-        sw = json.loads(sweep_path.read_text())
+    sweeps = [json.loads(p.read_text()) for p in (work / "sweep_ft.json", work / "sweep_scratch.json") if p.exists()]
+    if sweeps:
         lines += ["## Sweep (seed 0, validation split only)", "",
-                  f"Training structures: {sw['n']}. Score: the best validation energy MAE per atom + force MAE "
+                  f"Training structures: {sweeps[0]['n']}. Score: the best validation energy MAE per atom + force MAE "
                   "(meV/atom + meV/Å), as early stopping scores. Swing: the largest validation energy MAE after "
                   "the first 10% of steps over the best one reached by then (goal: at most 3).", "",
                   "| molecule | run | valid score | swing | best step | stop |", "|---|---|---|---|---|---|"]
-        for key, r in sw["table"].items():
-            mol, name = key.split("|")
-            lines.append(f"| {mol} | {name} | {r['valid_score'] * 1000:.1f} | {r['swing']:.2f} | {r['best_step']} | "
-                         f"{(r['stop_reason'] or '').split(';')[0]} |")
-        lines += ["", f"Chosen: fine-tuning `{' '.join(sw['chosen']['ft'])}`, scratch "
-                  f"`{' '.join(sw['chosen']['scratch'])}` (over the recipe `launch/recipes/finetune.yaml`).", ""]
+        for sw in sweeps:
+            for key, r in sw["table"].items():
+                mol, name = key.split("|")
+                lines.append(f"| {mol} | {name} | {r['valid_score'] * 1000:.1f} | {r['swing']:.2f} | "
+                             f"{r['best_step']} | {(r['stop_reason'] or '').split(';')[0]} |")
+        lines.append("")
+        lines += [f"Chosen for {sw['side']}: `{sw['chosen_name']}` = `{' '.join(sw['chosen'])}` over the recipe "
+                  "`launch/recipes/finetune.yaml`." for sw in sweeps]
+        lines.append("")
     gains = {}
     for tag, title in (("final", "Test errors at the sweep's size, seeds"), ("curve", "Gain over scratch by size")):
         path = work / f"{tag}.json"
@@ -258,18 +260,21 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("runs/ftbench"))
     ap.add_argument("--phase", choices=("sweep", "final", "curve", "report"), required=True)
+    ap.add_argument("--side", choices=("ft", "scratch"), default="ft", help="sweep: which side (run both)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS_finetune.md")
     ap.add_argument("--molecules", default="propionitrile,1-propanol")
     ap.add_argument("--n", type=int, default=80, help="training structures of the sweep and the final phase")
     ap.add_argument("--sizes", default="50,100,200", help="training structures of the curve phase")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=1500, help="the recipe's trainer.steps (for the swing measure)")
+    ap.add_argument("--ablations", action="store_true", help="sweep: also the chosen fine-tuning without the head "
+                    "rescale and without the energy refit")
     a = ap.parse_args(argv)
     a.molecules = [m for m in a.molecules.split(",") if m]
     a.seeds = [int(s) for s in a.seeds.split(",")]
     a.workdir.mkdir(parents=True, exist_ok=True)
     if a.phase == "sweep":
-        sweep(a, a.workdir)
+        sweep(a, a.workdir, a.side)
     elif a.phase == "final":
         final(a, a.workdir, [a.n], "final")
     elif a.phase == "curve":

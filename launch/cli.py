@@ -150,7 +150,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_models(a: argparse.Namespace) -> int:
-    from polyfid.models.pretrained import available, search_path
+    from polyfid.models.pretrained import available, finetune_summary, search_path
 
     models = available()
     if a.json:
@@ -167,6 +167,10 @@ def cmd_models(a: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    for m in models.values():
+        line = finetune_summary(m.finetune)
+        if line:
+            print(f"pretrained:{m.name}: {line} (its model card has the table and the command)")
     return 0
 
 

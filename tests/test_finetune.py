@@ -177,3 +177,51 @@ def test_forgetting_measures_every_level_of_a_parent_with_several_stores(stores,
         r = out[fid]
         assert r["n_structures"] >= 1
         assert r["energy_mae_increase"] == pytest.approx(r["energy_mae_finetuned"] - r["energy_mae_parent"])
+
+
+def test_energy_refit_removes_an_offset_the_weights_drifted_by_and_is_then_still(stores):
+    """EnergyRefit (trainer.energy_refit_every): a drift of every structure's energy, as Adam's steps on a readout
+    bias make, is removed in closed form; a second refit finds nothing left; forces are untouched."""
+    from polyfid.distributed.energy_refit import EnergyRefit
+
+    pre, target = stores
+    fids = sorted({f.name: f for s in stores for f in s.fidelities}.values(), key=lambda f: f.rank)
+    torch.manual_seed(0)
+    model = Potential(ModelConfig(kind="hipnn_ts", width=8, n_interactions=1, n_sensitivities=4), [1, 6, 7, 8], fids)
+    refit_references(model, HIGH, [target])
+    fitted = _high_energy_error(model, target)
+    batch = next(iter_all([target], fidelities=[HIGH]))
+    _, f0 = predict(model, batch, model.config.cutoff, None, "cpu")
+    k = model.fidelity_index(HIGH)
+    with torch.no_grad():
+        model.readouts[0].bias[k] += 0.05  # +0.05 eV x scale on every atom: the kind of drift fine-tuning showed
+    drifted = _high_energy_error(model, target)
+    assert drifted > fitted + 0.1
+    refit = EnergyRefit(every=10, last_step=35, stores=[target], heads=[HIGH], atom_budget=64, dtype=None,
+                        device="cpu")
+    assert refit.due(10) and not refit.due(15) and refit.due(35)  # every 10 steps and at the last
+    shift = refit(model, 10)
+    assert shift[HIGH] == pytest.approx(-0.05 * float(model.head_scale[k]) * 5, rel=0.05)  # 5 atoms per structure
+    assert _high_energy_error(model, target) == pytest.approx(fitted, abs=2e-4)  # float32 total energies
+    assert abs(refit(model, 20)[HIGH]) < 1e-3
+    _, f1 = predict(model, batch, model.config.cutoff, None, "cpu")
+    np.testing.assert_allclose(f1, f0, atol=1e-10)
+    assert EnergyRefit(0, 35, [target], [HIGH], 64, None, "cpu").due(10) is False
+    assert EnergyRefit(10, 35, [pre], ["no_such_level"], 64, None, "cpu").enabled is False
+
+
+def test_rescaling_a_head_keeps_its_predictions_and_changes_its_units(stores):
+    _, target = stores
+    fids = sorted({f.name: f for s in stores for f in s.fidelities}.values(), key=lambda f: f.rank)
+    torch.manual_seed(1)
+    model = Potential(ModelConfig(kind="hipnn_ts", width=8, n_interactions=1, n_sensitivities=4), [1, 6, 7, 8], fids)
+    model.set_scale_shift(HIGH, 11.8, 0.02)
+    batch = next(iter_all([target], fidelities=[HIGH]))
+    e0, f0 = predict(model, batch, model.config.cutoff, None, "cpu")
+    assert model.rescale_head(HIGH, 1.2) == pytest.approx(11.8)
+    e1, f1 = predict(model, batch, model.config.cutoff, None, "cpu")
+    np.testing.assert_allclose(e1, e0, atol=1e-6)
+    np.testing.assert_allclose(f1, f0, atol=1e-6)
+    assert float(model.head_scale[model.fidelity_index(HIGH)]) == pytest.approx(1.2)
+    with pytest.raises(ValueError, match="positive"):
+        model.rescale_head(HIGH, 0.0)
