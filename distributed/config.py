@@ -218,11 +218,17 @@ class FinetuneConfig:
     replay_fraction: float = 0.0  # share of each batch's atoms drawn from the pretraining stores (anti-forgetting)
     replay_stores: list[str] = dataclasses.field(default_factory=list)  # default: the stores in the parent's lineage
     compare_scratch: bool = False  # also train the same budget from a random init and report both
+    # The learning rate and warm-up of that scratch run (and of the demo's); None: the parent's pretraining ones.
+    # The fine-tuning recipe sets the values its sweep chose for scratch (benchmarks/bench_finetune.py).
+    scratch_lr: float | None = None
+    scratch_warmup_steps: int | None = None
 
     def __post_init__(self) -> None:
         _choice("finetune", "freeze", self.freeze, ("none", "backbone"))
         if isinstance(self.replay_stores, str):
             self.replay_stores = split_list(self.replay_stores)
+        if self.scratch_lr is not None and not self.scratch_lr > 0:
+            raise ConfigError(f"finetune.scratch_lr must be positive (or null: the parent's), got {self.scratch_lr}")
         if not 0.0 <= self.replay_fraction < 1.0:
             raise ConfigError(f"finetune.replay_fraction must be in [0, 1), got {self.replay_fraction}")
 

@@ -331,8 +331,10 @@ def forgetting_advice(forgetting: dict | None, replay_fraction: float) -> str | 
 def scratch_config(cfg: RunConfig, parent_meta: dict) -> RunConfig:
     """The same run from a random init: the parent's architecture, the target data, the same step budget.
 
-    The learning rate and warm-up are the parent's pretraining ones (a random init needs them), so that
-    neither side is handicapped by the other's schedule. No head is frozen, nothing is registered.
+    The learning rate and warm-up are finetune.scratch_lr and finetune.scratch_warmup_steps (the fine-tuning
+    recipe's, chosen for scratch by its own sweep), else the parent's pretraining ones (a random init needs
+    larger steps), so that neither side is handicapped by the other's schedule. Validation, the energy refit,
+    early stopping and best-weights selection are the fine-tuning run's. No head is frozen, nothing is registered.
     """
     import copy
 
@@ -342,7 +344,10 @@ def scratch_config(cfg: RunConfig, parent_meta: dict) -> RunConfig:
     s.model = ModelConfig(**{k: v for k, v in parent_meta["config"].items() if k in ModelConfig.__dataclass_fields__})
     parent_trainer = ((parent_meta.get("extra") or {}).get("config") or {}).get("trainer") or {}
     for key in ("lr", "warmup_steps"):
-        if key in parent_trainer:
+        mine = getattr(cfg.finetune, f"scratch_{key}")
+        if mine is not None:
+            setattr(s.trainer, key, mine)
+        elif key in parent_trainer:
             setattr(s.trainer, key, parent_trainer[key])
     s.finetune = type(cfg.finetune)()
     s.name = f"{cfg.name}-scratch"

@@ -26,6 +26,8 @@ RECIPES = Path(__file__).parent / "recipes"
 TARGET = "formic_acid"
 N_VALID = 20  # last frames of each pretraining molecule
 N_TARGET_TRAIN = 50
+N_TARGET_VALID = 20  # the frames after the training frames: early stopping and best weights; the rest is test
+FINETUNE_STEPS = 600  # the demo's fine-tuning budget (the recipe's is 1,500), to keep the demo short
 SHIPPED_MODEL = "organic-mini"  # the shipped checkpoint the demo also fine-tunes (pretrained:NAME)
 S1_FRACTION = 0.5  # share of the pretraining frames with a high-level energy (S1 variant c); 1/k for whole k
 RANKS = {LOW: 0, HIGH: 1, EXTRA: 2}
@@ -118,13 +120,15 @@ def ingest_demo(workdir: Path, fraction: float = S1_FRACTION, variants: tuple[st
     files, _ = _files()
     names = {"c": "pretrain", "a": "s1_a", "b": "s1_b"}
     stores = {k: str(workdir / "stores" / f"{k}.zarr")
-              for k in [names[v] for v in variants] + ["valid", "target", "target_test"]}
+              for k in [names[v] for v in variants] + ["valid", "target", "target_valid", "target_test"]}
     for v in variants:
         ingest_variant(stores[names[v]], v, fraction)
     ingest_heldout(stores["valid"])
     t = files[TARGET]
     ingest_levels(f"{t}@:{N_TARGET_TRAIN}", stores["target"], TARGET, [HIGH], [HIGH])
-    ingest_levels(f"{t}@{N_TARGET_TRAIN}:", stores["target_test"], TARGET, [HIGH], [HIGH])
+    ingest_levels(f"{t}@{N_TARGET_TRAIN}:{N_TARGET_TRAIN + N_TARGET_VALID}", stores["target_valid"], TARGET, [HIGH],
+                  [HIGH])
+    ingest_levels(f"{t}@{N_TARGET_TRAIN + N_TARGET_VALID}:", stores["target_test"], TARGET, [HIGH], [HIGH])
     from polyfid.data_shards.inspect import summarize
     from polyfid.data_shards.store import Store
 
@@ -200,12 +204,36 @@ def s1_labels(variant: str, fraction: float = S1_FRACTION, low: str = LOW, high:
 def finetune_target(source: str, stores: dict[str, str], out: Path, tracking: tuple[str, str],
                     sets: list[str]) -> dict:
     """Fine-tune `source` (a package, pretrained:NAME or MLflow URI) on the target's 50 frames (finetune recipe)."""
-    from polyfid.distributed.config import load_config
     from polyfid.distributed.launcher import run_training
 
-    cfg = load_config(RECIPES / "finetune.yaml", [
-        f"finetune.source={source}", f"data.train={stores['target']}", f"output={out}",
-        f"tracking.uri={tracking[0]}", f"tracking.experiment={tracking[1]}"] + list(sets))
+    return run_training(_finetune_config(source, stores, out, tracking, sets))
+
+
+def _finetune_config(source: str, stores: dict[str, str], out: Path, tracking: tuple[str, str], sets: list[str]):
+    from polyfid.distributed.config import load_config
+
+    return load_config(RECIPES / "finetune.yaml", [
+        f"finetune.source={source}", f"data.train={stores['target']}", f"data.valid={stores['target_valid']}",
+        f"output={out}", f"tracking.uri={tracking[0]}", f"tracking.experiment={tracking[1]}",
+        f"trainer.steps={FINETUNE_STEPS}"] + list(sets))
+
+
+def scratch_target(name: str, stores: dict[str, str], workdir: Path, tracking: tuple[str, str],
+                   sets: list[str]) -> dict | None:
+    """The same target trained from a random init with the shipped model's architecture: the same recipe, budget,
+    validation, energy refit and best-weights selection; the lr is the recipe's finetune.scratch_lr."""
+    from polyfid.distributed.finetune import scratch_config
+    from polyfid.distributed.launcher import run_training
+    from polyfid.models.package import UnknownModel, read_metadata
+
+    try:
+        meta = read_metadata(f"pretrained:{name}")
+    except UnknownModel as e:
+        print(f"  skipped: {e}")
+        return None
+    cfg = scratch_config(_finetune_config(f"pretrained:{name}", stores, workdir / "scratch", tracking, sets), meta)
+    cfg.output = str(workdir / "scratch")
+    cfg.tracking.register_as = None
     return run_training(cfg)
 
 
@@ -255,7 +283,7 @@ def run_demo(workdir: Path, steps: int | None = None, workers: int = 2, override
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    n = 5 + bool(s1) + bool(shipped)
+    n = 5 + bool(s1) + 2 * bool(shipped)
     step = iter(range(1, n + 1))
 
     t = _section(f"{next(step)}/{n} ingest the embedded QM data into zarr stores")
@@ -292,6 +320,13 @@ def run_demo(workdir: Path, steps: int | None = None, workers: int = 2, override
         if ft_shipped:
             print(f"  package {ft_shipped['package']}; MLflow run {ft_shipped['mlflow_run_id']}  "
                   f"({time.perf_counter() - t:.1f} s)")
+        t = _section(f"{next(step)}/{n} train {TARGET} from scratch (pretrained:{shipped}'s architecture, random "
+                     "init), the same recipe and budget")
+        scratch = scratch_target(shipped, stores, workdir, tracking, list(overrides or []))
+        if scratch and ft_shipped:
+            ft_shipped["scratch"] = scratch
+            print(f"  package {scratch['package']}; MLflow run {scratch['mlflow_run_id']}  "
+                  f"({time.perf_counter() - t:.1f} s)")
 
     t = _section(f"{next(step)}/{n} evaluate")
     out = report(stores, pre, ft, ft_shipped, shipped, s1_packages if s1 else None, cfg)
@@ -327,6 +362,9 @@ def report(stores: dict[str, str], pre: dict, ft: dict, ft_shipped: dict | None,
         own = tables[f"fine-tuned, {TARGET} test frames"]
         rows = {f"the demo's own pretraining ({cfg.trainer.steps} steps, {len(_files()[1])} molecules)": own,
                 f"`pretrained:{shipped}` (shipped)": evaluate(ft_shipped["package"], stores["target_test"])}
+        if ft_shipped.get("scratch"):
+            rows[f"nothing: from scratch ({shipped}'s architecture)"] = evaluate(ft_shipped["scratch"]["package"],
+                                                                              stores["target_test"])
         print(f"\nFine-tuning to {TARGET}: {N_TARGET_TRAIN} {HIGH} frames, the same recipe; {HIGH} errors on its "
               f"{own[HIGH]['n_structures']} test frames")
         print(format_finetune_compare(rows))

@@ -34,6 +34,15 @@ def test_overrides_of_the_cli_contract():
     (["trainer.steps=many"], ["trainer.steps", "integer"]),
     (["model.kind=transformer"], ["kind", "hipnn_ts"]),
     (["finetune.freeze=heads"], ["finetune.freeze", "backbone"]),
+    (["stopping.patience=-1"], ["stopping.patience", ">= 0"]),
+    (["stopping.smoothing=1.5"], ["stopping.smoothing", "[0, 1)"]),
+    (["stopping.min_steps=-5"], ["stopping.min_steps"]),
+    (["stopping.keep_best=maybe"], ["stopping.keep_best", "true or false"]),
+    (["stopping.pateince=3"], ["stopping.pateince", "patience"]),
+    (["trainer.energy_refit_every=-1"], ["trainer.energy_refit_every", ">= 0"]),
+    (["trainer.energy_refit_structures=0"], ["trainer.energy_refit_structures"]),
+    (["finetune.rescale_head=perhaps"], ["finetune.rescale_head", "true or false"]),
+    (["finetune.scratch_lr=-1"], ["finetune.scratch_lr", "positive"]),
 ])
 def test_errors_name_key_and_allowed_values(override, words):
     with pytest.raises(ConfigError) as e:
@@ -62,3 +71,16 @@ def test_placement_keys_written_under_trainer_are_read_under_cluster(tmp_path):
     assert RunConfig.from_dict({"trainer": {"workers": 4}}).cluster.workers == 4
     with pytest.raises(ConfigError, match="did you mean cluster.workers"):
         load_config(None, ["trainer.wrokers=2"])
+
+
+def test_early_stopping_keys_written_under_finetune_are_read_under_stopping(tmp_path, caplog):
+    """Recipes and overrides from before `stopping:` served every run keep working, with a warning."""
+    old = tmp_path / "old.yaml"
+    old.write_text("finetune:\n  early_stopping_patience: 7\n  early_stopping_smoothing: 0.2\n")
+    cfg = load_config(old, ["finetune.early_stopping_min_steps=50"])
+    assert (cfg.stopping.patience, cfg.stopping.smoothing, cfg.stopping.min_steps) == (7, 0.2, 50)
+    assert "early_stopping_patience" not in cfg.to_dict()["finetune"]
+    assert "is now stopping.patience" in caplog.text
+    fine = load_config(RECIPES / "finetune.yaml")
+    assert fine.stopping.patience > 0 and fine.trainer.energy_refit_every == fine.trainer.valid_every
+    assert load_config(RECIPES / "demo.yaml").stopping.patience == 0  # pretraining never stops early by default

@@ -80,3 +80,15 @@ def test_cli_names_an_unknown_model_without_a_traceback(named, tmp_path, capsys)
     assert main(["export", "--to", "metatomic", "pretrained:nope", str(tmp_path / "m.pt")]) == 2
     err = capsys.readouterr().err
     assert "no model named 'nope'" in err and "Traceback" not in err
+
+
+def test_cli_shows_what_fine_tuning_gained_when_the_model_says(named, capsys):
+    first, _ = named
+    gain = {"level": "B3LYP/6-31G*", "gain": {"mol": {"100": {"force_ratio": 0.71}, "50": {"force_ratio": 0.52}}}}
+    (first / "mini" / "FINETUNE.json").write_text(json.dumps(gain))
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "pretrained:mini: fine-tuned / scratch test force MAE, B3LYP/6-31G*" in out
+    assert "mol: 0.52x at 50, 0.71x at 100" in out  # by size, smallest first
+    assert "pretrained:other:" not in out  # no FINETUNE.json, no line
+    assert available()["mini"].finetune == gain
