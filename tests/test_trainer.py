@@ -7,6 +7,7 @@ Also: the mode registry, the fine-tuning plan as data, and the checks the driver
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -219,8 +220,8 @@ def test_streams_declare_the_resumable_interface(stores):
 
 
 def test_finetune_plan_travels_as_data_and_the_config_keeps_what_the_user_wrote(stores, tmp_path):
-    """The plan resolves replay on the driver; a replay store that cannot be read turns replay off in the plan,
-    not in the user's config."""
+    """The plan resolves replay on the driver (a replay store that cannot be read is an error that says how to get
+    it and how to skip replay); what it resolved lives in the plan, not in the user's config."""
     from polyfid.data_shards.store import Store
     from polyfid.distributed.finetune import FinetunePlan
     from polyfid.distributed.trainer import build_model
@@ -229,14 +230,19 @@ def test_finetune_plan_travels_as_data_and_the_config_keeps_what_the_user_wrote(
     pre = _run("multifidelity", str(tmp_path / "pre"), stores, 1)
     model, fit = build_model(pre, [Store.open(p) for p in stores["train"]])
     pkg = write_package(model, pre, [Store.open(p) for p in stores["train"]], None, fit=fit)
-    cfg = RunConfig.from_dict({"finetune": {"source": str(pkg), "replay_fraction": 0.5,
-                                            "replay_stores": [str(tmp_path / "gone.zarr")]},
+    gone = RunConfig.from_dict({"finetune": {"source": str(pkg), "replay_fraction": 0.5,
+                                             "replay_stores": [str(tmp_path / "gone.zarr")]},
+                                "data": {"train": stores["valid"][1:2]}})
+    target = [Store.open(p) for p in gone.data.train]
+    with pytest.raises(FileNotFoundError, match="gone.zarr.*--replay 0"):
+        FinetunePlan.build(gone, target)
+    rel = os.path.relpath(stores["train"][0])  # as a user types it; the plan makes it absolute for the workers
+    cfg = RunConfig.from_dict({"finetune": {"source": str(pkg), "replay_fraction": 0.5, "replay_stores": [rel]},
                                "data": {"train": stores["valid"][1:2]}})
-    target = [Store.open(p) for p in cfg.data.train]
     plan = FinetunePlan.build(cfg, target)
     assert plan.head == HIGH and plan.new_fidelity is None
-    assert plan.replay_fraction == 0.0 and plan.replay_stores == []
-    assert cfg.finetune.replay_fraction == 0.5 and cfg.finetune.replay_stores == [str(tmp_path / "gone.zarr")]
+    assert plan.replay_fraction == 0.5 and plan.replay_stores == [os.path.abspath(rel)]
+    assert cfg.finetune.replay_fraction == 0.5 and cfg.finetune.replay_stores == [rel]
     again = FinetunePlan.from_dict(json.loads(json.dumps(plan.to_dict())))
     assert again == plan
     tuned = again.apply(target, 256)
