@@ -171,19 +171,23 @@ def sweep(a, work: Path, side: str) -> dict:
 
 def final(a, work: Path, sizes: list[int], tag: str) -> dict:
     """Test errors of the chosen settings (sweep.json) over seeds and training-set sizes."""
-    chosen = {side: json.loads((work / f"sweep_{side}.json").read_text())["chosen"] for side in ("ft", "scratch")}
+    sweeps = {side: json.loads((work / f"sweep_{side}.json").read_text()) for side in ("ft", "scratch")}
+    chosen = {side: sw["chosen"] for side, sw in sweeps.items()}
+    names = {side: sw["chosen_name"] for side, sw in sweeps.items()}  # seed 0 at the sweep's size: its run
     rows = {}
     for mol in a.molecules:
         for n in sizes:
             data = stores(mol, n, work)
             for kind in ("ft", "scratch"):
                 for seed in a.seeds:
-                    s = run(kind, f"{mol}_n{n}_{kind}_chosen", data, chosen[kind], seed, work)
+                    s = run(kind, f"{mol}_n{n}_{names[kind]}", data, chosen[kind], seed, work)
                     r = {**test_errors(s, data["test"]), "swing": swing(s, a.steps),
                          "best_step": (s.get("best") or {}).get("best_step"), "wall_s": s.get("bench_wall_s")}
                     rows[f"{mol}|{n}|{kind}|{seed}"] = r
                     print(f"{mol} n={n} {kind} seed {seed}: test E {r['E']:.1f} meV F {r['F']:.1f} meV/Å", flush=True)
-    (work / f"{tag}.json").write_text(json.dumps({"chosen": chosen, "rows": rows}, indent=2))
+    # one file per invocation (several run side by side); the report merges them
+    part = f"{tag}-n{'_'.join(map(str, sizes))}-s{'_'.join(map(str, a.seeds))}-{'_'.join(a.molecules)}.json"
+    (work / part).write_text(json.dumps({"chosen": chosen, "rows": rows}, indent=2))
     return rows
 
 
@@ -224,10 +228,9 @@ def report(a, work: Path) -> str:
         lines.append("")
     gains = {}
     for tag, title in (("final", "Test errors at the sweep's size, seeds"), ("curve", "Gain over scratch by size")):
-        path = work / f"{tag}.json"
-        if not path.exists():
+        rows = {k: r for p in sorted(work.glob(f"{tag}-*.json")) for k, r in json.loads(p.read_text())["rows"].items()}
+        if not rows:
             continue
-        rows = json.loads(path.read_text())["rows"]
         lines += [f"## {title}", "", "| molecule | N train | fine-tuned E | scratch E | fine-tuned F | scratch F | "
                   "F ratio | E ratio | paired p (F) | seeds | max swing |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for mol, n in sorted({(k.split("|")[0], int(k.split("|")[1])) for k in rows}):
@@ -239,14 +242,15 @@ def report(a, work: Path) -> str:
             lines.append(f"| {mol} | {n} | {fe:.1f} ± {fe_s:.1f} | {se:.1f} ± {se_s:.1f} | {ff:.1f} ± {ff_s:.1f} | "
                          f"{sf:.1f} ± {sf_s:.1f} | {ff / sf:.2f} | {fe / se:.2f} | {_paired_p(fv, sv):.3g} | "
                          f"{len(fv)} | {sw_max:.2f} |")
-            if tag == "curve":
+            if tag == "curve" or str(n) not in gains.get(mol, {}):
                 gains.setdefault(mol, {})[str(n)] = {"force_ratio": ff / sf, "energy_ratio": fe / se,
                                                      "finetuned_F": ff, "scratch_F": sf, "seeds": len(fv)}
         lines.append("")
     if gains:
         (work / "FINETUNE.json").write_text(json.dumps(
             {"level": "B3LYP/6-31G* (PySCF), new to the model", "molecules": sorted(gains), "gain": gains,
-             "command": "python benchmarks/bench_finetune.py --workdir runs/ftbench --phase curve"}, indent=2))
+             "command": "python benchmarks/bench_finetune.py --workdir runs/ftbench --phase final|curve "
+                        "(BENCHMARKS.md, fine-tuning that pays)"}, indent=2))
     return "\n".join(lines)
 
 

@@ -64,6 +64,11 @@ def test_a_new_head_starts_from_the_head_asked_for():
         _init_head(parent, new, "ccsd")
 
 
+def meta_config(tmp_path):
+    """The architecture of the shipped-model fine-tuning's package (the scratch run uses the same)."""
+    return json.loads((tmp_path / "demo" / "finetune_demo-mini" / "package" / "polyfid.json").read_text())["config"]
+
+
 def test_demo_fine_tunes_the_shipped_checkpoint_from_the_registry(shelf, tmp_path, monkeypatch, capsys):
     from polyfid.launch.demo import HIGH, run_demo
 
@@ -74,9 +79,13 @@ def test_demo_fine_tunes_the_shipped_checkpoint_from_the_registry(shelf, tmp_pat
     printed = capsys.readouterr().out
     assert "registered pretrained:demo-mini as models:/polyfid-demo-mini/1" in printed
     rows = out["finetune_compare"]
-    assert len(rows) == 2 and "`pretrained:demo-mini` (shipped)" in rows
-    for res in rows.values():
-        assert res[HIGH]["n_structures"] == 50 and all(math.isfinite(res[HIGH][k]) for k in ("energy_mae", "forces_mae"))
+    assert len(rows) == 3 and "`pretrained:demo-mini` (shipped)" in rows
+    assert "nothing: from scratch (demo-mini's architecture)" in rows  # the same target from a random init
+    for res in rows.values():  # 100 frames: 50 train, 20 valid, 30 test
+        assert res[HIGH]["n_structures"] == 30 and all(math.isfinite(res[HIGH][k]) for k in ("energy_mae", "forces_mae"))
+    scratch = json.loads((tmp_path / "demo" / "scratch" / "package" / "polyfid.json").read_text())
+    assert scratch["lineage"]["parent"] is None and scratch["config"] == meta_config(tmp_path)
+    assert (tmp_path / "demo" / "scratch" / "best.json").exists()  # best weights kept, as in the fine-tunings
     assert "| `pretrained:demo-mini` (shipped) |" in printed
     cfg = yaml.safe_load((tmp_path / "demo" / "finetune_demo-mini" / "config.yaml").read_text())
     assert cfg["finetune"]["source"] == "models:/polyfid-demo-mini/1" and cfg["finetune"]["init_from"] == "wb97x_631gs"
