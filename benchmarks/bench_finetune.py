@@ -117,6 +117,19 @@ def swing(summary: dict, steps: int) -> float:
     return float(max(ratios)) if ratios else float("nan")
 
 
+def convergence(summary: dict) -> float:
+    """Relative fall of the best validation force MAE over the last 20% of the run (issue 29's criterion: below
+    3% is converged): (best by 80% of the last step - best by the last step) / best by the last step."""
+    curve = valid_curve(summary)
+    if not curve:
+        return float("nan")
+    last = curve[-1]["step"]
+    f = [(r["step"], r["errors"][LEVEL]["forces_mae"]) for r in curve]
+    early = min(v for st, v in f if st <= 0.8 * last)
+    best = min(v for _, v in f)
+    return float((early - best) / best)
+
+
 def score(summary: dict) -> float:
     """The best validation score of the run (energy MAE per atom + force MAE), as early stopping scores it."""
     s = [r["errors"][LEVEL]["energy_mae_per_atom"] + r["errors"][LEVEL]["forces_mae"] for r in valid_curve(summary)]
@@ -163,7 +176,7 @@ def sweep(a, work: Path, side: str) -> dict:
         for mol in a.molecules:
             for k, v in ABLATIONS.items():
                 do(mol, f"ft_{k}", options[pick] + v)
-    table = {f"{m}|{n}": {"valid_score": score(s), "swing": swing(s, a.steps),
+    table = {f"{m}|{n}": {"valid_score": score(s), "swing": swing(s, a.steps), "converged_fall": convergence(s),
                           "best_step": (s.get("best") or {}).get("best_step"),
                           "stop_reason": (s.get("best") or {}).get("stop_reason"), "wall_s": s.get("bench_wall_s")}
              for (m, n), s in results.items()}
@@ -187,7 +200,7 @@ def final(a, work: Path, sizes: list[int], tag: str) -> dict:
             for kind in sides:
                 for seed in a.seeds:
                     s = run(kind, f"{mol}_n{n}_{names[kind]}", data, chosen[kind], seed, work)
-                    r = {**test_errors(s, data["test"]), "swing": swing(s, a.steps),
+                    r = {**test_errors(s, data["test"]), "swing": swing(s, a.steps), "converged_fall": convergence(s),
                          "best_step": (s.get("best") or {}).get("best_step"), "wall_s": s.get("bench_wall_s")}
                     rows[f"{mol}|{n}|{kind}|{seed}"] = r
                     print(f"{mol} n={n} {kind} seed {seed}: test E {r['E']:.1f} meV F {r['F']:.1f} meV/Å", flush=True)
@@ -223,11 +236,13 @@ def report(a, work: Path) -> str:
                   f"Training structures: {sweeps[0]['n']}. Score: the best validation energy MAE per atom + force MAE "
                   "(meV/atom + meV/Å), as early stopping scores. Swing: the largest validation energy MAE after "
                   "the first 10% of steps over the best one reached by then (goal: at most 3).", "",
-                  "| molecule | run | valid score | swing | best step | stop |", "|---|---|---|---|---|---|"]
+                  "| molecule | run | valid score | swing | F fall, last 20% | best step | stop |",
+                  "|---|---|---|---|---|---|---|"]
         for sw in sweeps:
             for key, r in sw["table"].items():
                 mol, name = key.split("|")
-                lines.append(f"| {mol} | {name} | {r['valid_score'] * 1000:.1f} | {r['swing']:.2f} | "
+                fall = _fall(work / "runs" / f"{mol}_n{sw['n']}_{name}_s0")
+                lines.append(f"| {mol} | {name} | {r['valid_score'] * 1000:.1f} | {r['swing']:.2f} | {fall:.1%} | "
                              f"{r['best_step']} | {(r['stop_reason'] or '').split(';')[0]} |")
         lines.append("")
         lines += [f"Chosen for {sw['side']}: `{sw['chosen_name']}` = `{' '.join(sw['chosen'])}` over the recipe "
@@ -239,16 +254,20 @@ def report(a, work: Path) -> str:
         if not rows:
             continue
         lines += [f"## {title}", "", "| molecule | N train | fine-tuned E | scratch E | fine-tuned F | scratch F | "
-                  "F ratio | E ratio | paired p (F) | seeds | max swing |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "F ratio | E ratio | paired p (F) | seeds | max swing | max F fall, last 20% |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for mol, n in sorted({(k.split("|")[0], int(k.split("|")[1])) for k in rows}):
             fe, fe_s, _ = _stats(rows, mol, n, "ft", "E")
             se, se_s, _ = _stats(rows, mol, n, "scratch", "E")
             ff, ff_s, fv = _stats(rows, mol, n, "ft", "F")
             sf, sf_s, sv = _stats(rows, mol, n, "scratch", "F")
             sw_max = max(r["swing"] for k, r in rows.items() if k.startswith(f"{mol}|{n}|"))
+            names = {sw["side"]: sw["chosen_name"] for sw in sweeps}
+            falls = [_fall(work / "runs" / f"{mol}_n{n}_{names[k.split('|')[2]]}_s{k.split('|')[3]}")
+                     for k in rows if k.startswith(f"{mol}|{n}|") and k.split("|")[2] in names]
             lines.append(f"| {mol} | {n} | {fe:.1f} ± {fe_s:.1f} | {se:.1f} ± {se_s:.1f} | {ff:.1f} ± {ff_s:.1f} | "
                          f"{sf:.1f} ± {sf_s:.1f} | {ff / sf:.2f} | {fe / se:.2f} | {_paired_p(fv, sv):.3g} | "
-                         f"{len(fv)} | {sw_max:.2f} |")
+                         f"{len(fv)} | {sw_max:.2f} | {max(falls) if falls else float('nan'):.1%} |")
             if tag == "curve" or str(n) not in gains.get(mol, {}):
                 gains.setdefault(mol, {})[str(n)] = {"force_ratio": ff / sf, "energy_ratio": fe / se,
                                                      "finetuned_F": ff, "scratch_F": sf, "seeds": len(fv)}
@@ -259,6 +278,11 @@ def report(a, work: Path) -> str:
              "command": "python benchmarks/bench_finetune.py --workdir runs/ftbench --phase final|curve "
                         "(BENCHMARKS.md, fine-tuning that pays)"}, indent=2))
     return "\n".join(lines)
+
+
+def _fall(run_dir: Path) -> float:
+    """convergence() of a finished run folder (nan when it has no validations)."""
+    return convergence({"package": str(run_dir / "package")})
 
 
 def _torch() -> str:
