@@ -19,6 +19,7 @@ from pathlib import Path
 log = logging.getLogger("polyfid.named")
 
 CORPUS = "corpus:"
+BASE_DIR_ENV = "POLYFID_BASE_DIR"  # set in training workers: the driver's working directory (see portable_ref)
 
 
 def cache_root() -> Path:
@@ -85,8 +86,9 @@ def corpus_name_of(path: str | os.PathLike) -> str | None:
 
 def portable_ref(ref: str | os.PathLike | None, base: str | os.PathLike | None = None) -> str | None:
     """What a package records for a store or file: a `corpus:` name, a URL as given, else the path relative to
-    `base` (the working directory of the run: what the user typed there), resolved against the working directory
-    on use. Never an absolute path."""
+    `base` (default: the working directory of the run's driver, $POLYFID_BASE_DIR in its workers, else this
+    process's): what the user typed there, resolved against the working directory on use. Never an absolute
+    path."""
     if ref is None:
         return None
     text = os.fspath(ref)
@@ -98,4 +100,4 @@ def portable_ref(ref: str | os.PathLike | None, base: str | os.PathLike | None =
             return scheme + portable_ref(text[len(scheme):], base)
     if "://" in text or ":/" in text or not os.path.isabs(text):  # URLs, runs:/ and models:/ URIs, relative paths
         return text
-    return os.path.relpath(text, base or os.getcwd())
+    return os.path.relpath(text, base or os.environ.get(BASE_DIR_ENV) or os.getcwd())

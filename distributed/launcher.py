@@ -220,7 +220,8 @@ def launch(run: Prepared, tracker: Tracker, shutdown_ray: bool) -> float:
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={"run": cfg.to_dict(), "finetune_plan": run.plan.to_dict() if run.plan else None,
-                           "mlflow_run_id": tracker.run_id, "live_progress": interactive()},
+                           "mlflow_run_id": tracker.run_id, "live_progress": interactive(),
+                           "base_dir": os.getcwd()},  # what the package's relative store paths are relative to
         scaling_config=ScalingConfig(num_workers=cfg.cluster.workers, use_gpu=use_gpu,
                                      resources_per_worker=resources, placement_strategy=cfg.cluster.placement),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -5,8 +5,10 @@ The run itself is the Trainer (trainer.py); this only turns the launcher's messa
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+from polyfid.data_shards.named import BASE_DIR_ENV
 from polyfid.data_shards.store import Store
 from polyfid.distributed.config import RunConfig
 from polyfid.distributed.finetune import FinetunePlan
@@ -17,6 +19,8 @@ from polyfid.distributed.trainer import Trainer
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Train as the launcher asked: {"run": RunConfig dict, "finetune_plan": FinetunePlan dict or None,
     "mlflow_run_id", "live_progress"}. Without a plan, a run with finetune.source makes its own."""
+    if config.get("base_dir"):  # the driver's working directory: packages record store paths relative to it
+        os.environ[BASE_DIR_ENV] = config["base_dir"]
     cfg = RunConfig.from_dict(config["run"])
     plan = config.get("finetune_plan")
     if plan is not None:
