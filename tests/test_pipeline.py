@@ -110,7 +110,7 @@ def test_finetune_step0_replay_forgetting_scratch(pipeline):
     # recorded as paths relative to the working directory, never absolute (data_shards/named.py)
     assert sorted(meta["lineage"]["replay"]["stores"]) == sorted(os.path.relpath(tmp / n) for n in ("train.zarr",
                                                                                                   "train2.zarr"))
-    assert str(tmp) not in (tmp / "ft" / "package" / "polyfid.json").read_text()
+    assert f'"{tmp}' not in (tmp / "ft" / "package" / "polyfid.json").read_text()  # no JSON string is an absolute path
     steps = [json.loads(line) for line in (tmp / "ft_trace" / "rank0.jsonl").read_text().splitlines()]
     assert len(steps) >= 2
     for rec in steps:  # every batch mixes target structures (store 0) and replayed ones (stores 1, 2)
