@@ -179,7 +179,7 @@ def _step0_of_a_new_head(package, tmp):
     from polyfid.data_shards.reader import iter_all
     from polyfid.distributed.config import RunConfig
     from polyfid.evaluation.metrics import evaluate_batches
-    from polyfid.distributed.finetune import prepare_finetune_model
+    from polyfid.distributed.finetune import force_rms, prepare_finetune_model
 
     fa = {p.name.split(".")[0]: p for p in demo_files()}["formic_acid"]
     target = ingest([f"{fa}@:20"], tmp / "target.zarr", dataset="formic_acid", energy={EXTRA: f"energy_{EXTRA}"},
@@ -187,7 +187,9 @@ def _step0_of_a_new_head(package, tmp):
     cfg = RunConfig.from_dict({"finetune": {"source": str(package)}})
     model = prepare_finetune_model(cfg, [target])
     k = model.fidelity_index(EXTRA)
-    assert model.head_scale[k] == model.head_scale[model.fidelity_index(HIGH)]  # the base head's scale
+    # the new head's scale is the target's force RMS (finetune.rescale_head), not its parent head's
+    assert float(model.head_scale[k]) == pytest.approx(force_rms([target], EXTRA), rel=1e-6)
+    assert float(model.head_scale[k]) != pytest.approx(float(model.head_scale[model.fidelity_index(HIGH)]))
     res = evaluate_batches(model, iter_all([target], fidelities=[EXTRA]), [EXTRA]).results()[EXTRA]
     labels = np.concatenate([b["energy"][:, 0] for b in iter_all([target], fidelities=[EXTRA])])
     spread = np.abs(labels - labels.mean()).mean()
