@@ -31,6 +31,7 @@ from polyfid.data_shards.refs import ReferenceAccumulator
 from polyfid.data_shards.schema import Fidelity
 from polyfid.data_shards.store import ShardInfo, Store
 from polyfid.data_shards.writer import StoreWriter, write_group
+from polyfid.data_shards.named import open_store
 
 FIDS = [Fidelity("lo", rank=0, method="synthetic-lo"), Fidelity("hi", rank=1, method="synthetic-hi")]
 Z_CHOICES = np.array([1, 1, 1, 6, 6, 7, 8], dtype=np.uint8)
@@ -75,7 +76,7 @@ def build_store(path: str, n: int, shard_size: int, seed: int = 0) -> dict:
             w.adopt(tmp, ShardInfo("", len(arrays["cell"]), len(arrays["atomic_numbers"]), shard_checksum(arrays),
                                    ("lo", "hi"), ("lo",)), refs, np.unique(arrays["atomic_numbers"]))
     wall = time.perf_counter() - t0
-    store = Store.open(path)
+    store = open_store(path)
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
     return {"n_structures": store.n_structures, "n_atoms": store.n_atoms, "shards": len(store.shards),
             "wall_s": wall, "generate_s": gen, "write_s": wall - gen, "bytes": size}
@@ -85,7 +86,7 @@ def read_epoch(path: str) -> dict:
     """One epoch of the polyfid reader (shuffle, verify, prefetch) in this process; with ru_maxrss."""
     from polyfid.data_shards.reader import ShardReader
 
-    store = Store.open(path)
+    store = open_store(path)
     cfg = ShardReader.Config(atom_budget=8192, shuffle_buffer=4096, loop=False, prefetch=2, verify=True)
     t0, c0 = time.perf_counter(), time.process_time()
     n_s = n_a = 0
@@ -244,7 +245,7 @@ def main() -> None:
         res["epoch"] = epochs(str(work / "s1"), a.repeats)
         res["epoch_arena1"] = epochs(str(work / "s1"), a.repeats, MALLOC_ARENA_MAX="1")
         print("epoch", res["epoch"]["median"], res["epoch_arena1"]["median"], flush=True)
-        store = Store.open(work / "s1")
+        store = open_store(work / "s1")
         res["peers"] = peers(store, a.subset, work)
         print("peers", res["peers"], flush=True)
         res["ingest"] = ingest_rates(store, a.subset, work, max(1, a.subset // 4))

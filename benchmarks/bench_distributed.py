@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from polyfid.data_shards.named import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -41,7 +42,7 @@ def throughput(store: str, tmp: Path, workers: int, steps: int) -> dict[str, flo
     from mlflow.tracking import MlflowClient
 
     from polyfid.distributed.config import load_config
-    from polyfid.distributed.launcher import run_training
+    from polyfid.distributed.driver.launcher import run_training
 
     out = tmp / f"w{workers}"
     uri = f"sqlite:///{tmp / 'bench.db'}"
@@ -61,11 +62,10 @@ def _count_bytes(rank, world, out, mode, k, steps):
 
     from conftest import emt_frames  # noqa: F401 - fixtures module, for sys.path side effects
     from polyfid.data_shards.reader import ShardReader
-    from polyfid.data_shards.store import Store
     from polyfid.distributed.config import LossConfig, TrainerConfig
-    from polyfid.distributed.engine import build_engine
-    from polyfid.distributed.reptile import ReptileExtra, Task, reptile_step
-    from polyfid.distributed.steps import StepContext, multifidelity_step
+    from polyfid.distributed.loop.engine import build_engine
+    from polyfid.distributed.modes.reptile import ReptileExtra, Task, reptile_step
+    from polyfid.distributed.modes.multifidelity import StepContext, multifidelity_step
     from polyfid.data_shards.reference_fit import fit_stores
     from polyfid.models.config import ModelConfig
     from polyfid.models.potential import Potential
@@ -83,7 +83,7 @@ def _count_bytes(rank, world, out, mode, k, steps):
             return _orig(*a, **kw)
 
         setattr(tdist, name, wrap)
-    store = Store.open(out["store"])
+    store = open_store(out["store"])
     fids = [f for f in store.fidelities]
     refs = fit_stores([store], fids, sorted(int(z) for z in store.elements)).energies
     model = Potential(ModelConfig(), store.elements, fids, refs)

@@ -81,8 +81,8 @@ def stores(molecule: str, n_train: int, work: Path) -> dict[str, str]:
 def run(kind: str, name: str, data: dict, sets: list[str], seed: int, work: Path) -> dict:
     """One fine-tuned (kind 'ft') or scratch run; returns its summary (reused when finished)."""
     from polyfid.distributed.config import RunConfig, apply_overrides, load_config
-    from polyfid.distributed.finetune import scratch_config
-    from polyfid.distributed.launcher import run_training
+    from polyfid.distributed.finetune.scratch import scratch_config
+    from polyfid.distributed.driver.launcher import run_training
     from polyfid.models.package import read_metadata, resolve_name
 
     out = work / "runs" / f"{name}_s{seed}"
@@ -137,7 +137,7 @@ def score(summary: dict) -> float:
 
 
 def test_errors(summary: dict, test: str) -> dict:
-    from polyfid.distributed.finetune import compare_table
+    from polyfid.distributed.finetune.scratch import compare_table
 
     r = compare_table({"m": summary["package"]}, [test])["m"][LEVEL]
     return {"E": r["energy_mae"] * 1000, "F": r["forces_mae"] * 1000, "E_rmse": r["energy_rmse"] * 1000,

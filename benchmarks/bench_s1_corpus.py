@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from polyfid.data_shards.named import open_store
 
 RECIPE = Path(__file__).resolve().parents[1] / "launch" / "recipes" / "foundation.yaml"
 
@@ -50,7 +51,7 @@ def read_frames(files: Path, level: str, split: str, tmp: Path) -> list:
 
 def label_cpu(frames: list, level: str, root: Path) -> np.ndarray:
     """CPU seconds the generator spent on each frame's label at `level` (NaN where it has no record)."""
-    from polyfid.data_shards.corpus.store import LabelStore, label_key, quantise, structure_hash
+    from polyfid.datasets.corpus.store import LabelStore, label_key, quantise, structure_hash
 
     labels = LabelStore(root, level)
     out = []
@@ -122,16 +123,15 @@ def plan_variants(a: argparse.Namespace, work: Path, stores: dict) -> tuple[dict
 
 def n_structures(path: str) -> int:
     """Structures in a store."""
-    from polyfid.data_shards.store import Store
 
-    return Store.open(path).n_structures
+    return open_store(path).n_structures
 
 
 def train(name: str, spec: dict, seed: int, a: argparse.Namespace, work: Path, tests: dict[str, str]) -> dict | None:
     """Train (or reuse) one run; its errors on each test store at the high level (meV, meV/Å). None: not run
     (--no-train)."""
     from polyfid.distributed.config import load_config
-    from polyfid.distributed.launcher import run_training
+    from polyfid.distributed.driver.launcher import run_training
     from polyfid.launch.demo import s1_errors
 
     out = work / "runs" / f"{name}_s{seed}_n{a.steps}"

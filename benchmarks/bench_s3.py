@@ -81,7 +81,7 @@ def finished(output) -> dict | None:
 
 def train(recipe: str, sets: list[str]) -> dict:
     from polyfid.distributed.config import load_config
-    from polyfid.distributed.launcher import run_training
+    from polyfid.distributed.driver.launcher import run_training
 
     cfg = load_config(RECIPES / recipe, sets)
     return (REUSE and finished(cfg.output)) or run_training(cfg, shutdown_ray=False)
@@ -108,7 +108,7 @@ def scans(package: str) -> dict[str, dict]:
 
 
 def test_errors(package: str, store: str) -> dict:
-    from polyfid.distributed.finetune import compare_table
+    from polyfid.distributed.finetune.scratch import compare_table
 
     return compare_table({"m": package}, [store])["m"][EXTRA]
 
@@ -165,14 +165,14 @@ def main() -> None:
             print(f"fine-tuned {mode} replay {replay}: {s['package']}", flush=True)
     sweep = sweep_finetuning(a, parents, ft_common, work) if a.lr_sweep else []
     # no pretraining: the same architecture and budget from a random init on the target alone
-    from polyfid.distributed.finetune import scratch_config
+    from polyfid.distributed.finetune.scratch import scratch_config
     from polyfid.models.package import read_metadata
 
     ft_cfg = load_config(RECIPES / "finetune.yaml", [f"finetune.source={parents['multifidelity']['package']}",
                                                       f"output={work / 'none'}"] + ft_common)
     sc = scratch_config(ft_cfg, read_metadata(parents["multifidelity"]["package"]))
     sc.output = str(work / "none")
-    from polyfid.distributed.launcher import run_training
+    from polyfid.distributed.driver.launcher import run_training
 
     s = (a.reuse and finished(work / "none")) or run_training(sc, shutdown_ray=False)
     rows.append({"pretraining": "none", "replay": None, "package": s["package"], "summary": s})

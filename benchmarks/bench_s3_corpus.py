@@ -78,8 +78,8 @@ def pretrain(a: argparse.Namespace, stores: dict, work: Path) -> dict[str, str]:
 def finetune(a, parents: dict[str, str], target: dict[str, str], work: Path, seed: int) -> list[dict]:
     """Each parent without and with replay, and the scratch run, on the target; their summaries."""
     from polyfid.distributed.config import load_config
-    from polyfid.distributed.finetune import scratch_config
-    from polyfid.distributed.launcher import run_training
+    from polyfid.distributed.finetune.scratch import scratch_config
+    from polyfid.distributed.driver.launcher import run_training
     from polyfid.models.package import read_metadata
 
     common = [f"data.train={target['train']}", f"data.valid={target['valid']}", f"finetune.head={HIGH}",
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
 
     from polyfid.data_shards.corpus.stores import FILES
-    from polyfid.distributed.finetune import compare_table
+    from polyfid.distributed.finetune.scratch import compare_table
     from polyfid.launch.foundation import corpus_stores
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "polyfid" / "torch_extensions"))

@@ -46,8 +46,8 @@ def pretrain(stores: dict, work: Path, seed: int, name: str, sets: list[str], gr
 def scratch(stores: dict, work: Path, seed: int, parent: str, lr: float, ft_common: list[str], tag: str = "") -> dict:
     """A random init on the target: the parent's architecture and the fine-tuning budget, at learning rate `lr`."""
     from polyfid.distributed.config import load_config
-    from polyfid.distributed.finetune import scratch_config
-    from polyfid.distributed.launcher import run_training
+    from polyfid.distributed.finetune.scratch import scratch_config
+    from polyfid.distributed.driver.launcher import run_training
     from polyfid.models.package import read_metadata
 
     out = work / f"seed{seed}" / f"scratch_lr{lr:g}{tag}"

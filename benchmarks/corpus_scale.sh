@@ -12,7 +12,7 @@
 #
 # Environment: PY (python, default .venv/bin/python), OUT (default runs), SHIP_TO (default models/pretrained),
 # S1_STEPS (default 1000), SEEDS (default 0,1,2). Run it after the corpus is labelled and exported
-# (python -m polyfid.data_shards.corpus.generate, then --export-only).
+# (python -m polyfid.datasets.corpus.generate, then --export-only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

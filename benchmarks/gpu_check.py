@@ -17,15 +17,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from polyfid.data_shards.named import open_store
 
 
 def timed_steps(kind: str, precision: str, stores, batches, n_warm: int = 5) -> dict[str, float]:
     """Training and inference atoms/s of a fresh model on fixed batches."""
     from polyfid.distributed.config import LossConfig, TrainerConfig
-    from polyfid.distributed.engine import build_engine, compute_dtype
-    from polyfid.distributed.steps import StepContext, multifidelity_step, prepare
+    from polyfid.distributed.loop.engine import build_engine, compute_dtype
+    from polyfid.distributed.modes.multifidelity import StepContext, multifidelity_step, prepare
     from polyfid.distributed.config import RunConfig
-    from polyfid.distributed.trainer import build_model
+    from polyfid.distributed.loop.trainer import build_model
 
     cfg = RunConfig()
     cfg.model.kind, cfg.model.width, cfg.model.n_interactions, cfg.model.n_atom_layers = kind, 128, 2, 3
@@ -73,10 +74,9 @@ def main() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("nccl")
     from polyfid.data_shards.reader import ShardReader, iter_all
-    from polyfid.data_shards.store import Store
     from polyfid.distributed.config import load_config
     from polyfid.evaluation.metrics import evaluate_batches
-    from polyfid.distributed.worker import train_loop_per_worker
+    from polyfid.distributed.driver.worker import train_loop_per_worker
     from polyfid.models.package import load_package
 
     out = Path(a.out)
@@ -90,12 +90,12 @@ def main() -> None:
     train_loop_per_worker({"run": cfg.to_dict(), "mlflow_run_id": None})
     report["bf16_run"] = {"steps": a.steps, "wall_s": time.perf_counter() - t0, "precision": "auto (bf16 on GPU)"}
     model = load_package(out / "bf16_run" / "package")
-    valid = [Store.open(v) for v in a.valid.split(",")]
+    valid = [open_store(v) for v in a.valid.split(",")]
     fids = sorted({f.name for v in valid for f in v.fidelities})
     report["bf16_run"]["valid_errors_fp32_eval"] = evaluate_batches(model, iter_all(valid, fidelities=fids), fids).results()
 
     if a.target:  # fine-tuning on the GPU: a new or existing head, replay from the pretraining store, early stopping
-        from polyfid.distributed.finetune import measure_forgetting
+        from polyfid.distributed.finetune.forgetting import measure_forgetting
         from polyfid.models.package import read_metadata
 
         ft = load_config(Path(__file__).parents[1] / "launch" / "recipes" / "finetune.yaml", [
@@ -116,12 +116,12 @@ def main() -> None:
             "forgetting": measure_forgetting(str(out / "bf16_run" / "package"), str(pkg),
                                              read_metadata(out / "bf16_run" / "package")),
         }
-        tv = [Store.open(a.target_valid)]
+        tv = [open_store(a.target_valid)]
         tf = [f.name for f in tv[0].fidelities]
         report["finetune"]["valid_errors"] = evaluate_batches(load_package(pkg), iter_all(tv, fidelities=tf), tf).results()
         print("finetune", json.dumps(report["finetune"], indent=1), flush=True)
 
-    stores = [Store.open(t) for t in a.train.split(",")]
+    stores = [open_store(t) for t in a.train.split(",")]
     reader = ShardReader(stores, ShardReader.Config(atom_budget=4096, shuffle=True, loop=True, prefetch=0), fidelities=fids)
     it = iter(reader)
     batches = [next(it) for _ in range(35)]

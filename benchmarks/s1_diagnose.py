@@ -22,6 +22,7 @@ from polyfid.data_shards.reader import iter_all
 from polyfid.data_shards.store import Store
 from polyfid.evaluation.metrics import predict
 from polyfid.models.package import load_package
+from polyfid.data_shards.named import open_store
 
 
 def diagnose(package: str, test: Store, low: str, high: str) -> dict[str, float]:
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     low, high = a.pair.split(":")
-    test = Store.open(a.test)
+    test = open_store(a.test)
     out = {pkg: diagnose(pkg, test, low, high) for pkg in a.packages}
     keys = list(next(iter(out.values())))
     print("| package | " + " | ".join(keys) + " |")

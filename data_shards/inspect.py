@@ -12,6 +12,7 @@ import numpy as np
 
 from polyfid.data_shards.refs import MAX_Z, counts_by_z
 from polyfid.data_shards.store import Store
+from polyfid.data_shards.named import open_store
 
 
 def summarize(store: Store) -> dict[str, Any]:
@@ -88,5 +89,5 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def verify_store(path: str) -> tuple[Store, list[str]]:
     """Open a store and check every shard's checksum; returns the store and the names of bad shards."""
-    store = Store.open(path)
+    store = open_store(path)
     return store, store.verify()

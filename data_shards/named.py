@@ -15,6 +15,10 @@ import fcntl
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from polyfid.data_shards.store import Store
 
 log = logging.getLogger("polyfid.named")
 
@@ -68,6 +72,14 @@ def resolve_store(ref: str | os.PathLike) -> str:
             (out / SOURCE_MARK).write_text(str(FILES))
             make_store(src, out)
     return str(store)
+
+
+def open_store(ref: str | os.PathLike) -> "Store":
+    """Store.open of a path, an fsspec URL or a `corpus:` name (built into the user cache on first use). Every
+    command and the workers open the stores a user names through this."""
+    from polyfid.data_shards.store import Store
+
+    return Store.open(resolve_store(ref))
 
 
 def corpus_name_of(path: str | os.PathLike) -> str | None:

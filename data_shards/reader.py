@@ -57,7 +57,7 @@ class _ShardCache:
         elif self.loading:
             offsets = self.data(unit.g)["offsets"]
         else:
-            offsets = self._reader._offsets(unit.g)
+            offsets = self._reader.structure_offsets(unit.g)
         self._pending[unit.g] = self._pending.get(unit.g, 0) + unit.n
         self._following = following.g if following is not None and self.loading else None
         self._read_ahead()
@@ -68,7 +68,7 @@ class _ShardCache:
         g = self._following
         if self._ahead is None or g is None or g in self._data or self._future is not None or len(self._data) > 2:
             return
-        self._future = (g, self._ahead.submit(self._reader._load, *self._reader._shard_keys[g]))
+        self._future = (g, self._ahead.submit(self._reader._load, *self._reader.shard_keys[g]))
 
     def data(self, g: int) -> dict[str, Any]:
         """A shard's prepared arrays, loading it on a miss (after a resume)."""
@@ -77,7 +77,7 @@ class _ShardCache:
                 self._data[g] = self._future[1].result()  # re-raises a CorruptShardError of that shard
                 self._future = None
             else:
-                self._data[g] = self._reader._load(*self._reader._shard_keys[g])
+                self._data[g] = self._reader._load(*self._reader.shard_keys[g])
         return self._data[g]
 
     def release(self, g: np.ndarray) -> None:
@@ -254,7 +254,7 @@ class ShardReader:
         self._dataset_maps = [np.array([self.datasets.index(d) for d in st.datasets], dtype=np.int64)
                               for st in self.stores]
         self.elements: list[int] = sorted({z for st in self.stores for z in st.elements})
-        self._shard_keys = [(s, k) for s, st in enumerate(self.stores) for k in range(len(st.shards))]
+        self.shard_keys: list[tuple[int, int]] = [(s, k) for s, st in enumerate(self.stores) for k in range(len(st.shards))]
         self._offsets_memo: dict[int, np.ndarray] | None = None  # shared while re-planning a resume
         self._units = self._make_units()
         self.epoch = 0
@@ -279,11 +279,16 @@ class ShardReader:
                 split.append(Unit(g, s, k, lo, hi, int(offsets[hi] - offsets[lo])))
         return split
 
-    def _offsets(self, g: int) -> np.ndarray:
+    # ---- the resume interface (data_shards/resume.py): references and offsets, no structure data read ------
+    def share_offsets(self, other: "ShardReader") -> None:
+        """Read offsets through `other`'s memo while it re-plans a resume (one read per shard for all shadows)."""
+        self._offsets_memo = other._offsets_memo
+
+    def structure_offsets(self, g: int) -> np.ndarray:
         """The offsets array of global shard g (memoised only while re-planning)."""
         if self._offsets_memo is not None and g in self._offsets_memo:
             return self._offsets_memo[g]
-        s, k = self._shard_keys[g]
+        s, k = self.shard_keys[g]
         offsets = self.stores[s].read_array(k, "offsets")
         if self._offsets_memo is not None:
             self._offsets_memo[g] = offsets
@@ -445,17 +450,17 @@ class ShardReader:
             ranks = resume.gather_states(state["ranks"])["ranks"]
             if ranks[0]["world_size"] != self.world_size:
                 resume.check_settings(self, ranks)
-                self._set_replan({"epoch": min(r["epoch"] for r in ranks), "states": ranks})
+                self.replan_rest_of_epoch({"epoch": min(r["epoch"] for r in ranks), "states": ranks})
                 self.epoch, self._consumed = self._replan["epoch"], 0  # type: ignore[index]
                 return
             state = ranks[self.rank]
         resume.check_settings(self, [state], own=True)
         self._replan = None
         if state.get("replan"):
-            self._set_replan(state["replan"])
+            self.replan_rest_of_epoch(state["replan"])
         self.epoch, self._consumed = int(state["epoch"]), int(state["batches"])
 
-    def _set_replan(self, replan: dict[str, Any], masks: dict[int, np.ndarray] | None = None) -> None:
+    def replan_rest_of_epoch(self, replan: dict[str, Any], masks: dict[int, np.ndarray] | None = None) -> None:
         """Read the rest of epoch replan['epoch'] (what replan['states'] had not consumed) over this world."""
         outer = self._offsets_memo
         self._offsets_memo = {} if outer is None else outer
@@ -467,7 +472,7 @@ class ShardReader:
         finally:
             self._offsets_memo = outer
 
-    def _consumed_refs(self, epoch: int, n_batches: int | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def consumed_refs(self, epoch: int, n_batches: int | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(global shards, indices) of the structures of each of the first n_batches (None: all) of `epoch`."""
         cache = _ShardCache(self)
         cache.loading = False

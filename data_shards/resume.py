@@ -12,14 +12,31 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 
 from polyfid.data_shards.plan import Unit
+from polyfid.data_shards.store import Store
 
-if TYPE_CHECKING:  # for annotations only: the reader imports this module
-    from polyfid.data_shards.reader import ShardReader
+
+class ShardReader(Protocol):
+    """What a resume reads of a reader: its public resume interface (data_shards/reader.py implements it).
+    Declared here, not imported, so that the reader, which imports this module, is not imported back."""
+
+    stores: list[Store]
+    config: Any
+    fidelities: list[str] | None
+    world_size: int
+    shard_keys: list[tuple[int, int]]
+
+    def __init__(self, stores: Sequence[Store], config: Any, rank: int, world_size: int,
+                 fidelities: Sequence[str] | None) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def share_offsets(self, other: "ShardReader") -> None: ...
+    def structure_offsets(self, g: int) -> np.ndarray: ...
+    def replan_rest_of_epoch(self, replan: dict[str, Any], masks: dict[int, np.ndarray] | None = None) -> None: ...
+    def consumed_refs(self, epoch: int, n_batches: int | None) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
 
 STATE_VERSION = 1
 SETTINGS = ("version", "seed", "atom_budget", "shuffle_buffer", "shuffle", "fidelities", "stores")
@@ -37,7 +54,7 @@ def gather_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"version": STATE_VERSION, "world_size": ws, "ranks": ranks}
 
 
-def check_settings(reader: "ShardReader", states: Sequence[dict[str, Any]], own: bool = False) -> None:
+def check_settings(reader: ShardReader, states: Sequence[dict[str, Any]], own: bool = False) -> None:
     """Refuse states from a reader with other stores or settings (its stream would not be this one)."""
     mine = reader.state_dict()
     keys = SETTINGS + (("rank", "world_size") if own else ())
@@ -48,7 +65,7 @@ def check_settings(reader: "ShardReader", states: Sequence[dict[str, Any]], own:
                                  f"state and {mine[key]!r} here (a resume needs the same stores and settings)")
 
 
-def consumed_masks(reader: "ShardReader", states: Sequence[dict[str, Any]]) -> dict[int, np.ndarray]:
+def consumed_masks(reader: ShardReader, states: Sequence[dict[str, Any]]) -> dict[int, np.ndarray]:
     """{global shard: bool mask of consumed structures} of the old world's earliest unfinished epoch."""
     epoch = min(int(s["epoch"]) for s in states)
     # All ranks of one world share the re-plan they were started with; ranks still in that epoch carry it.
@@ -62,27 +79,27 @@ def consumed_masks(reader: "ShardReader", states: Sequence[dict[str, Any]]) -> d
     for state in states:
         shadow = type(reader)(reader.stores, cfg, rank=int(state["rank"]), world_size=int(state["world_size"]),
                              fidelities=reader.fidelities)
-        shadow._offsets_memo = reader._offsets_memo
+        shadow.share_offsets(reader)
         if shared is not None:
-            shadow._set_replan(shared, shared_masks)
+            shadow.replan_rest_of_epoch(shared, shared_masks)
         n = int(state["batches"]) if int(state["epoch"]) == epoch else None  # past E: finished it
-        for shards, idx in shadow._consumed_refs(epoch, n):
+        for shards, idx in shadow.consumed_refs(epoch, n):
             for g in np.unique(shards).tolist():
                 if g not in masks:
-                    s, k = reader._shard_keys[g]
+                    s, k = reader.shard_keys[g]
                     masks[g] = np.zeros(reader.stores[s].shards[k].n_structures, dtype=bool)
                 masks[g][idx[shards == g]] = True
     return masks
 
 
-def remaining_units(reader: "ShardReader", masks: dict[int, np.ndarray]) -> list[Unit]:
+def remaining_units(reader: ShardReader, masks: dict[int, np.ndarray]) -> list[Unit]:
     """Units over the structures not in `masks`, split into ranges if there are fewer than 2×world_size."""
     def atoms(g: int, idx: np.ndarray) -> int:
-        off = reader._offsets(g)
+        off = reader.structure_offsets(g)
         return int((off[idx + 1] - off[idx]).sum())
 
     units = []
-    for g, (s, k) in enumerate(reader._shard_keys):
+    for g, (s, k) in enumerate(reader.shard_keys):
         info = reader.stores[s].shards[k]
         if g not in masks:
             units.append(Unit(g, s, k, 0, info.n_structures, info.n_atoms))

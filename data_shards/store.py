@@ -63,11 +63,9 @@ class Store:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Store":
-        """Open a local directory, an fsspec URL (file://, memory://, s3://…) or a named store (`corpus:NAME`,
-        built into the user cache on first use; data_shards/named.py) holding a polyfid store."""
-        from polyfid.data_shards.named import resolve_store
-
-        loc = Location(resolve_store(path))
+        """Open a local directory or an fsspec URL (file://, memory://, s3://…) holding a polyfid store. A named
+        store (`corpus:NAME`) is opened with data_shards.named.open_store, which builds it on first use."""
+        loc = Location(path)
         manifest = read_manifest(loc)
         if manifest is None:
             raise ValueError(f"{loc.path} is not a polyfid store: no '{MANIFEST_KEY}' manifest in its root "

@@ -18,6 +18,7 @@ import yaml
 
 from polyfid._util import split_list
 from polyfid.data_shards.named import is_named_store
+from polyfid.infra.resolve import resolve_tracking_uri
 from polyfid.models.config import ModelConfig
 from polyfid.models.pretrained import is_named
 
@@ -135,7 +136,7 @@ class TrainerConfig:
     checkpoint_every: int = 100
     trace_dir: str | None = None  # if set, each rank appends (step, epoch, structure ids, node) per step there
     ema_decay: float = 0.0  # > 0: validate, early-stop and package an EMA of the weights with this decay (0.99)
-    # Closed-form refit of the trained heads' reference energies on the training data (distributed/energy_refit.py)
+    # Closed-form refit of the trained heads' reference energies on the training data (distributed/loop/energy_refit.py)
     # every this many steps and at the last step, before validating: a head's energy offset follows the data
     # instead of drifting with the readout. 0: off. The fine-tuning recipe sets it to its valid_every.
     energy_refit_every: int = 0
@@ -330,14 +331,6 @@ class RunConfig:
             self.finetune.source = absol(self.finetune.source)
         self.tracking.uri = resolve_tracking_uri(self.tracking.uri, base)
         return self
-
-
-def resolve_tracking_uri(uri: str, base: str | os.PathLike | None = None) -> str:
-    """`sqlite:///rel.db` -> `sqlite:////abs/rel.db`; other URIs unchanged."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str((Path(base or os.getcwd()) / uri[len(prefix):]).resolve())
-    return uri
 
 
 MOVED_TO_CLUSTER = tuple(f.name for f in dataclasses.fields(ClusterConfig))  # trainer.X before the split

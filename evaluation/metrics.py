@@ -56,7 +56,7 @@ class ErrorStats:
                 self.points[name]["f_pred"].append(forces[okf, col, :].ravel())
 
     def all_reduce(self) -> None:
-        from polyfid.distributed.engine import all_reduce_host
+        from polyfid.infra.comm import all_reduce_host
 
         all_reduce_host(self.sums)
 

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 from polyfid.evaluation.metrics import evaluate_stores, flatten, store_fidelities, write_json
 from polyfid.evaluation.plots import learning_curve_plot, parity_plots
+from polyfid.data_shards.named import open_store
 
 log = logging.getLogger("polyfid.evaluate")
 
@@ -18,7 +19,7 @@ log = logging.getLogger("polyfid.evaluate")
 def log_to_run(run_id: str, tracking_uri: str, metrics: dict[str, float], files: Sequence[str | os.PathLike],
                step: int = 0, artifact_path: str = "plots") -> int:
     """Log metrics and files to an existing run through Tracker (an outage warns); returns its failure count."""
-    from polyfid.distributed.tracking import Tracker
+    from polyfid.infra.tracking import Tracker
 
     tracker = Tracker(tracking_uri, run_id=run_id)
     tracker.log_metrics(metrics, step)
@@ -56,11 +57,10 @@ def report_to_mlflow(package: str | os.PathLike, stores: Sequence[str], run_id: 
     """
     out, written, metrics = Path(out_dir), [], {}
     try:
-        from polyfid.data_shards.store import Store
         from polyfid.models.package import load_package
 
         if stores:
-            opened = [Store.open(p) for p in stores]
+            opened = [open_store(p) for p in stores]
             fids = store_fidelities(opened)
             stats = evaluate_stores(load_package(package), opened, fids, keep_points=True)
             metrics = flatten(stats.results(), "eval")

@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from polyfid.data_shards.named import open_store
 
 
 def cmd_baseline(a: argparse.Namespace) -> int:
     """Fit the linear baseline, evaluate it (and the network if given) and print one table."""
-    from polyfid.data_shards.store import Store
     from polyfid.evaluation.baseline import BaselineConfig, format_comparison, run_baseline
-    from polyfid.evaluation.resolve import resolve_package
+    from polyfid.infra.resolve import resolve_package
 
-    data = [Store.open(p) for p in a.data.split(",")]
-    test = [Store.open(p) for p in a.test.split(",")] if a.test else None
+    data = [open_store(p) for p in a.data.split(",")]
+    test = [open_store(p) for p in a.test.split(",")] if a.test else None
     model = None
     if a.model:
         from polyfid.models.package import load_package

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from polyfid.launch import evaluate_cmd, finetune_cmd
 from polyfid.launch.summary import print_summary
+from polyfid.data_shards.named import open_store
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -56,10 +57,9 @@ def cmd_ingest(a: argparse.Namespace) -> int:
 
 def cmd_inspect(a: argparse.Namespace) -> int:
     from polyfid.data_shards.inspect import format_summary, summarize
-    from polyfid.data_shards.store import Store
 
     try:
-        summary = summarize(Store.open(a.store))
+        summary = summarize(open_store(a.store))
     except ValueError as e:
         print(f"polyfid inspect: error: {e}", file=sys.stderr)
         return 2
@@ -90,7 +90,7 @@ def _run_config(a: argparse.Namespace, extra: list[str]):
 
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
-    from polyfid.distributed.launcher import run_training
+    from polyfid.distributed.driver.launcher import run_training
 
     extra = [f"cluster.address={a.address}"] if a.address else []
     summary = run_training(_run_config(a, extra))
@@ -131,7 +131,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_ui(a: argparse.Namespace) -> int:
-    from polyfid.distributed.config import resolve_tracking_uri
+    from polyfid.infra.resolve import resolve_tracking_uri
 
     uri = resolve_tracking_uri(a.tracking_uri)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
@@ -175,8 +175,8 @@ def cmd_models(a: argparse.Namespace) -> int:
 
 
 def cmd_register(a: argparse.Namespace) -> int:
-    from polyfid.distributed.config import resolve_tracking_uri
-    from polyfid.distributed.tracking import register_package
+    from polyfid.infra.resolve import resolve_tracking_uri
+    from polyfid.infra.tracking import register_package
     from polyfid.models.package import PREFIX, is_named
 
     name = a.name or ("polyfid-" + (a.source[len(PREFIX):] if is_named(a.source) else Path(a.source).resolve().name))
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     from polyfid.data_shards.ingest import IngestError
     from polyfid.data_shards.store import CorruptShardError
     from polyfid.distributed.config import ConfigError
-    from polyfid.distributed.lock import FolderInUse
+    from polyfid.distributed.driver.lock import FolderInUse
 
     try:
         return int(args.fn(args) or 0)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from polyfid.data_shards.demo import EXTRA, HIGH, LOW, demo_files
 from polyfid.data_shards.ingest import ingest
+from polyfid.data_shards.named import open_store
 
 RECIPES = Path(__file__).parent / "recipes"
 TARGET = "formic_acid"
@@ -130,10 +131,9 @@ def ingest_demo(workdir: Path, fraction: float = S1_FRACTION, variants: tuple[st
                   [HIGH])
     ingest_levels(f"{t}@{N_TARGET_TRAIN + N_TARGET_VALID}:", stores["target_test"], TARGET, [HIGH], [HIGH])
     from polyfid.data_shards.inspect import summarize
-    from polyfid.data_shards.store import Store
 
     for k, p in stores.items():
-        s = Store.open(p)
+        s = open_store(p)
         cov = summarize(s)["coverage"]
         labels = "; ".join(f"{f} E {c['energy']} F {c['forces']}" for f, c in cov.items())
         print(f"  {k:<12} {s.n_structures:>4} structures {s.n_atoms:>5} atoms  labels {labels}  ({p})")
@@ -144,16 +144,15 @@ def evaluate(package: str, store: str, refit_on: str | None = None, anchor: str 
     """Errors of a package on a store, per fidelity; `refit_on` first refits the head's references there,
     anchored on store `anchor` (the pretraining data), as `polyfid finetune` does before step 0."""
     from polyfid.data_shards.reader import iter_all
-    from polyfid.data_shards.store import Store
     from polyfid.evaluation.metrics import evaluate_batches
-    from polyfid.distributed.finetune import refit_references
+    from polyfid.distributed.finetune.plan import refit_references
     from polyfid.models.package import load_package
 
-    s = Store.open(store)
+    s = open_store(store)
     fids = [f.name for f in s.fidelities]
     model = load_package(package)
     if refit_on:
-        refit_references(model, HIGH, [Store.open(refit_on)], anchors=[Store.open(anchor)] if anchor else ())
+        refit_references(model, HIGH, [open_store(refit_on)], anchors=[open_store(anchor)] if anchor else ())
     return evaluate_batches(model, iter_all([s], fidelities=fids), fids).results()
 
 
@@ -167,7 +166,7 @@ def s1_errors(package: str, test_store: str, high: str = HIGH) -> dict[str, floa
 def train_s1(store: str, output: Path, sets: list[str]) -> dict:
     """Train one S1 variant on `store` with the demo recipe (tracking off, one checkpoint at the end)."""
     from polyfid.distributed.config import load_config
-    from polyfid.distributed.launcher import run_training
+    from polyfid.distributed.driver.launcher import run_training
 
     cfg = load_config(RECIPES / "demo.yaml", list(sets) + [f"data.train={store}", f"output={output}",
                                                           "tracking.enabled=false"])
@@ -204,7 +203,7 @@ def s1_labels(variant: str, fraction: float = S1_FRACTION, low: str = LOW, high:
 def finetune_target(source: str, stores: dict[str, str], out: Path, tracking: tuple[str, str],
                     sets: list[str]) -> dict:
     """Fine-tune `source` (a package, pretrained:NAME or MLflow URI) on the target's 50 frames (finetune recipe)."""
-    from polyfid.distributed.launcher import run_training
+    from polyfid.distributed.driver.launcher import run_training
 
     return run_training(_finetune_config(source, stores, out, tracking, sets))
 
@@ -222,8 +221,8 @@ def scratch_target(name: str, stores: dict[str, str], workdir: Path, tracking: t
                    sets: list[str]) -> dict | None:
     """The same target trained from a random init with the shipped model's architecture: the same recipe, budget,
     validation, energy refit and best-weights selection; the lr is the recipe's finetune.scratch_lr."""
-    from polyfid.distributed.finetune import scratch_config
-    from polyfid.distributed.launcher import run_training
+    from polyfid.distributed.finetune.scratch import scratch_config
+    from polyfid.distributed.driver.launcher import run_training
     from polyfid.models.package import UnknownModel, read_metadata
 
     try:
@@ -243,7 +242,7 @@ def shipped_finetune(name: str, stores: dict[str, str], workdir: Path, tracking:
     the target; None (with a note) when this checkout has no such model. A new head for the target's level
     starts from the shipped model's highest-rank head."""
     from polyfid.data_shards.schema import Fidelity, highest_rank
-    from polyfid.distributed.tracking import register_package
+    from polyfid.infra.tracking import register_package
     from polyfid.models.package import UnknownModel, read_metadata
 
     try:
@@ -276,7 +275,7 @@ def run_demo(workdir: Path, steps: int | None = None, workers: int = 2, override
     """Run the whole demo in `workdir` (wiped first); returns the error tables. `s1`: also train S1's (a), (b);
     `shipped`: also fine-tune that shipped checkpoint (pretrained:NAME) to the target (None: don't)."""
     from polyfid.distributed.config import load_config
-    from polyfid.distributed.launcher import run_training
+    from polyfid.distributed.driver.launcher import run_training
 
     t_start = time.perf_counter()
     workdir = Path(workdir).resolve()

@@ -6,6 +6,7 @@ import argparse
 import tempfile
 from pathlib import Path
 from typing import Any
+from polyfid.data_shards.named import open_store
 
 SCAN_KINDS = {"bond": ["bond"], "torsion": ["torsion"], "both": ["bond", "torsion"]}
 REFERENCE_CALCS = ("xtb", "emt")
@@ -137,17 +138,16 @@ def run(a: argparse.Namespace) -> int:
     """Evaluate a package on stores; optionally scan, run NVE, write JSON and plots, log to MLflow."""
     from tqdm import tqdm
 
-    from polyfid.data_shards.store import Store
-    from polyfid.distributed.config import resolve_tracking_uri
+    from polyfid.infra.resolve import resolve_tracking_uri
     from polyfid.evaluation.metrics import evaluate_stores, flatten, format_table, store_fidelities, write_json
     from polyfid.evaluation.plots import parity_plots
     from polyfid.evaluation.report import log_report
-    from polyfid.evaluation.resolve import resolve_package
+    from polyfid.infra.resolve import resolve_package
     from polyfid.models.package import load_package
 
     uri = resolve_tracking_uri(a.tracking_uri)
     model = load_package(resolve_package(a.model, uri))
-    stores = [Store.open(p) for p in a.data.split(",")]
+    stores = [open_store(p) for p in a.data.split(",")]
     try:
         fids = store_fidelities(stores, a.fidelity)
     except ValueError as e:

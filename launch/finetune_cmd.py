@@ -31,8 +31,9 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace, load_config) -> int:
     """Run the fine-tuning (and the scratch comparison) and print the summary."""
-    from polyfid.distributed.finetune import format_compare
-    from polyfid.distributed.launcher import compare_with_scratch, run_training
+    from polyfid.distributed.finetune.scratch import format_compare
+    from polyfid.distributed.driver.launcher import compare_with_scratch
+    from polyfid.distributed.driver.launcher import run_training
 
     extra = [f"finetune.source={a.source}", f"data.train={a.data}"]
     for flag, key in ((a.valid, "data.valid"), (a.head, "finetune.head"), (a.init_from, "finetune.init_from"),

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from polyfid.data_shards.corpus.levels import LEVELS
 from polyfid.models.package import SHIPPED
+from polyfid.data_shards.named import open_store
 
 RECIPE = Path(__file__).resolve().parent / "recipes" / "foundation.yaml"
 SPLITS = ("train", "valid", "test", "heldout")
@@ -50,7 +51,7 @@ def corpus_stores(folder: Path, files: Path | None = None) -> dict[str, dict[str
 def pretrain(stores: dict[str, dict[str, str]], out: Path, sets: list[str]) -> dict:
     """Multi-fidelity pretraining on every level's training split; resumes from `out` when it has checkpoints."""
     from polyfid.distributed.config import load_config
-    from polyfid.distributed.launcher import run_training
+    from polyfid.distributed.driver.launcher import run_training
 
     train = [s["train"] for s in stores.values() if "train" in s]
     valid = [s["valid"] for s in stores.values() if "valid" in s]
@@ -63,7 +64,6 @@ def measure(package: str, stores: dict[str, dict[str, str]], figures: Path | Non
             ) -> dict[str, dict[str, dict[str, float]]]:
     """level -> split (test, heldout) -> errors of the level's head on that store (eV, eV/Å). With `figures`, a
     parity plot of each head on the held-out molecules goes there (parity_<level>.png)."""
-    from polyfid.data_shards.store import Store
     from polyfid.evaluation.metrics import evaluate_stores
     from polyfid.evaluation.plots import parity_plots
     from polyfid.models.package import load_package
@@ -73,7 +73,7 @@ def measure(package: str, stores: dict[str, dict[str, str]], figures: Path | Non
     for level, by_split in stores.items():
         for split in ("test", "heldout"):
             if split in by_split:
-                stats = evaluate_stores(model, [Store.open(by_split[split])], [level],
+                stats = evaluate_stores(model, [open_store(by_split[split])], [level],
                                         keep_points=figures is not None and split == "heldout")
                 res = stats.results()
                 if level in res:
@@ -95,9 +95,8 @@ def figures_of(package: Path) -> list[Path]:
 
 
 def _counts(stores: dict[str, dict[str, str]]) -> dict[str, dict[str, int]]:
-    from polyfid.data_shards.store import Store
 
-    return {lv: {sp: Store.open(p).n_structures for sp, p in by.items()} for lv, by in stores.items()}
+    return {lv: {sp: open_store(p).n_structures for sp, p in by.items()} for lv, by in stores.items()}
 
 
 def write_card(package: Path, name: str, errors: dict, counts: dict[str, dict[str, int]], info: dict,

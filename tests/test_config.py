@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from polyfid.distributed.config import ConfigError, RunConfig, load_config, resolve_tracking_uri, save_config
+from polyfid.distributed.config import ConfigError, RunConfig, load_config, save_config
+from polyfid.infra.resolve import resolve_tracking_uri
 
 RECIPES = Path(__file__).resolve().parents[1] / "launch" / "recipes"
 

@@ -15,9 +15,9 @@ import pytest
 pytest.importorskip("tblite")
 pytest.importorskip("rdkit")
 
-from polyfid.data_shards.corpus.config import CorpusConfig  # noqa: E402
+from polyfid.datasets.corpus.config import CorpusConfig  # noqa: E402
 from polyfid.data_shards.corpus.levels import LEVELS, LabelError, level_by_name, xtb  # noqa: E402
-from polyfid.data_shards.corpus.store import LabelStore, Structures, label_key  # noqa: E402
+from polyfid.datasets.corpus.store import LabelStore, Structures, label_key  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parents[1] / "data_shards" / "corpus"
 SMALL = ["molecules=methanol,ethane", "target=false", "levels=gfn2_xtb,gfn1_xtb", "label_all=true",
@@ -26,7 +26,7 @@ SMALL = ["molecules=methanol,ethane", "target=false", "levels=gfn2_xtb,gfn1_xtb"
 
 
 def _cli(root: Path, sets: list[str]) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "polyfid.data_shards.corpus.generate", "--root", str(root)]
+    args = [sys.executable, "-m", "polyfid.datasets.corpus.generate", "--root", str(root)]
     for s in sets:
         args += ["--set", s]
     # 480 s: a Ray start on a loaded 2-core machine can take minutes (timed out at 240 s at load average 15)
@@ -82,7 +82,7 @@ def test_planted_failure_is_dropped_not_stored(tmp_path: Path) -> None:
     """A level that fails on oxygen-containing molecules: retried once, then recorded as failed, never exported."""
     import ray
 
-    from polyfid.data_shards.corpus.generate import run
+    from polyfid.datasets.corpus.generate import run
 
     counter = tmp_path / "attempts.txt"
     gfn2 = xtb("GFN2-xTB")
@@ -168,7 +168,7 @@ def test_export_leaves_unchanged_files_alone(tmp_path: Path) -> None:
 
     from ase import Atoms
 
-    from polyfid.data_shards.corpus.export import write_extxyz_gz
+    from polyfid.datasets.corpus.export import write_extxyz_gz
 
     path = tmp_path / "lvl_train.extxyz.gz"
     frames = [Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])]
@@ -187,7 +187,7 @@ def test_label_workers_take_the_configured_niceness() -> None:
     higher niceness is always taken."""
     import os
 
-    code = ("import os; from polyfid.data_shards.corpus.generate import _renice; "
+    code = ("import os; from polyfid.datasets.corpus.generate import _renice; "
             "_renice(int(os.environ['LEVEL'])); print(os.getpriority(os.PRIO_PROCESS, 0))")
     def run(level: int) -> int:
         out = subprocess.run(["nice", "-n", "15", sys.executable, "-c", code], env={**os.environ, "LEVEL": str(level)},

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from polyfid.data_shards.schema import Fidelity
-from polyfid.distributed.finetune import _init_head
-from polyfid.evaluation.resolve import resolve_package
+from polyfid.distributed.finetune.plan import _init_head
+from polyfid.infra.resolve import resolve_package
 from polyfid.launch.cli import main
 from polyfid.models import load_package, save_package
 from polyfid.models.pretrained import ENV

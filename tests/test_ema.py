@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from polyfid.distributed.config import ConfigError, RunConfig
-from polyfid.distributed.ema import EMA
+from polyfid.distributed.loop.ema import EMA
 
 
 def _net() -> torch.nn.Module:

@@ -10,9 +10,9 @@ from conftest import emt_frames
 from helpers import batch_from_frames, tiny_model
 from polyfid.data_shards.schema import concat_batches
 from polyfid.distributed.config import ConfigError, LossConfig, TrainerConfig
-from polyfid.distributed.engine import build_engine, resolve_precision
-from polyfid.distributed.losses import multifidelity_loss
-from polyfid.distributed.steps import StepContext, multifidelity_step, prepare
+from polyfid.distributed.loop.engine import build_engine, resolve_precision
+from polyfid.distributed.modes.losses import multifidelity_loss
+from polyfid.distributed.modes.multifidelity import StepContext, multifidelity_step, prepare
 
 
 def _one_step(rank, world, out, parts, stage):

@@ -18,7 +18,7 @@ from helpers import tiny_model
 from polyfid.evaluation import pes
 from polyfid.evaluation.plots import learning_curve_plot
 from polyfid.evaluation.report import report_to_mlflow
-from polyfid.distributed.tracking import Tracker
+from polyfid.infra.tracking import Tracker
 from polyfid.launch.cli import main
 from polyfid.models.package import save_package
 from polyfid.models.testing import tiny_potential

@@ -14,9 +14,10 @@ from polyfid.data_shards.ingest import ingest
 from polyfid.data_shards.reader import ShardReader, iter_all
 from polyfid.data_shards.store import Store
 from polyfid.evaluation.metrics import predict
-from polyfid.distributed.finetune import EarlyStopping, refit_references
-from polyfid.distributed.replay import MixedReader, replay_share, split_budget
-from polyfid.distributed.replay import mixed_reader
+from polyfid.distributed.loop.stopping import EarlyStopping
+from polyfid.distributed.finetune.plan import refit_references
+from polyfid.distributed.modes.replay import MixedReader, replay_share, split_budget
+from polyfid.distributed.modes.replay import mixed_reader
 from polyfid.models.config import ModelConfig
 from polyfid.models.potential import Potential
 
@@ -140,7 +141,7 @@ def test_early_stopping_smooths_and_waits_for_min_steps():
 
 
 def test_forgetting_advice_only_when_huge_and_without_replay():
-    from polyfid.distributed.finetune import forgetting_advice
+    from polyfid.distributed.finetune.forgetting import forgetting_advice
 
     big = {HIGH: {"energy_mae_parent": 0.028, "energy_mae_finetuned": 1.104,
                   "forces_mae_parent": 0.185, "forces_mae_finetuned": 0.445}}
@@ -156,7 +157,7 @@ def test_forgetting_measures_every_level_of_a_parent_with_several_stores(stores,
     """The structure cap is shared among the parent's stores: a first store bigger than the cap does not crowd
     out the others' levels (a parent with one store per level failed with KeyError before)."""
     from polyfid.data_shards.schema import Fidelity
-    from polyfid.distributed.finetune import measure_forgetting
+    from polyfid.distributed.finetune.forgetting import measure_forgetting
     from polyfid.models import save_package
     from polyfid.models.testing import tiny_potential
 
@@ -182,7 +183,7 @@ def test_forgetting_measures_every_level_of_a_parent_with_several_stores(stores,
 def test_energy_refit_removes_an_offset_the_weights_drifted_by_and_is_then_still(stores):
     """EnergyRefit (trainer.energy_refit_every): a drift of every structure's energy, as Adam's steps on a readout
     bias make, is removed in closed form; a second refit finds nothing left; forces are untouched."""
-    from polyfid.distributed.energy_refit import EnergyRefit
+    from polyfid.distributed.loop.energy_refit import EnergyRefit
 
     pre, target = stores
     fids = sorted({f.name: f for s in stores for f in s.fidelities}.values(), key=lambda f: f.rank)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from polyfid.distributed.config import GuardConfig
-from polyfid.distributed.guard import Guard
+from polyfid.distributed.loop.guard import Guard
 
 
 def _skips(losses, **cfg) -> list[int]:

@@ -1,7 +1,10 @@
-"""Imports among polyfid's modules run one way: no module imports, directly or round a loop, one that imports it.
+"""Imports among polyfid's modules run one way: down the layers, and never round a loop.
 
-The graph is read from the source with `ast` (nothing is imported). Imports under `if TYPE_CHECKING:` are
-left out: they never run.
+The graph is read from the source with `ast` (nothing is imported). Imports inside functions and under
+`if TYPE_CHECKING:` count: they hide a dependency from Python, not from the reader.
+
+The rooms, bottom to top (ROOMS). A module may import its own room and the rooms below it, never one above
+or beside it. The rooms of `distributed/` are layers too: config < modes < finetune < loop < driver.
 """
 
 from __future__ import annotations
@@ -10,9 +13,47 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the package `polyfid`
-LAYERS = ("data_shards", "models", "distributed", "launch", "evaluation")
+LAYERS = ("data_shards", "models", "infra", "evaluation", "distributed", "launch", "datasets")
+ROOMS: tuple[tuple[str, ...], ...] = (  # bottom to top; the rooms of one tuple sit side by side
+    ("polyfid._util", "polyfid._version"),
+    ("polyfid.data_shards",),
+    ("polyfid.models",),
+    ("polyfid.infra",),
+    ("polyfid.evaluation",),
+    ("polyfid.distributed.config", "polyfid.distributed"),
+    ("polyfid.distributed.modes",),
+    ("polyfid.distributed.finetune",),
+    ("polyfid.distributed.loop",),
+    ("polyfid.distributed.driver",),
+    ("polyfid.launch", "polyfid.datasets", "polyfid"),
+)
 # Cycles allowed, each as the set of its modules: none.
 KNOWN: set[frozenset[str]] = set()
+
+
+def room_of(module: str) -> tuple[int, str]:
+    """(floor, room) of a module: the longest room name that is the module or a package above it (the package
+    root `polyfid`, its __init__, is a room of one module)."""
+    best = None
+    for floor, rooms in enumerate(ROOMS):
+        for room in rooms:
+            inside = module.startswith(room + ".") and room != "polyfid"
+            if (module == room or inside) and (best is None or len(room) > len(best[1])):
+                best = (floor, room)
+    assert best is not None, f"{module} is in no room of ROOMS"
+    return best
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a room above the importer's, or of another room on its floor."""
+    bad = []
+    for name, targets in sorted(graph.items()):
+        floor, room = room_of(name)
+        for target in sorted(targets):
+            t_floor, t_room = room_of(target)
+            if t_room != room and t_floor >= floor:
+                bad.append(f"{name} ({room}) imports {target} ({t_room})")
+    return bad
 
 
 def _modules() -> dict[str, Path]:
@@ -27,22 +68,14 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    t = node.test
-    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
-        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
-
-
 def _import_nodes(body: list[ast.stmt], deferred: bool) -> list[ast.Import | ast.ImportFrom]:
     """The import statements that run when the module is imported (and, if `deferred`, those in functions)."""
     found: list[ast.Import | ast.ImportFrom] = []
     for node in body:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             found.append(node)
-        elif isinstance(node, ast.If):
-            found += _import_nodes(node.orelse, deferred)
-            if not _is_type_checking(node):
-                found += _import_nodes(node.body, deferred)
+        elif isinstance(node, ast.If):  # `if TYPE_CHECKING:` included
+            found += _import_nodes(node.body, deferred) + _import_nodes(node.orelse, deferred)
         elif isinstance(node, (ast.Try, ast.With)):
             for block in (node.body, getattr(node, "orelse", []), getattr(node, "finalbody", [])):
                 found += _import_nodes(block, deferred)
@@ -55,11 +88,12 @@ def _import_nodes(body: list[ast.stmt], deferred: bool) -> list[ast.Import | ast
     return found
 
 
-def _imported(name: str, path: Path, modules: dict[str, Path], deferred: bool) -> set[str]:
-    """The polyfid modules (of `modules`) that module `name` imports."""
+def _imported(name: str, path: Path, modules: dict[str, Path], deferred: bool, source: str | None = None) -> set[str]:
+    """The polyfid modules (of `modules`) that module `name` imports (its file's text, or `source`)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     targets: set[str] = set()
-    for node in _import_nodes(ast.parse(path.read_text(), str(path)).body, deferred):
+    text = path.read_text() if source is None else source
+    for node in _import_nodes(ast.parse(text, str(path)).body, deferred):
         if isinstance(node, ast.Import):
             targets.update(a.name for a in node.names)
             continue
@@ -169,3 +203,31 @@ def test_the_cycle_finder_finds_a_loop():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _components(graph) == [{"a", "b", "c"}]
     assert _loop({"a", "b", "c"}, graph) == ["a", "b", "c", "a"]
+
+
+def test_every_import_goes_down_the_rooms():
+    """The layer order of the code as it is: data_shards < models < infra < evaluation < distributed's rooms <
+    launch. In particular evaluation/ never imports distributed/, and the loop never imports the driver."""
+    graph = _graph(deferred=True)
+    assert not upward(graph), "imports up or across the rooms:\n  " + "\n  ".join(upward(graph))
+
+
+def test_every_module_is_in_a_room():
+    for name in _modules():
+        room_of(name)
+
+
+def test_a_planted_upward_import_fails_the_layer_check():
+    """The check reads what is written: an upward import planted in a real module's text, even under
+    TYPE_CHECKING or inside a function, is reported."""
+    modules = _modules()
+    graph = _graph(deferred=True)
+    name = "polyfid.evaluation.metrics"
+    source = modules[name].read_text()
+    for plant in ("\nif TYPE_CHECKING:\n    from polyfid.distributed.loop.trainer import Trainer\n",
+                  "\ndef _late():\n    from polyfid.infra import tracking\n    import polyfid.launch.cli\n"):
+        planted = dict(graph)
+        planted[name] = _imported(name, modules[name], modules, True, source + plant)
+        bad = upward(planted)
+        assert bad and all(b.startswith(name) for b in bad), bad
+    assert not [b for b in upward(graph) if b.startswith(name)]

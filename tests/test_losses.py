@@ -10,7 +10,7 @@ from conftest import emt_frames
 from helpers import batch_from_frames, tiny_model
 from polyfid.data_shards.schema import concat_batches
 from polyfid.distributed.config import LossConfig
-from polyfid.distributed.losses import Targets, multifidelity_loss, prior_pairs
+from polyfid.distributed.modes.losses import Targets, multifidelity_loss, prior_pairs
 from polyfid.models.graph import build_graph
 
 

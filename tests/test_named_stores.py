@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from polyfid.data_shards.named import corpus_name_of, corpus_names, portable_ref, resolve_store
-from polyfid.data_shards.store import Store
-from polyfid.distributed.replay import replay_refs
+from polyfid.data_shards.named import corpus_name_of, corpus_names, open_store, portable_ref, resolve_store
+from polyfid.distributed.modes.replay import replay_refs
 from polyfid.models.package import read_metadata, resolve_name
 
 ABSOLUTE = re.compile(r"(?<![\w.:/])/(?:work|tmp|home|root|Users|var|opt|mnt|data|scratch)/")
@@ -27,7 +26,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_a_corpus_name_is_built_once_into_the_cache_with_the_shipped_fingerprint(cache):
-    store = Store.open("corpus:wb97x_631gs_valid")
+    store = open_store("corpus:wb97x_631gs_valid")
     assert Path(store.path).parent == cache / "stores" / "corpus"
     assert store.n_structures == 102 and [f.name for f in store.fidelities] == ["wb97x_631gs"]
     done = Path(store.path) / "zarr.json"
@@ -43,7 +42,7 @@ def test_a_corpus_name_is_built_once_into_the_cache_with_the_shipped_fingerprint
 
 def test_an_unknown_corpus_name_lists_the_known_ones(cache):
     with pytest.raises(FileNotFoundError, match="known names: .*corpus:gfn2_xtb_train"):
-        Store.open("corpus:gfn3_xtb_train")
+        open_store("corpus:gfn3_xtb_train")
     assert "corpus:hf_631g_valid" in corpus_names()
 
 

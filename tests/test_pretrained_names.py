@@ -8,7 +8,7 @@ import pytest
 from ase.build import molecule
 
 from polyfid.distributed.config import RunConfig
-from polyfid.evaluation.resolve import resolve_package
+from polyfid.infra.resolve import resolve_package
 from polyfid.launch.cli import main
 from polyfid.models import Calculator, save_package
 from polyfid.models.pretrained import ENV, UnknownModel, available, resolve_name

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from polyfid.distributed.progress import LineProgress, duration, interactive, log_level, make_progress
+from polyfid.distributed.loop.progress import LineProgress, duration, interactive, log_level, make_progress
 
 
 class Clock:
@@ -103,7 +103,7 @@ def test_pretrain_log_file_reads_like_a_report(tmp_path):
 
 
 def test_quiet_stdout_swallows_prints_unless_debugging(monkeypatch, capsys):
-    from polyfid.distributed.progress import quiet_stdout
+    from polyfid.distributed.loop.progress import quiet_stdout
 
     monkeypatch.delenv("POLYFID_LOG_LEVEL", raising=False)
     with quiet_stdout():

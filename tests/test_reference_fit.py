@@ -131,7 +131,7 @@ def test_an_element_without_energies_at_a_level_is_named(caplog):
 def _train(rank, world, jobs, valid):
     """Train each (output, train stores) job in turn in this process (one import of DeepSpeed for all)."""
     from polyfid.distributed.config import RunConfig
-    from polyfid.distributed.worker import train_loop_per_worker
+    from polyfid.distributed.driver.worker import train_loop_per_worker
 
     for out, train in jobs:
         run = RunConfig.from_dict({
@@ -158,7 +158,7 @@ def test_training_on_one_store_or_one_per_molecule_agrees(layouts, tmp_path):
         a = results["merged"]["reference_energies"][fid]
         b = results["split"]["reference_energies"][fid]
         assert all(abs(a[z] - b[z]) < 1e-3 for z in a)
-    from polyfid.distributed.finetune import compare_table
+    from polyfid.distributed.finetune.scratch import compare_table
 
     table = compare_table({k: str(tmp_path / k / "package") for k in results}, valid)
     for fid in (LOW, HIGH):
@@ -179,7 +179,7 @@ def _step0_of_a_new_head(package, tmp):
     from polyfid.data_shards.reader import iter_all
     from polyfid.distributed.config import RunConfig
     from polyfid.evaluation.metrics import evaluate_batches
-    from polyfid.distributed.finetune import force_rms, prepare_finetune_model
+    from polyfid.distributed.finetune.plan import force_rms, prepare_finetune_model
 
     fa = {p.name.split(".")[0]: p for p in demo_files()}["formic_acid"]
     target = ingest([f"{fa}@:20"], tmp / "target.zarr", dataset="formic_acid", energy={EXTRA: f"energy_{EXTRA}"},

@@ -12,7 +12,7 @@ import torch
 from conftest import emt_frames
 from helpers import batch_from_frames, tiny_model
 from polyfid.distributed.config import ConfigError, LossConfig, ReptileConfig, TrainerConfig, load_config
-from polyfid.distributed.losses import Targets, multifidelity_loss
+from polyfid.distributed.modes.losses import Targets, multifidelity_loss
 from polyfid.models.graph import build_graph
 
 EPS, INNER_LR, K = 0.5, 1e-2, 3
@@ -26,9 +26,9 @@ def _batches(seed: int) -> list[dict]:
 def _rank_fn(rank, world, out, outer_steps):
     import torch.distributed as tdist
 
-    from polyfid.distributed.engine import build_engine
-    from polyfid.distributed.reptile import ReptileExtra, Task, reptile_step
-    from polyfid.distributed.steps import StepContext
+    from polyfid.distributed.loop.engine import build_engine
+    from polyfid.distributed.modes.reptile import ReptileExtra, Task, reptile_step
+    from polyfid.distributed.modes.multifidelity import StepContext
 
     sizes: list[int] = []  # numel of every all-reduce, in order
     orig = tdist.all_reduce
@@ -106,7 +106,7 @@ def test_one_all_reduce_per_outer_step_not_k(tmp_path):
 def test_task_sampling_weights_and_config(tmp_path):
     from polyfid.data_shards.schema import Fidelity
     from polyfid.data_shards.writer import Structure, write_structures
-    from polyfid.distributed.reptile import list_tasks, sample_task, task_weights
+    from polyfid.distributed.modes.reptile import list_tasks, sample_task, task_weights
 
     stores = []
     for i, n in enumerate((30, 10)):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from polyfid.data_shards.demo import HIGH, LOW, demo_files
 from polyfid.data_shards.ingest import ingest
 from polyfid.distributed.config import load_config
-from polyfid.distributed.launcher import run_training
+from polyfid.distributed.driver.launcher import run_training
 
 pytestmark = pytest.mark.timeout(900)
 RECIPE = Path(__file__).resolve().parents[1] / "launch" / "recipes" / "demo.yaml"
@@ -238,10 +238,10 @@ def test_training_with_unreachable_tracking_goes_on(store, tmp_path):
 def test_one_run_per_output_folder_and_a_dead_holder_is_taken_over(store, tmp_path, caplog):
     """A second run on a folder that a live run holds is refused, naming the holder; a lock left by a process
     that was SIGKILLed is taken over."""
-    from polyfid.distributed.lock import FolderInUse, RunLock
+    from polyfid.distributed.driver.lock import FolderInUse, RunLock
 
     out = tmp_path / "locked"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys,time; from polyfid.distributed.lock import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys,time; from polyfid.distributed.driver.lock import RunLock; "
                                f"RunLock({str(out)!r}).acquire(); print('held', flush=True); time.sleep(600)"],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -263,12 +263,12 @@ def test_one_run_per_output_folder_and_a_dead_holder_is_taken_over(store, tmp_pa
 def test_a_new_run_waits_for_the_workers_of_a_dead_driver(tmp_path, caplog):
     """A worker that outlives its SIGKILLed driver keeps a shared hold on the folder: the next run waits for it
     to exit (it could still write a checkpoint), then takes over. A live driver's hold is refused at once."""
-    from polyfid.distributed.lock import LOCK_FILE, FolderInUse, RunLock
+    from polyfid.distributed.driver.lock import LOCK_FILE, FolderInUse, RunLock
 
     out = tmp_path / "orphaned"
-    driver = subprocess.Popen([sys.executable, "-c", "from polyfid.distributed.lock import RunLock; "
+    driver = subprocess.Popen([sys.executable, "-c", "from polyfid.distributed.driver.lock import RunLock; "
                                f"RunLock({str(out)!r}).acquire(); import time; time.sleep(600)"])
-    worker_code = ("import sys,time; from polyfid.distributed.lock import worker_hold\n"
+    worker_code = ("import sys,time; from polyfid.distributed.driver.lock import worker_hold\n"
                    f"with worker_hold({str(out)!r}):\n print('joined', flush=True); time.sleep(float(sys.argv[1]))")
     try:
         while not (out / LOCK_FILE).exists() or not (out / LOCK_FILE).read_text():

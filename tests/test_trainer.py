@@ -45,7 +45,7 @@ def _run(mode: str, out: str, stores: dict, steps: int, **trainer) -> RunConfig:
 
 
 def _train(rank, world, runs):
-    from polyfid.distributed.trainer import Trainer
+    from polyfid.distributed.loop.trainer import Trainer
 
     for run in runs:
         t = Trainer(RunConfig.from_dict(run)).build()
@@ -101,7 +101,7 @@ def test_oversampled_store_gets_its_share_of_every_batch_on_two_ranks(stores, tm
 
 
 def test_oversample_is_checked_before_the_run(stores, tmp_path):
-    from polyfid.distributed.launcher import check_on_driver
+    from polyfid.distributed.driver.launcher import check_on_driver
 
     def cfg(**data) -> RunConfig:
         c = _run("multifidelity", str(tmp_path / "x"), stores, 1).to_dict()
@@ -124,14 +124,15 @@ def test_oversample_top_picks_the_highest_level_stores_where_they_are_a_small_sh
     """data.oversample=top (the recipes' default): the stores holding the highest-rank fidelity (here malonaldehyde
     at the high level, 9 of the 25 atoms per frame triple = 36%) get the share when they hold less than it, and
     nothing happens where it does not apply."""
-    from polyfid.distributed.launcher import check_on_driver
+    from polyfid.distributed.driver.launcher import check_on_driver
 
     def resolved(fraction: float, train=None, mode="multifidelity") -> list[str]:
         c = _run(mode, str(tmp_path / "x"), stores, 1).to_dict()
         c["data"].update(oversample="top", oversample_fraction=fraction, train=train or stores["train"])
         run = RunConfig.from_dict(c).resolve_paths()
-        check_on_driver(run)
-        return run.data.oversample
+        resolved = check_on_driver(run)
+        assert run.data.oversample == ["top"]  # the caller's config stays as written; the copy is resolved
+        return resolved.data.oversample
 
     assert resolved(0.5) == [stores["train"][1]]
     assert resolved(0.3) == []  # already 36% of the atoms
@@ -145,15 +146,14 @@ def test_oversample_top_picks_the_highest_level_stores_where_they_are_a_small_sh
 
 def test_force_prior_is_checked_before_the_run(stores, tmp_path):
     """loss.force_prior names levels of data.train, and the level it borrows from has force labels there."""
-    from polyfid.distributed.launcher import check_on_driver
+    from polyfid.distributed.driver.launcher import check_on_driver
 
     def check(prior: dict, train=None) -> None:
         c = _run("multifidelity", str(tmp_path / "x"), stores, 1).to_dict()
         c["loss"] = {"force_prior": prior}
         c["data"]["train"] = train or stores["train"]
         run = RunConfig.from_dict(c).resolve_paths()
-        check_on_driver(run)
-        return run.loss.force_prior
+        return check_on_driver(run).loss.force_prior
 
     check({HIGH: LOW})
     assert check("auto") == {}  # every level has forces here
@@ -170,7 +170,7 @@ def test_force_prior_is_checked_before_the_run(stores, tmp_path):
 def test_force_prior_auto_lends_the_most_forced_level_to_levels_without_forces(tmp_path):
     """loss.force_prior=auto (the recipes' default): a level with energies and no force labels in data.train
     borrows from the level with the most force-labelled atoms; in Reptile it is off."""
-    from polyfid.distributed.launcher import check_on_driver
+    from polyfid.distributed.driver.launcher import check_on_driver
 
     files = {p.name.split(".")[0]: p for p in demo_files()}
     train = []
@@ -185,15 +185,16 @@ def test_force_prior_auto_lends_the_most_forced_level_to_levels_without_forces(t
         c = _run(mode, str(tmp_path / mode), {"train": train, "valid": []}, 1).to_dict()
         c["loss"] = {"force_prior": "auto"}
         run = RunConfig.from_dict(c).resolve_paths()
-        check_on_driver(run)
-        return run.loss.force_prior
+        resolved = check_on_driver(run)
+        assert run.loss.force_prior == "auto"  # the caller's config stays as written
+        return resolved.loss.force_prior
 
     assert resolved("multifidelity") == {HIGH: LOW}
     assert resolved("reptile") == {}
 
 
 def test_mode_registry_names_the_modes():
-    from polyfid.distributed.modes import MODES, get_mode
+    from polyfid.distributed.modes.registry import MODES, get_mode
 
     assert set(MODES) == {"multifidelity", "reptile"}
     with pytest.raises(ConfigError, match="available: multifidelity, reptile"):
@@ -203,10 +204,10 @@ def test_mode_registry_names_the_modes():
 def test_streams_declare_the_resumable_interface(stores):
     from polyfid.data_shards.reader import ShardReader
     from polyfid.data_shards.store import Store
-    from polyfid.distributed.replay import mixed_reader
-    from polyfid.distributed.reptile import ReptileMode
-    from polyfid.distributed.steps import StreamSpec
-    from polyfid.distributed.stream import ResumableStream, TaskBatches
+    from polyfid.distributed.modes.replay import mixed_reader
+    from polyfid.distributed.modes.reptile import ReptileMode
+    from polyfid.distributed.modes.multifidelity import StreamSpec
+    from polyfid.distributed.modes.stream import ResumableStream, TaskBatches
 
     opened = [Store.open(p) for p in stores["train"]]
     cfg = ShardReader.Config(atom_budget=64, seed=0, loop=True, prefetch=0)
@@ -223,9 +224,9 @@ def test_finetune_plan_travels_as_data_and_the_config_keeps_what_the_user_wrote(
     """The plan resolves replay on the driver (a replay store that cannot be read is an error that says how to get
     it and how to skip replay); what it resolved lives in the plan, not in the user's config."""
     from polyfid.data_shards.store import Store
-    from polyfid.distributed.finetune import FinetunePlan
-    from polyfid.distributed.trainer import build_model
-    from polyfid.distributed.packaging import write_package
+    from polyfid.distributed.finetune.plan import FinetunePlan
+    from polyfid.distributed.loop.trainer import build_model
+    from polyfid.distributed.loop.packaging import write_package
 
     pre = _run("multifidelity", str(tmp_path / "pre"), stores, 1)
     model, fit = build_model(pre, [Store.open(p) for p in stores["train"]])
@@ -248,7 +249,7 @@ def test_finetune_plan_travels_as_data_and_the_config_keeps_what_the_user_wrote(
     tuned = again.apply(target, 256)
     assert tuned.fidelity_names == model.fidelity_names
     # the reference refit ran once, on the driver: the plan carries its result and apply() only sets it
-    from polyfid.distributed.finetune import refit_references
+    from polyfid.distributed.finetune.plan import refit_references
     from polyfid.models.package import load_package
 
     fresh = load_package(pkg)
@@ -257,7 +258,7 @@ def test_finetune_plan_travels_as_data_and_the_config_keeps_what_the_user_wrote(
     assert plan.references == {str(z): pytest.approx(e) for z, e in expected.items()}
     k = tuned.fidelity_index(HIGH)
     assert {str(z): float(tuned.reference_energies[k, z]) for z in tuned.elements} == pytest.approx(plan.references)
-    from polyfid.distributed.packaging import lineage
+    from polyfid.distributed.loop.packaging import lineage
 
     lin = lineage(cfg, target, [], None, plan, None)
     assert lin["reference_refit"]["head"] == HIGH and lin["reference_refit"]["energies"] == plan.references
@@ -266,7 +267,7 @@ def test_finetune_plan_travels_as_data_and_the_config_keeps_what_the_user_wrote(
 def test_precision_is_checked_on_the_driver_before_ray_starts(stores, tmp_path):
     import ray
 
-    from polyfid.distributed.launcher import run_training
+    from polyfid.distributed.driver.launcher import run_training
 
     cfg = _run("multifidelity", str(tmp_path / "fp16"), stores, 1, precision="fp16", use_gpu=False)
     cfg.tracking.enabled = False
@@ -283,7 +284,7 @@ def test_collated_stream_keeps_the_exact_cursor(stores):
 
     from polyfid.data_shards.reader import ShardReader
     from polyfid.data_shards.store import Store
-    from polyfid.distributed.stream import Collated, Prepared, batches_of
+    from polyfid.distributed.modes.stream import Collated, Prepared, batches_of
 
     opened = [Store.open(p) for p in stores["train"]]
     cfg = ShardReader.Config(atom_budget=64, seed=1, loop=True, prefetch=2)
@@ -323,7 +324,7 @@ def test_resume_skips_a_truncated_checkpoint_for_the_one_before(stores, tmp_path
     warning and resume takes the one before; one whose write never finished (no manifest) is skipped too."""
     from dist_utils import spawn
 
-    from polyfid.distributed.checkpoint import MANIFEST, newest_verified, verify_checkpoint
+    from polyfid.distributed.loop.checkpoint import MANIFEST, newest_verified, verify_checkpoint
 
     out = tmp_path / "ckpt"
     spawn(_train, 2, [_run("multifidelity", str(out), stores, 10).to_dict()], tmp=tmp_path)
@@ -372,7 +373,7 @@ class _Planted:
 
 
 def _train_planted(rank, world, run, plant, report):
-    from polyfid.distributed.trainer import Trainer
+    from polyfid.distributed.loop.trainer import Trainer
 
     t = Trainer(RunConfig.from_dict(run)).build()
     t.stream = _Planted(t.stream, rank, plant)
@@ -434,7 +435,7 @@ def test_repeated_loss_spikes_roll_back_once_with_a_lower_learning_rate(stores, 
 def _train_ema(rank, world, run, report):
     from safetensors.torch import load_file
 
-    from polyfid.distributed.trainer import Trainer
+    from polyfid.distributed.loop.trainer import Trainer
 
     t = Trainer(RunConfig.from_dict(run)).build()
     t.train()

@@ -5,7 +5,7 @@
 
 Molecules are held out of the pretraining corpus (`data_shards/corpus/molecules.csv`, role `heldout`), so
 `pretrained:organic-mini` has seen neither the molecule nor the level. Structures come from GFN2-xTB Langevin
-MD at 300, 600 and 1000 K (the corpus's sampler, `data_shards/corpus/sample.py`). Each B3LYP result is
+MD at 300, 600 and 1000 K (the corpus's sampler, `datasets/corpus/sample.py`). Each B3LYP result is
 appended to `<molecule>.labels.jsonl` as soon as it is computed, so a killed run resumes where it stopped.
 
 Split (seeded permutation of each molecule's labelled structures): the first 50 are `test`, the next 20
@@ -40,7 +40,7 @@ def sample(name: str, smiles: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     if path.exists():
         d = np.load(path)
         return d["numbers"], d["positions"]
-    from polyfid.data_shards.corpus.sample import md_frames, optimise, rdkit_start
+    from polyfid.datasets.corpus.sample import md_frames, optimise, rdkit_start
 
     atoms, _ = rdkit_start(smiles, SEED)
     start = optimise(atoms)

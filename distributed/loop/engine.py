@@ -10,7 +10,7 @@ from typing import Any, Iterable
 import torch
 
 from polyfid.distributed.config import ClusterConfig, ConfigError, TrainerConfig
-from polyfid.distributed.progress import quiet_stdout
+from polyfid.distributed.loop.progress import quiet_stdout
 
 
 def ensure_extension_cache() -> None:
@@ -26,35 +26,6 @@ def resolve_device(cfg: ClusterConfig) -> torch.device:
     if use_gpu:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device("cpu")
-
-
-def all_reduce_host(t: torch.Tensor, op=None) -> torch.Tensor:
-    """All-reduce a small host tensor in place, through the GPU when the process group is NCCL (which has no
-    CPU backend). A no-op without torch.distributed."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return t
-    op = dist.ReduceOp.SUM if op is None else op
-    if dist.get_backend() == "nccl":
-        dev = t.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(dev, op=op)
-        t.copy_(dev.cpu())
-    else:
-        dist.all_reduce(t, op=op)
-    return t
-
-
-def all_gather_host(t: torch.Tensor) -> torch.Tensor:
-    """All ranks' copies of a small host tensor, stacked [world, ...] (through the GPU under NCCL)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return t[None]
-    src = t.to(torch.device("cuda", torch.cuda.current_device())) if dist.get_backend() == "nccl" else t
-    rows = [torch.zeros_like(src) for _ in range(dist.get_world_size())]
-    dist.all_gather(rows, src)
-    return torch.stack(rows).cpu()
 
 
 def resolve_precision(cfg: TrainerConfig, device: torch.device) -> str:

@@ -22,9 +22,9 @@ import torch
 from polyfid.data_shards.reader import ShardReader
 from polyfid.data_shards.store import Store
 from polyfid.distributed.config import ReptileConfig, RunConfig
-from polyfid.distributed.losses import multifidelity_loss
-from polyfid.distributed.steps import StepContext, StreamSpec, prepare
-from polyfid.distributed.stream import TaskBatches
+from polyfid.distributed.modes.losses import multifidelity_loss
+from polyfid.distributed.modes.multifidelity import StepContext, StreamSpec, prepare
+from polyfid.distributed.modes.stream import TaskBatches
 from polyfid.models.layout import LabelLayout
 
 

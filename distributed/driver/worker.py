@@ -9,11 +9,11 @@ import os
 from typing import Any
 
 from polyfid.data_shards.named import BASE_DIR_ENV
-from polyfid.data_shards.store import Store
 from polyfid.distributed.config import RunConfig
-from polyfid.distributed.finetune import FinetunePlan
-from polyfid.distributed.lock import worker_hold
-from polyfid.distributed.trainer import Trainer
+from polyfid.distributed.finetune.plan import FinetunePlan
+from polyfid.distributed.driver.lock import worker_hold
+from polyfid.distributed.loop.trainer import Trainer
+from polyfid.data_shards.named import open_store
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -26,6 +26,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if plan is not None:
         plan = FinetunePlan.from_dict(plan)
     elif cfg.finetune.source:
-        plan = FinetunePlan.build(cfg, [Store.open(p) for p in cfg.data.train])
+        plan = FinetunePlan.build(cfg, [open_store(p) for p in cfg.data.train])
     with worker_hold(cfg.output):  # a new run on this folder waits for workers that outlive a killed driver
         Trainer(cfg, config.get("mlflow_run_id"), plan, config.get("live_progress")).build().train()

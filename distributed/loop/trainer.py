@@ -22,23 +22,24 @@ from polyfid.data_shards.reader import ShardReader
 from polyfid.data_shards.reference_fit import ReferenceFit, fit_stores
 from polyfid.data_shards.schema import by_rank
 from polyfid.data_shards.store import Store
-from polyfid.distributed.checkpoint import Checkpointer
+from polyfid.distributed.loop.checkpoint import Checkpointer
 from polyfid.distributed.config import RunConfig
-from polyfid.distributed.engine import build_engine, compute_dtype, resolve_device
-from polyfid.distributed.ema import EMA
-from polyfid.distributed.energy_refit import EnergyRefit
-from polyfid.distributed.finetune import FinetunePlan
-from polyfid.distributed.guard import Guard
-from polyfid.distributed.modes import get_mode
-from polyfid.distributed.packaging import write_package
-from polyfid.distributed.progress import make_progress, quiet_libraries
-from polyfid.distributed.steps import StepContext, StreamSpec, collate
-from polyfid.distributed.stream import Collated
-from polyfid.distributed.telemetry import Telemetry
-from polyfid.distributed.tracking import Tracker
-from polyfid.distributed.validation import Validator
+from polyfid.distributed.loop.engine import build_engine, compute_dtype, resolve_device
+from polyfid.distributed.loop.ema import EMA
+from polyfid.distributed.loop.energy_refit import EnergyRefit
+from polyfid.distributed.finetune.plan import FinetunePlan
+from polyfid.distributed.loop.guard import Guard
+from polyfid.distributed.modes.registry import get_mode
+from polyfid.distributed.loop.packaging import write_package
+from polyfid.distributed.loop.progress import make_progress, quiet_libraries
+from polyfid.distributed.modes.multifidelity import StepContext, StreamSpec, collate
+from polyfid.distributed.modes.stream import Collated
+from polyfid.distributed.loop.telemetry import Telemetry
+from polyfid.infra.tracking import Tracker
+from polyfid.distributed.loop.validation import Validator
 from polyfid.models.layout import LabelLayout
 from polyfid.models.potential import Potential
+from polyfid.data_shards.named import open_store
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -98,10 +99,10 @@ class Trainer:
         quiet_libraries()
         Path(cfg.output).mkdir(parents=True, exist_ok=True)  # the launcher makes it; a direct caller may not have
         self.device = resolve_device(cfg.cluster)
-        self.stores = [Store.open(p) for p in cfg.data.train]
-        self.valid = [Store.open(p) for p in cfg.data.valid]
+        self.stores = [open_store(p) for p in cfg.data.train]
+        self.valid = [open_store(p) for p in cfg.data.valid]
         self.model, self.fit = build_model(cfg, self.stores, self.plan)
-        replay = [Store.open(p) for p in self.plan.replay_stores] if self.plan and self.plan.replay_fraction > 0 else []
+        replay = [open_store(p) for p in self.plan.replay_stores] if self.plan and self.plan.replay_fraction > 0 else []
         fidelities = heads_in(self.model, self.stores + replay)  # label columns (fine-tuning data may have one)
         self.mode = get_mode(cfg.trainer.mode)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -129,7 +130,7 @@ class Trainer:
         self.validator = Validator(cfg, self.valid, heads_in(self.model, self.valid), self.plan and self.plan.head,
                                    dtype, self.device, self.rank, self.world, self.tracker)
         refit_heads = [self.plan.head] if self.plan else heads_in(self.model, self.stores)
-        anchors = [Store.open(p) for p in self.plan.anchors] if self.plan else []
+        anchors = [open_store(p) for p in self.plan.anchors] if self.plan else []
         self.refit = EnergyRefit(cfg.trainer.energy_refit_every, cfg.trainer.steps, self.stores + anchors, refit_heads,
                                  cfg.data.atom_budget, dtype, self.device, self.rank, self.world,
                                  cfg.trainer.energy_refit_structures)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -17,6 +16,7 @@ from polyfid.distributed.config import RunConfig
 from polyfid.evaluation.metrics import predict
 from polyfid.models.package import load_package
 from polyfid.models.potential import Potential
+from polyfid.data_shards.named import open_store
 
 log = logging.getLogger("polyfid.finetune")
 
@@ -140,7 +140,7 @@ class FinetunePlan:
     def build(cls, cfg: RunConfig, stores: Sequence[Store], source: str | None = None,
               source_uri: str | None = None) -> "FinetunePlan":
         """The plan of `cfg.finetune` on the target `stores`; `source`: the local copy of an MLflow URI."""
-        from polyfid.distributed.replay import lineage_stores, openable_refs, replay_refs
+        from polyfid.distributed.modes.replay import lineage_stores, openable_refs, replay_refs
 
         ft = cfg.finetune
         source = source or ft.source
@@ -168,7 +168,7 @@ class FinetunePlan:
             if new_fid is not None:
                 parent.add_fidelity(new_fid, init_from=init)
             fitted = refit_references(parent, head, stores, cfg.data.atom_budget,
-                                      anchors=[Store.open(p) for p in anchors])
+                                      anchors=[open_store(p) for p in anchors])
             references = {str(z): float(e) for z, e in fitted.items()}
         return cls(source=str(source), source_uri=source_uri or str(ft.source), head=head,
                    new_fidelity=new_fid.to_dict() if new_fid is not None else None,
@@ -197,7 +197,7 @@ class FinetunePlan:
         if self.references is not None:
             model.set_reference_energies(self.head, {int(z): e for z, e in self.references.items()})
         elif self.refit_references:  # a plan written before the fit moved into build()
-            refit_references(model, self.head, stores, atom_budget, anchors=[Store.open(p) for p in self.anchors])
+            refit_references(model, self.head, stores, atom_budget, anchors=[open_store(p) for p in self.anchors])
         if self.freeze == "backbone":
             for p in model.backbone_parameters():
                 p.requires_grad_(False)
@@ -208,180 +208,3 @@ class FinetunePlan:
 def prepare_finetune_model(cfg: RunConfig, stores: Sequence[Store]) -> Potential:
     """The parent package named in cfg.finetune.source, set up for fine-tuning (FinetunePlan in one call)."""
     return FinetunePlan.build(cfg, stores).apply(stores, cfg.data.atom_budget)
-
-
-class EarlyStopping:
-    """Stop after `patience` validations without improvement; keep the best weights (config: `stopping:`).
-
-    The score weighs the validation errors as the loss does: energy_weight × energy MAE per atom (eV) +
-    forces_weight × force MAE (eV/Å) of `head`, or the mean of that over every head validated when `head` is
-    None; smoothed over validations (an exponential average that keeps `smoothing` of the previous value),
-    because a small validation set is noisy. Validations before `min_steps` never count against patience.
-    Validation results are all-reduced, so every rank decides alike. `patience` 0: never stop.
-    """
-
-    def __init__(self, patience: int, head: str | None, energy_weight: float = 1.0, forces_weight: float = 1.0,
-                 min_steps: int = 0, smoothing: float = 0.0) -> None:
-        self.patience, self.head = patience, head
-        self.weights = (energy_weight, forces_weight)
-        self.min_steps, self.smoothing = min_steps, smoothing
-        self.best_score, self.best_step, self.bad = float("inf"), -1, 0
-        self.smoothed: float | None = None
-        self.best_state: dict | None = None
-
-    def _head_score(self, r: dict[str, float]) -> float:
-        e, f = r.get("energy_mae_per_atom"), r.get("forces_mae")
-        if e is None and f is None:
-            return float("nan")
-        return self.weights[0] * (e or 0.0) + self.weights[1] * (f or 0.0)
-
-    def score(self, results: dict[str, dict[str, float]]) -> float:
-        if self.head is not None:
-            return self._head_score(results.get(self.head) or {})
-        scores = [s for s in (self._head_score(r) for r in results.values()) if np.isfinite(s)]
-        return float(np.mean(scores)) if scores else float("nan")
-
-    def update(self, results: dict[str, dict[str, float]], module, step: int, keep: bool) -> bool:
-        """Record a validation; returns True when training should stop. `keep`: hold a copy of the best weights."""
-        s = self.score(results)
-        if not np.isfinite(s):
-            return False
-        prev = self.smoothed
-        self.smoothed = s if prev is None else self.smoothing * prev + (1.0 - self.smoothing) * s
-        if self.smoothed < self.best_score:
-            self.best_score, self.best_step, self.bad = self.smoothed, step, 0
-            if keep:
-                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-            return False
-        if step >= self.min_steps:
-            self.bad += 1
-        return 0 < self.patience <= self.bad
-
-    def restore_best(self, module) -> None:
-        """Load the best weights seen (if any) into `module`."""
-        if self.best_state is not None:
-            module.load_state_dict(self.best_state)
-
-
-def measure_forgetting(parent: str, child: str, parent_meta: dict, max_structures: int = 1000) -> dict | None:
-    """Errors of the parent and of the fine-tuned package on the parent's own data, per fidelity.
-
-    The data are the parent's validation stores from its lineage, else its training stores (at most
-    `max_structures`, shared among the stores). `*_increase` = fine-tuned − parent: positive values are
-    forgetting. None when the parent's stores cannot be read.
-    """
-    from polyfid.evaluation.metrics import evaluate_batches
-    from polyfid.distributed.replay import open_replay_stores
-
-    lineage = parent_meta.get("lineage") or {}
-    entries = lineage.get("valid_stores") or lineage.get("stores") or []
-    stores = open_replay_stores([e["path"] for e in entries if e.get("path")])
-    if not stores:
-        log.warning("forgetting: none of the parent's stores can be read; not measured")
-        return None
-    old, new = load_package(parent), load_package(child)
-    fids = [f for f in old.fidelity_names if any(f in {x.name for x in s.fidelities} for s in stores)]
-    if not fids:
-        return None
-
-    share = max(1, max_structures // len(stores))  # each store its share: every level is measured
-
-    def limited(model):
-        def batches():  # in store order; a store's batches past its share are read, not evaluated
-            seen = np.zeros(len(stores), dtype=np.int64)
-            for b in iter_all(stores, fidelities=fids):
-                if (seen >= share).all():
-                    return
-                if (seen[b["store"]] < share).any():
-                    seen += np.bincount(b["store"], minlength=len(stores))
-                    yield b
-        return evaluate_batches(model, batches(), fids).results()
-
-    before, after = limited(old), limited(new)
-    out: dict[str, dict] = {}
-    for fid in (f for f in fids if f in before and f in after):
-        r: dict = {"n_structures": before[fid].get("n_structures")}
-        for k in ("energy_mae_per_atom", "energy_mae", "forces_mae"):
-            if k in before[fid] and k in after[fid]:
-                r[f"{k}_parent"], r[f"{k}_finetuned"] = before[fid][k], after[fid][k]
-                r[f"{k}_increase"] = after[fid][k] - before[fid][k]
-        out[fid] = r
-    return out
-
-
-FORGETTING_RATIO = 3.0  # fine-tuned / parent error on the parent's data above which forgetting is "huge"
-
-
-def forgetting_advice(forgetting: dict | None, replay_fraction: float) -> str | None:
-    """A hint to replay when fine-tuning without replay made a parent head much worse on the parent's data."""
-    if not forgetting or replay_fraction > 0:
-        return None
-    worst = []
-    for fid, r in forgetting.items():
-        for key, unit in (("energy_mae", "meV"), ("forces_mae", "meV/Å")):
-            before, after = r.get(f"{key}_parent"), r.get(f"{key}_finetuned")
-            if before is not None and after is not None and after > FORGETTING_RATIO * max(before, 1e-3):
-                worst.append(f"{fid} {key.split('_')[0]} MAE {before * 1000:.0f} → {after * 1000:.0f} {unit}")
-    if not worst:
-        return None
-    return ("fine-tuning without replay forgot the parent's levels (" + "; ".join(worst) + "). To keep them, "
-            "fine-tune again with --replay 0.25 (a quarter of each batch from the pretraining stores).")
-
-
-def scratch_config(cfg: RunConfig, parent_meta: dict) -> RunConfig:
-    """The same run from a random init: the parent's architecture, the target data, the same step budget.
-
-    The learning rate and warm-up are finetune.scratch_lr and finetune.scratch_warmup_steps (the fine-tuning
-    recipe's, chosen for scratch by its own sweep), else the parent's pretraining ones (a random init needs
-    larger steps), so that neither side is handicapped by the other's schedule. Validation, the energy refit,
-    early stopping and best-weights selection are the fine-tuning run's. No head is frozen, nothing is registered.
-    """
-    import copy
-
-    from polyfid.models.config import ModelConfig
-
-    s = copy.deepcopy(cfg)
-    s.model = ModelConfig(**{k: v for k, v in parent_meta["config"].items() if k in ModelConfig.__dataclass_fields__})
-    parent_trainer = ((parent_meta.get("extra") or {}).get("config") or {}).get("trainer") or {}
-    for key in ("lr", "warmup_steps"):
-        mine = getattr(cfg.finetune, f"scratch_{key}")
-        if mine is not None:
-            setattr(s.trainer, key, mine)
-        elif key in parent_trainer:
-            setattr(s.trainer, key, parent_trainer[key])
-    s.finetune = type(cfg.finetune)()
-    s.name = f"{cfg.name}-scratch"
-    s.output = str(Path(cfg.output) / "scratch")
-    if cfg.trainer.trace_dir:
-        s.trainer.trace_dir = str(Path(cfg.trainer.trace_dir) / "scratch")
-    s.tracking.run_name = f"{cfg.tracking.run_name or cfg.name}-scratch"
-    s.tracking.register_as = None
-    return s
-
-
-def compare_table(packages: dict[str, str], stores: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
-    """{label: {fidelity: errors}} of each package on the stores (the fidelities every package has)."""
-    from polyfid.evaluation.metrics import evaluate_batches
-
-    opened = [Store.open(p) for p in stores]
-    present = {f.name for s in opened for f in s.fidelities}
-    models = {k: load_package(v) for k, v in packages.items()}
-    fids = [f for f in next(iter(models.values())).fidelity_names
-            if f in present and all(f in m.fidelity_names for m in models.values())]
-    return {k: evaluate_batches(m, iter_all(opened, fidelities=fids), fids).results() for k, m in models.items()}
-
-
-def format_compare(table: dict[str, dict[str, dict[str, float]]], title: str) -> str:
-    """Rows (fidelity, label) with energy and force MAE in meV and meV/Å."""
-    lines = [title, f"{'fidelity':<16}{'model':<14}{'n':>5}{'E MAE':>9}{'E/atom':>9}{'F MAE':>9}   (meV, meV/Å)"]
-    fids = sorted({f for r in table.values() for f in r})
-    for fid in fids:
-        for label, res in table.items():
-            r = res.get(fid, {})
-
-            def g(k: str) -> str:
-                return f"{r[k] * 1000:>9.1f}" if k in r else f"{'-':>9}"
-
-            lines.append(f"{fid:<16}{label:<14}{r.get('n_structures', 0):>5}{g('energy_mae')}"
-                         f"{g('energy_mae_per_atom')}{g('forces_mae')}")
-    return "\n".join(lines)

@@ -23,7 +23,7 @@ import torch
 from polyfid.data_shards.reader import ShardReader
 from polyfid.data_shards.refs import _solve_normal, composition_matrix
 from polyfid.data_shards.store import Store
-from polyfid.distributed.engine import all_reduce_host
+from polyfid.infra.comm import all_reduce_host
 from polyfid.evaluation.metrics import predict
 
 log = logging.getLogger("polyfid.energy_refit")

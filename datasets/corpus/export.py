@@ -20,8 +20,8 @@ import numpy as np
 from ase import Atoms
 
 from polyfid.data_shards.corpus.levels import Level
-from polyfid.data_shards.corpus.sample import Molecule, load_molecules, target_molecule
-from polyfid.data_shards.corpus.store import LabelStore, Record, Structures, dequantise, fractions, label_key
+from polyfid.datasets.corpus.sample import Molecule, load_molecules, target_molecule
+from polyfid.datasets.corpus.store import LabelStore, Record, Structures, dequantise, fractions, label_key
 
 FILES_DIR = "extxyz"
 SPLITS = ("train", "valid", "test", "heldout")

@@ -17,6 +17,7 @@ from polyfid.data_shards.named import is_named_store
 from polyfid.data_shards.reader import ShardReader
 from polyfid.data_shards.schema import Batch, concat_batches
 from polyfid.data_shards.store import Store
+from polyfid.data_shards.named import open_store
 
 log = logging.getLogger("polyfid.replay")
 
@@ -40,7 +41,7 @@ def open_replay_stores(paths: Sequence[str], fingerprints: dict[str, str] | None
     out = []
     for p in paths:
         try:
-            s = Store.open(_usable(p))
+            s = open_store(_usable(p))
         except (OSError, ValueError) as err:
             log.warning("replay: cannot open pretraining store %s (%s); training without it", p, err)
             if failures is not None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from polyfid.distributed.engine import all_reduce_host
+from polyfid.infra.comm import all_reduce_host
 
 log = logging.getLogger("polyfid.checkpoint")
 KEEP = 2  # checkpoints kept on disk

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 import torch
 
 from polyfid.distributed.config import GuardConfig
-from polyfid.distributed.engine import all_reduce_host
-from polyfid.distributed.stream import batches_of
+from polyfid.infra.comm import all_reduce_host
+from polyfid.distributed.modes.stream import batches_of
 
 log = logging.getLogger("polyfid.guard")
 # A loss is a spike only when it is also this many times the largest loss accepted within the window. Real data

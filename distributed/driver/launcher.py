@@ -1,7 +1,11 @@
-"""The driver: resolve the config, open the MLflow run, run Ray Train workers, register the package."""
+"""The driver: resolve a copy of the config, open the MLflow run, run Ray Train workers, register the package.
+
+The caller's RunConfig is never changed: `prepare` resolves a copy (absolute paths, data.oversample=top and
+loss.force_prior=auto made explicit), saves it as config.yaml and hands it to the workers."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -14,40 +18,46 @@ from typing import Any
 from polyfid.data_shards.schema import highest_rank
 from polyfid.data_shards.store import Store
 from polyfid.distributed.config import FORCE_PRIOR_AUTO, OVERSAMPLE_TOP, ConfigError, RunConfig, save_config
-from polyfid.distributed.checkpoint import STOP_FILE
-from polyfid.distributed.engine import ensure_extension_cache, resolve_device, resolve_precision
-from polyfid.distributed.finetune import (FinetunePlan, compare_table, forgetting_advice, measure_forgetting,
-                                         scratch_config)
-from polyfid.distributed.lock import RunLock
-from polyfid.distributed.modes import get_mode
-from polyfid.distributed.progress import interactive, quiet_libraries, verbose
-from polyfid.distributed.tracking import Tracker
+from polyfid.distributed.loop.checkpoint import STOP_FILE
+from polyfid.distributed.loop.engine import ensure_extension_cache, resolve_device, resolve_precision
+from polyfid.distributed.finetune.plan import FinetunePlan
+from polyfid.distributed.finetune.scratch import compare_table, scratch_config
+from polyfid.distributed.finetune.forgetting import forgetting_advice, measure_forgetting
+from polyfid.distributed.driver.lock import RunLock
+from polyfid.distributed.modes.registry import get_mode
+from polyfid.distributed.loop.progress import interactive, quiet_libraries, verbose
+from polyfid.infra.tracking import Tracker
 from polyfid.evaluation.report import report_to_mlflow
-from polyfid.evaluation.resolve import resolve_package
+from polyfid.infra.resolve import resolve_package
 from polyfid.models.package import read_metadata
+from polyfid.data_shards.named import open_store
 
 log = logging.getLogger("polyfid.launcher")
 
 
-def check_on_driver(cfg: RunConfig) -> None:
+def check_on_driver(cfg: RunConfig) -> RunConfig:
     """What can be checked before Ray starts: the stores open, data.oversample fits the run, and the device and
-    precision make sense here."""
+    precision make sense here. Returns a copy with data.oversample and loss.force_prior resolved; `cfg` is
+    left as it was."""
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give at least one store (data.train=PATH[,PATH...])")
     cfg.check_oversample()
-    opened = {p: Store.open(p) for p in cfg.data.train + cfg.data.valid}
-    resolve_oversample(cfg, [opened[p] for p in cfg.data.train])
-    resolve_force_prior(cfg, [opened[p] for p in cfg.data.train])
+    opened = {p: open_store(p) for p in cfg.data.train + cfg.data.valid}
+    train = [opened[p] for p in cfg.data.train]
+    resolved = copy.deepcopy(cfg)
+    resolved.data.oversample = resolve_oversample(cfg, train)
+    resolved.loss.force_prior = resolve_force_prior(cfg, train)
     import torch
 
     if cfg.cluster.address is None:  # a local cluster: its workers see the devices this process sees
         resolve_precision(cfg.trainer, resolve_device(cfg.cluster))
     elif cfg.cluster.use_gpu is False:
         resolve_precision(cfg.trainer, torch.device("cpu"))
+    return resolved
 
 
-def resolve_force_prior(cfg: RunConfig, train: list[Store]) -> None:
-    """loss.force_prior=auto becomes {level: donor} for every level of data.train (`train`, opened) that has
+def resolve_force_prior(cfg: RunConfig, train: list[Store]) -> dict[str, str]:
+    """What loss.force_prior becomes: auto becomes {level: donor} for every level of data.train (`train`, opened) that has
     energies and no force labels, the donor being the level with the most force-labelled atoms (nothing in
     Reptile, whose tasks hold one level each). Then every level named is checked: a fidelity of data.train, and
     each donor has force labels. The saved config.yaml and MLflow params show what it became."""
@@ -56,16 +66,16 @@ def resolve_force_prior(cfg: RunConfig, train: list[Store]) -> None:
     for info in (info for s in train for info in s.shards):
         for name in info.forces:
             forced[name] = forced.get(name, 0) + info.n_atoms
-    if cfg.loss.force_prior == FORCE_PRIOR_AUTO:
+    prior = cfg.loss.force_prior
+    if prior == FORCE_PRIOR_AUTO:
         energies = {name for s in train for info in s.shards for name in info.energy}
         donor = max(sorted(forced), key=lambda f: forced[f]) if forced else None
         without = sorted(energies - set(forced))
-        cfg.loss.force_prior = ({} if cfg.trainer.mode == "reptile" or donor is None
-                                else {name: donor for name in without})
-        lent = ", ".join(f"{h} borrows {lo}'s forces" for h, lo in cfg.loss.force_prior.items())
+        prior = {} if cfg.trainer.mode == "reptile" or donor is None else {name: donor for name in without}
+        lent = ", ".join(f"{h} borrows {lo}'s forces" for h, lo in prior.items())
         log.info("loss.force_prior=auto: %s", lent or ("off (Reptile)" if cfg.trainer.mode == "reptile"
                                                         else "off (every level has forces)"))
-    for high, low in cfg.loss.force_prior.items():
+    for high, low in prior.items():
         for name in (high, low):
             if name not in have:
                 raise ConfigError(f"loss.force_prior names {name!r}, which no store of data.train holds; "
@@ -73,15 +83,16 @@ def resolve_force_prior(cfg: RunConfig, train: list[Store]) -> None:
         if low not in forced:
             raise ConfigError(f"loss.force_prior: {low!r} has no force labels in data.train, so {high!r} has "
                               "nothing to borrow")
+    return dict(prior)
 
 
-def resolve_oversample(cfg: RunConfig, train: list[Store]) -> None:
-    """data.oversample=top becomes the stores of data.train (`train`, opened in that order) that hold the
+def resolve_oversample(cfg: RunConfig, train: list[Store]) -> list[str]:
+    """What data.oversample becomes: top becomes the stores of data.train (`train`, opened in that order) that hold the
     highest-rank fidelity, or nothing: in Reptile or replay runs, when those stores are all the stores, or when
     their atoms already reach data.oversample_fraction of the total. The saved config.yaml and MLflow params show
     what it became."""
     if cfg.data.oversample != [OVERSAMPLE_TOP]:
-        return
+        return list(cfg.data.oversample)
     stores = dict(zip(cfg.data.train, train))
     top = highest_rank([f for s in stores.values() for f in s.fidelities]).name
     chosen = [p for p, s in stores.items() if top in {f.name for f in s.fidelities}]
@@ -89,15 +100,15 @@ def resolve_oversample(cfg: RunConfig, train: list[Store]) -> None:
     why = ("Reptile" if cfg.trainer.mode == "reptile" else "replay" if cfg.finetune.replay_fraction > 0
            else "they are all the stores" if len(chosen) == len(stores)
            else f"they already hold {share:.0%} of the atoms" if share >= cfg.data.oversample_fraction else None)
-    cfg.data.oversample = [] if why else chosen
     log.info("data.oversample=top: %s", f"off ({top}'s stores: {why})" if why else
              f"{len(chosen)} store(s) of {top} ({share:.1%} of the atoms) get {cfg.data.oversample_fraction:.0%} "
              "of each batch's atoms")
+    return [] if why else chosen
 
 
 @dataclasses.dataclass
 class Prepared:
-    """The run as the driver resolved it; the config itself stays as the user wrote it."""
+    """The run as the driver resolved it: `cfg` is the resolved copy; the caller's config is unchanged."""
 
     cfg: RunConfig
     out: Path
@@ -105,14 +116,15 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig) -> Prepared:
-    """Resolve paths, check everything that can fail early, plan the fine-tuning, and save the config."""
+    """Resolve a copy of the config, check everything that can fail early, plan the fine-tuning, and save the
+    resolved config."""
     ensure_extension_cache()
     quiet_libraries()
-    cfg.resolve_paths()
+    cfg = copy.deepcopy(cfg).resolve_paths()
     get_mode(cfg.trainer.mode)  # fail now for an unknown mode
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    check_on_driver(cfg)
+    cfg = check_on_driver(cfg)
     plan = None
     if cfg.finetune.source:
         try:
@@ -120,7 +132,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"finetune.source: {err}") from err
         try:
-            plan = FinetunePlan.build(cfg, [Store.open(p) for p in cfg.data.train], local, cfg.finetune.source)
+            plan = FinetunePlan.build(cfg, [open_store(p) for p in cfg.data.train], local, cfg.finetune.source)
         except ValueError as err:  # the head or init_from asked for does not fit the parent and the data
             raise ConfigError(str(err)) from err
     save_config(cfg, out / "config.yaml")  # before anything runs
@@ -148,7 +160,7 @@ def _init_ray(cfg: RunConfig) -> None:
 
             if not torch.cuda.is_available():
                 env["DS_ACCELERATOR"] = "cpu"  # says so once here instead of a warning on every worker
-        hook = "polyfid.distributed.launcher.pin_ray_address"
+        hook = "polyfid.distributed.driver.launcher.pin_ray_address"
         ray.init(num_cpus=max(2, os.cpu_count() or 2), log_to_driver=True, logging_level=level,
                  runtime_env={"env_vars": env, "worker_process_setup_hook": hook})
 
@@ -163,9 +175,9 @@ def pin_ray_address() -> None:
 
 
 def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
-    """Run pretraining or fine-tuning (cfg.finetune.source set) on Ray Train workers; returns a summary."""
-    cfg.resolve_paths()
-    with RunLock(cfg.output):  # one run per output folder; a lock left by a dead driver is taken over
+    """Run pretraining or fine-tuning (cfg.finetune.source set) on Ray Train workers; returns a summary.
+    `cfg` is not changed (the run's resolved copy is its config.yaml)."""
+    with RunLock(copy.deepcopy(cfg).resolve_paths().output):  # one run per output folder; a lock left by a dead driver is taken over
         run = prepare(cfg)
         tracker = track(run)
         try:
@@ -316,6 +328,6 @@ def _worker_entry(config: dict[str, Any]) -> None:
     import logging as _logging
 
     _logging.basicConfig(level=_logging.WARNING, format="%(name)s: %(message)s")
-    from polyfid.distributed.worker import train_loop_per_worker
+    from polyfid.distributed.driver.worker import train_loop_per_worker
 
     train_loop_per_worker(config)

@@ -13,8 +13,8 @@ from polyfid.data_shards.reader import ShardReader
 from polyfid.data_shards.store import Store
 from polyfid.distributed.config import RunConfig
 from polyfid.evaluation.metrics import evaluate_batches, flatten
-from polyfid.distributed.finetune import EarlyStopping
-from polyfid.distributed.tracking import Tracker
+from polyfid.distributed.loop.stopping import EarlyStopping
+from polyfid.infra.tracking import Tracker
 
 log = logging.getLogger("polyfid.validation")
 

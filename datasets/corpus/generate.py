@@ -7,8 +7,8 @@ molecule, and once all are sampled HF, then the S3 target's wB97X labels, then t
 their hash fraction, so a partial level is an even random subset). Finished labels
 are kept in the result store (``store.py``) under their content key; a restarted run skips them.
 
-    python -m polyfid.data_shards.corpus.generate [--root DIR] [--address HOST:PORT] [--set key=value ...]
-    python -m polyfid.data_shards.corpus.generate --export-only
+    python -m polyfid.datasets.corpus.generate [--root DIR] [--address HOST:PORT] [--set key=value ...]
+    python -m polyfid.datasets.corpus.generate --export-only
 """
 from __future__ import annotations
 
@@ -31,14 +31,13 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from polyfid.data_shards.corpus.config import CorpusConfig
+from polyfid.datasets.corpus.config import CorpusConfig
 from polyfid.data_shards.corpus.levels import LEVELS, LabelError, Level
-from polyfid.data_shards.corpus.sample import (Molecule, load_molecules, sample_structures, target_molecule,
-                                               wanted)
-from polyfid.data_shards.corpus.store import (LabelStore, Record, Structures, dequantise, fractions,
-                                              label_key, quantise)
+from polyfid.datasets.corpus.sample import Molecule, load_molecules, sample_structures, target_molecule, wanted
+from polyfid.datasets.corpus.store import LabelStore, Record, Structures, dequantise, fractions, label_key, quantise
+from polyfid.data_shards.corpus import DATA_DIR
 
-CORPUS_ROOT = Path(__file__).resolve().parent
+CORPUS_ROOT = DATA_DIR
 THREAD_ENV = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
@@ -304,7 +303,7 @@ def run(cfg: CorpusConfig, root: Path = CORPUS_ROOT, address: Optional[str] = No
     finally:
         lock.close()
     if cfg.export:
-        from polyfid.data_shards.corpus.provenance import export_all
+        from polyfid.datasets.corpus.provenance import export_all
         export_all(root, cfg, levels)
     return r.stores
 
@@ -321,7 +320,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = ap.parse_args(argv)
     cfg = CorpusConfig().override(args.set)
     if args.export_only:
-        from polyfid.data_shards.corpus.provenance import export_all
+        from polyfid.datasets.corpus.provenance import export_all
         export_all(args.root, cfg, LEVELS)
         return
     run(cfg, args.root, args.address)

@@ -1,7 +1,7 @@
 """Checks of the corpus levels: cost per structure, and forces against finite differences of the energy.
 
-    python -m polyfid.data_shards.corpus.checks cost [--molecule indole --structures 3]   -> COSTS.md
-    python -m polyfid.data_shards.corpus.checks fd [--molecule methanol]                  -> FD_CHECK.md
+    python -m polyfid.datasets.corpus.checks cost [--molecule indole --structures 3]   -> COSTS.md
+    python -m polyfid.datasets.corpus.checks fd [--molecule methanol]                  -> FD_CHECK.md
 
 Both run one process, one thread (run them under ``nice`` beside the generator).
 """
@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from polyfid._util import split_list
-from polyfid.data_shards.corpus.config import CorpusConfig
+from polyfid.datasets.corpus.config import CorpusConfig
 from polyfid.data_shards.corpus.levels import LEVELS, Level
-from polyfid.data_shards.corpus.sample import load_molecules, optimise, rdkit_start
+from polyfid.datasets.corpus.sample import load_molecules, optimise, rdkit_start
+from polyfid.data_shards.corpus import DATA_DIR
 
-ROOT = Path(__file__).resolve().parent
+ROOT = DATA_DIR
 FD_COMPONENTS = ((0, 0), (1, 1), (-1, 2))  # (atom, xyz): first heavy atom, second atom, last H
 
 
@@ -40,7 +41,7 @@ def measure_costs(name: str, n: int, seed: int, levels: tuple[Level, ...] = LEVE
     numbers, xs = test_structures(name, n, seed)
     lines = [f"# Cost per structure ({name}, {len(numbers)} atoms, {n} rattled structures)", "",
              "CPU seconds (process time, one thread) per structure, mean over the structures. "
-             f"Command: `python -m polyfid.data_shards.corpus.checks cost --molecule {name} --structures {n}`.", "",
+             f"Command: `python -m polyfid.datasets.corpus.checks cost --molecule {name} --structures {n}`.", "",
              "| level | E only (CPU s) | E + F (CPU s) |", "|---|---|---|"]
     for level in levels:
         cost = []
@@ -58,7 +59,7 @@ def fd_check(name: str, seed: int, h: float = 1e-3, levels: tuple[Level, ...] = 
     """Analytic forces against central differences -(E(x+h) - E(x-h)) / 2h on two rattled structures."""
     numbers, xs = test_structures(name, 2, seed)
     lines = [f"# Finite-difference force check ({name}, GFN2-xTB minimum rattled by 0.05 A, 2 structures)", "",
-             f"Central differences, h = {h} A. Command: `python -m polyfid.data_shards.corpus.checks fd "
+             f"Central differences, h = {h} A. Command: `python -m polyfid.datasets.corpus.checks fd "
              f"--molecule {name}`. The DFT forces omit the grid response, as the labels do.", "",
              "| level | structure | atom | xyz | F analytic (eV/A) | F fd (eV/A) | abs diff |",
              "|---|---|---|---|---|---|---|"]

@@ -11,9 +11,9 @@ import torch
 from polyfid.data_shards.reader import ShardReader
 from polyfid.data_shards.store import Store
 from polyfid.distributed.config import LossConfig, RunConfig
-from polyfid.distributed.losses import Targets, multifidelity_loss, prior_pairs
-from polyfid.distributed.replay import mixed_reader
-from polyfid.distributed.stream import Prepared, ResumableStream, TaskBatches
+from polyfid.distributed.modes.losses import Targets, multifidelity_loss, prior_pairs
+from polyfid.distributed.modes.replay import mixed_reader
+from polyfid.distributed.modes.stream import Prepared, ResumableStream, TaskBatches
 from polyfid.models.graph import build_graph
 from polyfid.models.layout import LabelLayout
 
@@ -23,8 +23,9 @@ class StreamSpec:
     """What a mode needs to build its stream on one rank."""
 
     stores: list[Store]  # training stores
-    replay: list[Store]  # pretraining stores replayed during a fine-tuning (empty: none)
-    replay_fraction: float
+    mixed_in: list[Store]  # stores given a fixed share of every batch (empty: none): the pretraining stores
+    # replayed during a fine-tuning, or data.oversample's stores (loop/trainer.split_streams chooses)
+    mixed_fraction: float  # their share of each batch's atoms
     fidelities: list[str]  # label columns: the model's heads that the training data has
     model_fidelities: list[str]  # every head of the model
     reader: ShardReader.Config
@@ -88,7 +89,7 @@ def multifidelity_step(batch: dict | Prepared, ctx: StepContext) -> Mapping[str,
 
 
 class MultiFidelityMode:
-    """Every step reads one batch from all training stores (and the replay stores, when fine-tuning with replay)."""
+    """Every step reads one batch from all training stores (and the mixed-in stores: replay or oversampling)."""
 
     name = "multifidelity"
 
@@ -96,8 +97,8 @@ class MultiFidelityMode:
         return {}
 
     def stream(self, spec: StreamSpec, cfg: RunConfig) -> ResumableStream:
-        if spec.replay:
-            return mixed_reader(spec.stores, spec.replay, spec.reader, spec.replay_fraction, spec.fidelities,
+        if spec.mixed_in:
+            return mixed_reader(spec.stores, spec.mixed_in, spec.reader, spec.mixed_fraction, spec.fidelities,
                                 spec.rank, spec.world, spec.store_index)
         return ShardReader(spec.stores, spec.reader, rank=spec.rank, world_size=spec.world, fidelities=spec.fidelities)
 

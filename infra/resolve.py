@@ -1,4 +1,5 @@
-"""One way from a `--model` or `finetune.source` value to a local package folder."""
+"""Where runs and packages live: a `--model` or `finetune.source` value to a local package folder, and a
+tracking URI made absolute."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ from pathlib import Path
 
 from polyfid.models.package import METADATA_FILE
 from polyfid.models.pretrained import is_named, resolve_name
+
+
+def resolve_tracking_uri(uri: str, base: str | os.PathLike | None = None) -> str:
+    """`sqlite:///rel.db` -> `sqlite:////abs/rel.db`; other URIs unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((Path(base or os.getcwd()) / uri[len(prefix):]).resolve())
+    return uri
+
 
 MLFLOW_SCHEMES = ("runs:/", "models:/")
 
@@ -26,8 +36,7 @@ def resolve_package(uri_or_path: str, tracking_uri: str | None, dst: str | os.Pa
     if path.startswith(MLFLOW_SCHEMES):
         if not tracking_uri:
             raise ValueError(f"{path} is an MLflow URI, but no tracking URI was given to fetch it from")
-        from polyfid.distributed.config import resolve_tracking_uri
-        from polyfid.distributed.tracking import download_package
+        from polyfid.infra.tracking import download_package
 
         dst = dst if dst is not None else tempfile.mkdtemp()
         return str(download_package(path, resolve_tracking_uri(tracking_uri), dst))

@@ -12,7 +12,7 @@ from polyfid.data_shards.named import portable_ref
 from polyfid.data_shards.reference_fit import ReferenceFit
 from polyfid.data_shards.store import Store
 from polyfid.distributed.config import RunConfig
-from polyfid.distributed.finetune import FinetunePlan
+from polyfid.distributed.finetune.plan import FinetunePlan
 from polyfid.models.package import save_package
 
 

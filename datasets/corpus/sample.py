@@ -19,9 +19,10 @@ from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_mom
 from ase.optimize import BFGS
 
 from polyfid.data_shards.corpus.levels import LabelError, Level, xtb
-from polyfid.data_shards.corpus.store import fractions
+from polyfid.datasets.corpus.store import fractions
+from polyfid.data_shards.corpus import DATA_DIR
 
-MOLECULES_CSV = Path(__file__).resolve().parent / "molecules.csv"
+MOLECULES_CSV = DATA_DIR / "molecules.csv"
 TARGET_NAME, TARGET_SMILES = "paracetamol", "CC(=O)Nc1ccc(O)cc1"
 MIN_PAIR_DISTANCE = 0.55  # Angstrom; distorted geometries closer than this are redrawn
 _gfn2 = xtb("GFN2-xTB")
@@ -234,7 +235,7 @@ def sample_structures(mol: Molecule, index: int, cfg) -> tuple[Atoms, np.ndarray
                                                                 np.ndarray]:
     """All sampled structures of one molecule: (start, positions, samplers, temperatures, scan values).
 
-    ``cfg`` is a :class:`~polyfid.data_shards.corpus.config.CorpusConfig`. The target gets MD frames
+    ``cfg`` is a :class:`~polyfid.datasets.corpus.config.CorpusConfig`. The target gets MD frames
     (``cfg.target_md_frames``) and the two scans; a list molecule gets MD, normal modes and distortions.
     """
     rdkit_atoms, bonds = rdkit_start(mol.smiles, cfg.seed + index)

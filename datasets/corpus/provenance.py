@@ -13,12 +13,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from polyfid.data_shards.corpus.export import FILES_DIR, SPLIT_FRACTIONS, Corpus, export_files
+from polyfid.datasets.corpus.export import FILES_DIR, SPLIT_FRACTIONS, Corpus, export_files
 from polyfid.data_shards.corpus.levels import Level
-from polyfid.data_shards.corpus.sample import wanted
-from polyfid.data_shards.corpus.store import label_key
+from polyfid.datasets.corpus.sample import wanted
+from polyfid.datasets.corpus.store import label_key
+from polyfid.data_shards.corpus import DATA_DIR
 
-RESUME = ("nohup .venv/bin/python -m polyfid.data_shards.corpus.generate --set nice=19 "
+RESUME = ("nohup .venv/bin/python -m polyfid.datasets.corpus.generate --set nice=19 "
           ">> /tmp/corpus.log 2>&1 &")
 
 
@@ -38,7 +39,7 @@ def code_versions() -> dict[str, str]:
     out["python"] = platform.python_version()
     try:
         out["polyfid git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                            text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+                                            text=True, cwd=DATA_DIR, timeout=10).stdout.strip()
     except Exception:
         pass
     return out
@@ -155,7 +156,7 @@ def write_provenance(corpus: Corpus, root: Path, cfg, files: dict[str, int]) -> 
     v = code_versions()
     costs = root / "COSTS.md"
     lines = ["# Pretraining corpus: provenance", "",
-             "Written by `python -m polyfid.data_shards.corpus.generate` (or `--export-only`) from the result "
+             "Written by `python -m polyfid.datasets.corpus.generate` (or `--export-only`) from the result "
              "store (`structures/`, `labels/`); it reflects everything computed so far. Resume the labelling "
              f"with `{RESUME}`.", "",
              "Order of the work: GFN2 and GFN1 labels of each sampled molecule before the next molecule is "

@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from polyfid.distributed.config import ConfigError, RunConfig
-from polyfid.distributed.reptile import ReptileMode
-from polyfid.distributed.steps import MultiFidelityMode, StepContext, StreamSpec
-from polyfid.distributed.stream import ResumableStream
+from polyfid.distributed.modes.reptile import ReptileMode
+from polyfid.distributed.modes.multifidelity import MultiFidelityMode, StepContext, StreamSpec
+from polyfid.distributed.modes.stream import ResumableStream
 
 
 class Mode(Protocol):

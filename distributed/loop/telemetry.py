@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from polyfid.distributed.engine import all_gather_host, drain_comm_time
-from polyfid.distributed.stream import ResumableStream, TaskBatches, batches_of
+from polyfid.infra.comm import all_gather_host
+from polyfid.distributed.loop.engine import drain_comm_time
+from polyfid.distributed.modes.stream import ResumableStream, TaskBatches, batches_of
 
 
 class Trace:
