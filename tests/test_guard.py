@@ -25,7 +25,7 @@ def _heavy_tailed(n: int, seed: int = 0) -> np.ndarray:
 
 
 def test_the_data_own_tail_is_not_a_spike(monkeypatch):
-    from polyfid.distributed import guard
+    from polyfid.distributed.loop import guard
 
     loss = _heavy_tailed(1000)
     assert np.max(loss[500:]) / np.median(loss[500:]) > 30  # the tail is far above 10x the median ...

@@ -194,7 +194,7 @@ def test_tracking_server_going_away_mid_run_only_warns(tmp_path, monkeypatch):
     import urllib.request
 
     from dist_utils import free_port
-    from polyfid.distributed import tracking
+    from polyfid.infra import tracking
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "polyfid.launch.cli", "ui", "--port", str(port),
@@ -297,34 +297,55 @@ def test_a_new_run_waits_for_the_workers_of_a_dead_driver(tmp_path, caplog):
         stuck.wait()
 
 
+def _orphans_gone(out: Path, timeout: float = 300.0) -> None:
+    """Poll until nothing holds the folder's lock (the killed driver's workers have exited)."""
+    import fcntl
+
+    from polyfid.distributed.driver.lock import LOCK_FILE
+
+    deadline = time.monotonic() + timeout
+    with open(out / LOCK_FILE, "a") as fh:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fh, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "the killed driver's workers still hold the folder"
+                time.sleep(0.1)
+
+
 def test_sigkill_of_the_driver_leaves_a_folder_the_same_command_resumes(store, tmp_path):
     """A lost head node: the driver dies without a chance to clean up, and its workers may outlive it for a
-    moment. The same command, run at once, waits for them, then resumes from the newest checkpoint that
-    verifies (taking over the dead driver's lock) and finishes."""
+    moment (still writing checkpoints). The same command then takes over the dead driver's lock, resumes from the
+    newest checkpoint that verifies, and finishes. (A new run that starts while the orphans live waits for them:
+    test_a_new_run_waits_for_the_workers_of_a_dead_driver.)"""
+    from polyfid.distributed.loop.checkpoint import checkpoint_meta, newest_verified
+
     out = tmp_path / "headless"
-    # 200 steps: the killed driver's orphaned workers live on for a moment; with 40 steps, on a loaded machine they
-    # reached the last step before the second command started, which then had nothing left to train (c852f3c)
-    steps = 200
+    steps = 200  # far more than the orphans can train in the moment they outlive the driver
     cmd = _pretrain_cmd(store, out, "cluster.workers=2", f"trainer.steps={steps}", "trainer.checkpoint_every=10")
     proc = _started(cmd, out, at_step=14)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
+    _orphans_gone(out)  # the expected resume point is fixed only once nothing can write a checkpoint
     assert not (out / "package").exists()
+    first = _trace(out)
+    killed_at = max(r["step"] for r in first)
+    tag = newest_verified(out / "checkpoints")
+    assert tag is not None and 14 <= killed_at < steps, (tag, killed_at)
+    resume_from = checkpoint_meta(out / "checkpoints" / tag)["step"]
+    assert 10 <= resume_from <= killed_at and resume_from % 10 == 0
 
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-6000:]
     assert "taking over" in log
-    rows = _trace(out)
-    # the second command's first row: rank 0's worker process changes (its steps need not go back: the first
-    # command's workers may have lived on just until a checkpoint, and the second resumes right after it)
-    restart = next(i for i in range(1, len(rows)) if rows[i]["pid"] != rows[i - 1]["pid"] and rows[i]["rank"] ==
-                   rows[i - 1]["rank"])
-    killed_at = max(r["step"] for r in rows[:restart])
-    assert 14 <= killed_at < steps
-    # from the last checkpoint the first run wrote (every 10 steps; its workers may have gone on for a moment),
-    # or the one before if the kill caught that one half-written
-    assert rows[restart]["step"] - 1 in {10 * (killed_at // 10), 10 * (killed_at // 10) - 10} - {0}
+    old_pids = {r["pid"] for r in first}
+    second = [r for r in _trace(out) if r["pid"] not in old_pids]  # the second command's workers
+    assert second, "the second command trained no step"
+    assert min(r["step"] for r in second) == resume_from + 1, (resume_from, second[:2])
+    assert max(r["step"] for r in second) == steps
     assert (out / "package" / "model.safetensors").exists()
     assert json.loads((out / "summary.json").read_text())["package"]
 
