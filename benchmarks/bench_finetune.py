@@ -5,6 +5,12 @@
     python benchmarks/bench_finetune.py --workdir runs/ftbench --phase curve --sizes 50,100,200
     python benchmarks/bench_finetune.py --workdir runs/ftbench --phase report --out benchmarks/RESULTS_finetune.md
 
+With the free low level beside the target (`--low N`, any phase): the training store also holds the GFN2-xTB
+labels of its structures, and a second store holds N more GFN2-xTB MD structures of the molecule (make_targets.py
+--gfn2); data.oversample gives the target level half of every batch's atoms. Both sides then train two heads.
+`--phase report` adds those rows beside GFN2-xTB as-is (its forces against the target's; its energies after a
+per-element shift fitted on the training structures).
+
 Targets: `benchmarks/ft_targets/<molecule>.extxyz.gz`, B3LYP/6-31G* energies and forces (PySCF) of GFN2-xTB MD
 frames of molecules held out of the pretraining corpus (make_targets.py there), with fixed test (50), valid (20)
 and train splits; a run trains on the first N train structures.
@@ -51,14 +57,42 @@ SCRATCH_OPTIONS = {
 # 4,000 steps at the chosen lr, to show how far the 1,500-step budget leaves scratch from its convergence.
 SCRATCH_SENSITIVITY = {"long": ["trainer.steps=4000"]}
 ABLATIONS = {"no_rescale": ["finetune.rescale_head=false"], "no_refit": ["trainer.energy_refit_every=0"]}
+LOW = "gfn2_xtb"
+LOW_META = {"rank": 1, "method": "GFN2-xTB", "basis": "", "code": "tblite", "dispersion": "D4 (built in)"}
+LOW_SETS = ["data.oversample=top", "data.oversample_fraction=0.5"]  # the target level: half of each batch
 
 
-def stores(molecule: str, n_train: int, work: Path) -> dict[str, str]:
-    """test, valid and train (the first n_train of the train pool) stores of a target, made once."""
+def variant(a) -> str:
+    """The run-name prefix of the data variant: '' (target level only) or 'low<N>_' (with N GFN2 structures)."""
+    return f"low{a.low}_" if getattr(a, "low", 0) else ""
+
+
+def stores(molecule: str, n_train: int, work: Path, low: int = 0) -> dict[str, str]:
+    """test, valid and train (the first n_train of the train pool) stores of a target, made once. With `low`, the
+    train entry is two stores: the train structures with their GFN2-xTB labels too, and `low` GFN2-only ones."""
     import ase.io
 
     from polyfid.data_shards.ingest import ingest
 
+    if low:
+        out = stores(molecule, n_train, work)
+        pool = ase.io.read(str(TARGETS / f"{molecule}.gfn2pool.extxyz.gz"), ":")
+        if len(pool) < low:
+            raise SystemExit(f"{molecule}: {len(pool)} GFN2 pool structures, {low} wanted (make_targets.py --gfn2)")
+        frames = ase.io.read(str(TARGETS / f"{molecule}.extxyz.gz"), ":")
+        train = [a for a in frames if a.info["split"] == "train"][:n_train]
+        made = []
+        for name, sel, levels in ((f"train{n_train}_both", train, (LEVEL, LOW)), (f"gfn2pool{low}", pool[:low], (LOW,))):
+            path = work / "stores" / f"{molecule}_{name}.zarr"
+            if not path.exists():
+                xyz = path.with_suffix(".extxyz")
+                ase.io.write(str(xyz), sel, format="extxyz")
+                ingest([str(xyz)], str(path), dataset=molecule, energy={lv: f"energy_{lv}" for lv in levels},
+                       forces={lv: f"forces_{lv}" for lv in levels}, ranks={lv: {LEVEL: 3, LOW: 1}[lv] for lv in levels},
+                       fidelity_meta={LOW: LOW_META}, progress=False)
+                xyz.unlink()
+            made.append(str(path))
+        return {**out, "train": ",".join(made)}
     frames = ase.io.read(str(TARGETS / f"{molecule}.extxyz.gz"), ":")
     by = {s: [a for a in frames if a.info["split"] == s] for s in ("train", "valid", "test")}
     if len(by["train"]) < n_train:
@@ -151,7 +185,8 @@ def sweep(a, work: Path, side: str) -> dict:
     results = {}
 
     def do(mol: str, name: str, sets: list[str]) -> None:
-        s = run(side, f"{mol}_n{a.n}_{name}", stores(mol, a.n, work), sets, 0, work)
+        s = run(side, f"{mol}_n{a.n}_{variant(a)}{name}", stores(mol, a.n, work, a.low),
+                sets + (LOW_SETS if a.low else []), 0, work)
         results[(mol, name)] = s
         print(f"{mol} {name}: valid score {score(s) * 1000:.1f}, swing {swing(s, a.steps):.2f}", flush=True)
 
@@ -163,16 +198,16 @@ def sweep(a, work: Path, side: str) -> dict:
             do(mol, f"{side}_lr{lr:g}", [f"trainer.lr={lr}"])
     base = best([f"{side}_lr{lr:g}" for lr in lrs])
     options = {base: [f"trainer.lr={base[len(side) + 3:]}"]}
-    options.update({f"{side}_{k}": options[base] + v for k, v in opts.items()})
+    options.update({f"{side}_{k}": options[base] + v for k, v in opts.items() if not a.lr_only})
     for mol in a.molecules:
         for name, sets in list(options.items())[1:]:
             do(mol, name, sets)
     pick = best(list(options))
-    if side == "scratch" and not a.no_sensitivity:
+    if side == "scratch" and not (a.no_sensitivity or a.lr_only):
         for mol in a.molecules:
             for k, v in SCRATCH_SENSITIVITY.items():
                 do(mol, f"scratch_{k}", options[base] + v)
-    if a.ablations and side == "ft":
+    if a.ablations and side == "ft" and not a.lr_only:
         for mol in a.molecules:
             for k, v in ABLATIONS.items():
                 do(mol, f"ft_{k}", options[pick] + v)
@@ -181,8 +216,8 @@ def sweep(a, work: Path, side: str) -> dict:
                           "stop_reason": (s.get("best") or {}).get("stop_reason"), "wall_s": s.get("bench_wall_s")}
              for (m, n), s in results.items()}
     out = {"side": side, "chosen": options[pick], "chosen_name": pick, "table": table, "n": a.n,
-           "molecules": a.molecules}
-    (work / f"sweep_{side}.json").write_text(json.dumps(out, indent=2))
+           "molecules": a.molecules, "low": a.low, "lr_only": a.lr_only}
+    (work / f"sweep_{variant(a)}{side}.json").write_text(json.dumps(out, indent=2))
     print(f"{side}: chose {pick} {options[pick]}", flush=True)
     return out
 
@@ -190,22 +225,23 @@ def sweep(a, work: Path, side: str) -> dict:
 def final(a, work: Path, sizes: list[int], tag: str) -> dict:
     """Test errors of the chosen settings (sweep.json) over seeds and training-set sizes."""
     sides = (a.side,) if a.side else ("ft", "scratch")
-    sweeps = {side: json.loads((work / f"sweep_{side}.json").read_text()) for side in sides}
+    sweeps = {side: json.loads((work / f"sweep_{variant(a)}{side}.json").read_text()) for side in sides}
     chosen = {side: sw["chosen"] for side, sw in sweeps.items()}
     names = {side: sw["chosen_name"] for side, sw in sweeps.items()}  # seed 0 at the sweep's size: its run
     rows = {}
     for mol in a.molecules:
         for n in sizes:
-            data = stores(mol, n, work)
+            data = stores(mol, n, work, a.low)
             for kind in sides:
                 for seed in a.seeds:
-                    s = run(kind, f"{mol}_n{n}_{names[kind]}", data, chosen[kind], seed, work)
+                    s = run(kind, f"{mol}_n{n}_{variant(a)}{names[kind]}", data,
+                            chosen[kind] + (LOW_SETS if a.low else []), seed, work)
                     r = {**test_errors(s, data["test"]), "swing": swing(s, a.steps), "converged_fall": convergence(s),
                          "best_step": (s.get("best") or {}).get("best_step"), "wall_s": s.get("bench_wall_s")}
                     rows[f"{mol}|{n}|{kind}|{seed}"] = r
                     print(f"{mol} n={n} {kind} seed {seed}: test E {r['E']:.1f} meV F {r['F']:.1f} meV/Å", flush=True)
     # one file per invocation (several run side by side); the report merges them
-    part = (f"{tag}-n{'_'.join(map(str, sizes))}-s{'_'.join(map(str, a.seeds))}-{'_'.join(a.molecules)}"
+    part = (f"{variant(a)}{tag}-n{'_'.join(map(str, sizes))}-s{'_'.join(map(str, a.seeds))}-{'_'.join(a.molecules)}"
             f"-{'_'.join(sides)}.json")
     (work / part).write_text(json.dumps({"chosen": chosen, "rows": rows}, indent=2))
     return rows
@@ -230,7 +266,8 @@ def report(a, work: Path) -> str:
              f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), no GPU, torch {_torch()}; "
              f"command: `python benchmarks/bench_finetune.py --workdir {a.workdir} --phase ...` (this file: "
              "`--phase report`). Errors in meV (E) and meV/Å (F); test split read once, after the sweep.", ""]
-    sweeps = [json.loads(p.read_text()) for p in (work / "sweep_ft.json", work / "sweep_scratch.json") if p.exists()]
+    all_sweeps = [json.loads(p.read_text()) for p in sorted(work.glob("sweep_*.json"))]
+    sweeps = [sw for sw in all_sweeps if not sw.get("low")]  # the target-only variant: its final rows below
     if sweeps:
         lines += ["## Sweep (seed 0, validation split only)", "",
                   f"Training structures: {sweeps[0]['n']}. Score: the best validation energy MAE per atom + force MAE "
@@ -238,15 +275,16 @@ def report(a, work: Path) -> str:
                   "the first 10% of steps over the best one reached by then (goal: at most 3).", "",
                   "| molecule | run | valid score | swing | F fall, last 20% | best step | stop |",
                   "|---|---|---|---|---|---|---|"]
-        for sw in sweeps:
+        for sw in all_sweeps:
+            pre = f"low{sw['low']}_" if sw.get("low") else ""
             for key, r in sw["table"].items():
                 mol, name = key.split("|")
-                fall = _fall(work / "runs" / f"{mol}_n{sw['n']}_{name}_s0")
-                lines.append(f"| {mol} | {name} | {r['valid_score'] * 1000:.1f} | {r['swing']:.2f} | {fall:.1%} | "
+                fall = _fall(work / "runs" / f"{mol}_n{sw['n']}_{pre}{name}_s0")
+                lines.append(f"| {mol} | {pre}{name} | {r['valid_score'] * 1000:.1f} | {r['swing']:.2f} | {fall:.1%} | "
                              f"{r['best_step']} | {(r['stop_reason'] or '').split(';')[0]} |")
         lines.append("")
-        lines += [f"Chosen for {sw['side']}: `{sw['chosen_name']}` = `{' '.join(sw['chosen'])}` over the recipe "
-                  "`launch/recipes/finetune.yaml`." for sw in sweeps]
+        lines += [f"Chosen for {'low%d_' % sw['low'] if sw.get('low') else ''}{sw['side']}: `{sw['chosen_name']}` = "
+                  f"`{' '.join(sw['chosen'])}` over the recipe `launch/recipes/finetune.yaml`." for sw in all_sweeps]
         lines.append("")
     gains = {}
     for tag, title in (("final", "Test errors at the sweep's size, seeds"), ("curve", "Gain over scratch by size")):
@@ -277,7 +315,59 @@ def report(a, work: Path) -> str:
             {"level": "B3LYP/6-31G* (PySCF), new to the model", "molecules": sorted(gains), "gain": gains,
              "command": "python benchmarks/bench_finetune.py --workdir runs/ftbench --phase final|curve "
                         "(BENCHMARKS.md, fine-tuning that pays)"}, indent=2))
+    lines += report_low(work)
     return "\n".join(lines)
+
+
+def low_as_is(molecule: str) -> dict:
+    """GFN2-xTB as-is on the test split, against the target level: force MAE, and energy MAE after a constant
+    shift fitted on the training structures (one molecule: the per-element shift is one constant)."""
+    import ase.io
+
+    frames = ase.io.read(str(TARGETS / f"{molecule}.extxyz.gz"), ":")
+    if f"energy_{LOW}" not in frames[0].info:
+        return {}
+    d = {s: [a for a in frames if a.info["split"] == s] for s in ("train", "test")}
+    shift = np.mean([a.info[f"energy_{LEVEL}"] - a.info[f"energy_{LOW}"] for a in d["train"]])
+    e = [abs(a.info[f"energy_{LOW}"] + shift - a.info[f"energy_{LEVEL}"]) for a in d["test"]]
+    f = np.concatenate([np.abs(a.arrays[f"forces_{LOW}"] - a.arrays[f"forces_{LEVEL}"]).ravel() for a in d["test"]])
+    return {"E": float(np.mean(e)) * 1000, "F": float(np.mean(f)) * 1000}
+
+
+def report_low(work: Path) -> list[str]:
+    """Rows of the low-level variants (low<N>_final-*.json) beside the target-only ones and GFN2-xTB as-is."""
+    parts = {}
+    for path in sorted(work.glob("*final-*.json")):
+        tag = path.name.split("final-")[0]  # '' or 'low<N>_'
+        for k, r in json.loads(path.read_text())["rows"].items():
+            mol, n, kind, seed = k.split("|")
+            parts.setdefault((mol, int(n)), {}).setdefault(f"{kind}{'+' + tag.rstrip('_') if tag else ''}", {})[
+                int(seed)] = r
+    lows = {(m, n): v for (m, n), v in parts.items() if any("+low" in k for k in v)}
+    if not lows:
+        return []
+    lines = ["## With the free low level beside the target (GFN2-xTB labels of the molecule)", "",
+             "`+lowN`: the training structures' GFN2-xTB labels and N more GFN2-xTB MD structures beside the target "
+             "level, two heads, the target level half of each batch (`--low N`). Each side's lr was chosen on "
+             "validation from its grid (`--lr-only`: no options). GFN2-xTB as-is: its forces against B3LYP's; its "
+             "energies after a constant shift fitted on the training structures. Test split, meV and meV/Å, "
+             "mean ± std over seeds; p: paired t-test over seeds against `ft+lowN` (F).", "",
+             "| molecule | N train | variant | E MAE | F MAE | F / scratch | p (F) vs ft+low | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (mol, n), v in sorted(lows.items()):
+        ref = next(k for k in v if k.startswith("ft+low"))
+        base = np.mean([r["F"] for r in v["scratch"].values()]) if "scratch" in v else float("nan")
+        free = low_as_is(mol)
+        if free:
+            lines.append(f"| {mol} | {n} | GFN2-xTB as-is | {free['E']:.1f} | {free['F']:.1f} | "
+                         f"{free['F'] / base:.2f} | | |")
+        for kind in sorted(v, key=lambda k: ("ft" in k, "+low" in k, k)):
+            seeds = sorted(set(v[kind]) & set(v[ref]))
+            ev, fv = [v[kind][s]["E"] for s in seeds], [v[kind][s]["F"] for s in seeds]
+            p_ = "" if kind == ref else f"{_paired_p(fv, [v[ref][s]['F'] for s in seeds]):.3g}"
+            lines.append(f"| {mol} | {n} | {kind} | {np.mean(ev):.1f} ± {np.std(ev):.1f} | {np.mean(fv):.1f} ± "
+                         f"{np.std(fv):.1f} | {np.mean(fv) / base:.2f} | {p_} | {len(seeds)} |")
+    return lines + [""]
 
 
 def _fall(run_dir: Path) -> float:
@@ -304,6 +394,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=1500, help="the recipe's trainer.steps (for the swing measure)")
     ap.add_argument("--no-sensitivity", action="store_true", help="sweep: skip scratch's 4,000-step run")
+    ap.add_argument("--low", type=int, default=0, metavar="N",
+                    help="train with N GFN2-xTB structures of the molecule beside the target level (see above)")
+    ap.add_argument("--lr-only", action="store_true", help="sweep: the lr grid only, no options")
     ap.add_argument("--ablations", action="store_true", help="sweep: also the chosen fine-tuning without the head "
                     "rescale and without the energy refit")
     a = ap.parse_args(argv)

@@ -10,6 +10,11 @@ appended to `<molecule>.labels.jsonl` as soon as it is computed, so a killed run
 
 Split (seeded permutation of each molecule's labelled structures): the first 50 are `test`, the next 20
 `valid`, the rest `train` (a pool; a benchmark takes its first N as the N-structure training set).
+
+The low level, free beside the target level (`--gfn2 N`): GFN2-xTB (tblite) energies and forces of every sampled
+structure (`energy_gfn2_xtb`, `forces_gfn2_xtb` in the same file: the "do nothing" baseline on the test split),
+and a pool of N more GFN2-xTB MD structures from trajectories of their own seed, labelled at GFN2-xTB only
+(`<molecule>.gfn2pool.extxyz.gz`, split `train`). A GFN2 label costs ~0.02 CPU s against B3LYP's ~11.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 LEVEL = "b3lyp_631gs"
+LOW = "gfn2_xtb"
+SEED_POOL = 20261207  # the GFN2-only pool's MD trajectories
 LEVEL_META = {"rank": 3, "method": "B3LYP", "basis": "6-31G*", "code": "pyscf", "dispersion": "none"}
 # name: (SMILES, structures). 300 for the first (N up to 200 training structures), 150 for the others.
 MOLECULES = {"propionitrile": ("CCC#N", 300), "1-propanol": ("CCCO", 150), "N-methylacetamide": ("CNC(C)=O", 150)}
@@ -82,6 +89,33 @@ def label(name: str, numbers: np.ndarray, positions: np.ndarray) -> None:
             print(f"{name}: {k + 1}/{len(todo)} labelled, {el / (k + 1):.1f} s each", flush=True)
 
 
+def gfn2_labels(positions: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GFN2-xTB (energies [n], forces [n, A, 3]) of every structure."""
+    from polyfid.data_shards.corpus.levels import level_by_name
+
+    fn = level_by_name(LOW).fn
+    out = [fn(numbers, x, True, False) for x in positions]
+    return np.array([e for e, _ in out]), np.stack([f for _, f in out])
+
+
+def low_level(name: str, numbers: np.ndarray, positions: np.ndarray, n_pool: int) -> None:
+    """`<name>.gfn2.npz`: GFN2-xTB labels of the sampled structures and of a pool of `n_pool` more MD structures."""
+    path = HERE / f"{name}.gfn2.npz"
+    if path.exists() and len(np.load(path)["pool_positions"]) >= n_pool:
+        return
+    from polyfid.datasets.corpus.sample import md_frames, optimise, rdkit_start
+
+    e, f = gfn2_labels(positions, numbers)
+    start = optimise(rdkit_start(MOLECULES[name][0], SEED)[0])
+    counts = [n_pool // 3 + (1 if i < n_pool % 3 else 0) for i in range(3)]
+    pool = np.round(np.concatenate([md_frames(start, t, c, np.random.default_rng([SEED_POOL, i]), 0.5, 200, 20, 0.01)
+                                    for i, (t, c) in enumerate(zip(TEMPERATURES, counts))]), 6)
+    pe, pf = gfn2_labels(pool, numbers)
+    np.savez(path, energy=e, forces=f, pool_positions=pool, pool_energy=pe, pool_forces=pf,
+             pool_temperature=np.repeat(TEMPERATURES, counts))
+    print(f"{path}: GFN2-xTB labels of {len(e)} structures and a pool of {len(pool)}", flush=True)
+
+
 def split_order(n: int) -> np.ndarray:
     """The seeded permutation of a molecule's structures: the first N_TEST are test, the next N_VALID valid."""
     return np.random.default_rng(SEED).permutation(n)
@@ -103,6 +137,7 @@ def export(name: str) -> Path | None:
     split = {}
     for rank, i in enumerate(order):
         split[int(i)] = "test" if rank < N_TEST else "valid" if rank < N_TEST + N_VALID else "train"
+    low = np.load(HERE / f"{name}.gfn2.npz") if (HERE / f"{name}.gfn2.npz").exists() else None
     frames = []
     for rank, i in enumerate(order):
         r = recs.get(int(i))
@@ -112,7 +147,20 @@ def export(name: str) -> Path | None:
         a.info.update({f"energy_{LEVEL}": r["energy_eV"], "molecule": name, "split": split[int(i)],
                        "index": int(i), "temperature_K": float(d["temperature"][i])})
         a.arrays[f"forces_{LEVEL}"] = np.asarray(r["forces_eV_A"])
+        if low is not None:
+            a.info[f"energy_{LOW}"] = float(low["energy"][i])
+            a.arrays[f"forces_{LOW}"] = low["forces"][i]
         frames.append(a)
+    if low is not None:
+        pool = []
+        for k, x in enumerate(low["pool_positions"]):
+            a = Atoms(d["numbers"], positions=x)
+            a.info.update({f"energy_{LOW}": float(low["pool_energy"][k]), "molecule": name, "split": "train",
+                           "index": k, "temperature_K": float(low["pool_temperature"][k])})
+            a.arrays[f"forces_{LOW}"] = low["pool_forces"][k]
+            pool.append(a)
+        with gzip.open(HERE / f"{name}.gfn2pool.extxyz.gz", "wt") as fh:
+            ase.io.write(fh, pool, format="extxyz")
     out = HERE / f"{name}.extxyz.gz"
     with gzip.open(out, "wt") as fh:
         ase.io.write(fh, frames, format="extxyz")
@@ -125,6 +173,9 @@ def main() -> None:
     ap.add_argument("--molecules", default=",".join(MOLECULES), help="comma-separated names of MOLECULES")
     ap.add_argument("--export-only", action="store_true")
     ap.add_argument("--nice", type=int, default=0)
+    ap.add_argument("--gfn2", type=int, default=0, metavar="N",
+                    help="also GFN2-xTB labels of every structure and of a pool of N more MD structures")
+    ap.add_argument("--skip-b3lyp", action="store_true", help="do not label more structures at B3LYP")
     a = ap.parse_args()
     os.nice(a.nice)
     names = [m for m in a.molecules.split(",") if m]
@@ -132,7 +183,10 @@ def main() -> None:
         if not a.export_only:
             smiles, n = MOLECULES[name]
             numbers, pos = sample(name, smiles, n)
-            label(name, numbers, pos)
+            if not a.skip_b3lyp:
+                label(name, numbers, pos)
+            if a.gfn2:
+                low_level(name, numbers, pos, a.gfn2)
         export(name)
 
 
