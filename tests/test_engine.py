@@ -91,3 +91,24 @@ def test_fp16_is_refused_on_cpu():
     with pytest.raises(ConfigError, match="fp16"):
         resolve_precision(TrainerConfig(precision="fp16"), torch.device("cpu"))
     assert resolve_precision(TrainerConfig(), torch.device("cpu")) == "fp32"
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path, monkeypatch, caplog):
+    """torch waits forever while an op's `lock` file exists; one left by a killed build (older than
+    STALE_BUILD_S) is removed with a warning, and a fresh one (a build running now) is kept."""
+    import os
+    import time
+
+    from polyfid.distributed.loop import engine
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    old = time.time() - engine.STALE_BUILD_S - 60
+    os.utime(stale, (old, old))
+    with caplog.at_level("WARNING", logger="polyfid.engine"):
+        assert engine.ensure_extension_cache() == tmp_path
+    assert not stale.exists() and fresh.exists()
+    assert str(stale) in caplog.text and "killed" in caplog.text

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -13,9 +15,28 @@ from polyfid.distributed.config import ClusterConfig, ConfigError, TrainerConfig
 from polyfid.distributed.loop.progress import quiet_stdout
 
 
-def ensure_extension_cache() -> None:
-    """Keep DeepSpeed's compiled CPU ops (about 34 s to build) in one cache across runs."""
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "polyfid" / "torch_extensions"))
+log = logging.getLogger("polyfid.engine")
+STALE_BUILD_S = 600.0  # the CPU op builds in about 35 s; a build lock this old was left by a killed build
+
+
+def ensure_extension_cache() -> Path:
+    """Keep DeepSpeed's compiled CPU ops (about 34 s to build) in one cache across runs.
+
+    torch guards a build with a bare `lock` file in the op's folder and waits, forever and silently, while it
+    exists. A build that is killed (Ctrl-C or SIGKILL during a first run) leaves it behind, and every later run
+    would hang at engine start-up. A lock older than STALE_BUILD_S is therefore removed, with a warning."""
+    root = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR",
+                                      str(Path.home() / ".cache" / "polyfid" / "torch_extensions")))
+    for lock in root.glob("*/lock"):
+        try:
+            age = time.time() - lock.stat().st_mtime
+            if age > STALE_BUILD_S:
+                lock.unlink()
+                log.warning("removed %s, left %.0f min ago by a build of DeepSpeed's CPU op that was killed "
+                            "(every run would have waited on it)", lock, age / 60)
+        except FileNotFoundError:  # another process removed it first
+            pass
+    return root
 
 
 def resolve_device(cfg: ClusterConfig) -> torch.device:
