@@ -22,7 +22,7 @@ demo: setup
 	$(VENV)/bin/polyfid demo
 
 test: setup
-	$(PY) -m pytest -q --durations=25
+	PYTHONUNBUFFERED=1 $(PY) -m pytest -v --durations=25
 
 clean:
 	rm -rf runs .pytest_cache

@@ -160,18 +160,9 @@ def _init_ray(cfg: RunConfig) -> None:
 
             if not torch.cuda.is_available():
                 env["DS_ACCELERATOR"] = "cpu"  # says so once here instead of a warning on every worker
-        hook = "polyfid.distributed.driver.launcher.pin_ray_address"
+        hook = "polyfid.infra.rayhook.pin_ray_address"  # a light module: Ray imports it in every worker
         ray.init(num_cpus=max(2, os.cpu_count() or 2), log_to_driver=True, logging_level=level,
                  runtime_env={"env_vars": env, "worker_process_setup_hook": hook})
-
-
-def pin_ray_address() -> None:
-    """Ray's worker set-up hook: name this cluster in RAY_ADDRESS inside every worker. Ray Train's clean-up
-    actor looks its cluster up by address; with several local Ray instances on one machine (two runs side by
-    side) it otherwise fails with "Found multiple active Ray instances" and prints a traceback."""
-    import ray
-
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:

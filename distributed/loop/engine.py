@@ -20,7 +20,7 @@ STALE_BUILD_S = 600.0  # the CPU op builds in about 35 s; a build lock this old 
 
 
 def ensure_extension_cache() -> Path:
-    """Keep DeepSpeed's compiled CPU ops (about 34 s to build) in one cache across runs.
+    """Keep the ops DeepSpeed compiles (on a GPU machine; on the CPU none, see skip_inference_comm_op) in one cache.
 
     torch guards a build with a bare `lock` file in the op's folder and waits, forever and silently, while it
     exists. A build that is killed (Ctrl-C or SIGKILL during a first run) leaves it behind, and every later run
@@ -37,6 +37,17 @@ def ensure_extension_cache() -> Path:
         except FileNotFoundError:  # another process removed it first
             pass
     return root
+
+
+def skip_inference_comm_op() -> None:
+    """Tell DeepSpeed's CPU comm backend not to build and load its shared-memory op (deepspeed_shm_comm).
+
+    The op serves only `inference_all_reduce`; a training step's all-reduce is torch.distributed's (gloo). Loading
+    it cost about 4 s in every worker of every run, compiling it about 70 s on a machine's first run, and a
+    killed compile left the lock file that hangs later runs (ensure_extension_cache)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def resolve_device(cfg: ClusterConfig) -> torch.device:
@@ -132,6 +143,8 @@ def build_engine(
     ensure_extension_cache()
     import deepspeed
 
+    if device.type == "cpu":
+        skip_inference_comm_op()
     precision = resolve_precision(cfg, device)
     model = model.to(device)
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
