@@ -274,6 +274,14 @@ def run_demo(workdir: Path, steps: int | None = None, workers: int = 2, override
              s1: bool = False, shipped: str | None = SHIPPED_MODEL) -> dict:
     """Run the whole demo in `workdir` (wiped first); returns the error tables. `s1`: also train S1's (a), (b);
     `shipped`: also fine-tune that shipped checkpoint (pretrained:NAME) to the target (None: don't)."""
+    from polyfid.distributed.driver.launcher import one_ray_cluster
+
+    with one_ray_cluster():  # the demo's trainings share one local Ray cluster
+        return _run_demo(workdir, steps, workers, overrides, s1, shipped)
+
+
+def _run_demo(workdir: Path, steps: int | None, workers: int, overrides: list[str] | None, s1: bool,
+              shipped: str | None) -> dict:
     from polyfid.distributed.config import load_config
     from polyfid.distributed.driver.launcher import run_training
 

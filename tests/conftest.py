@@ -51,3 +51,13 @@ def one_thread():
 @pytest.fixture
 def frames():
     return emt_frames(24)
+
+
+@pytest.fixture(scope="module")
+def shared_ray():
+    """The module's in-process trainings share one local Ray cluster (launcher.one_ray_cluster): each run then
+    skips Ray's start-up and shut-down. Not for a module that starts a cluster of its own (cluster.address)."""
+    from polyfid.distributed.driver.launcher import one_ray_cluster
+
+    with one_ray_cluster():
+        yield

@@ -19,7 +19,7 @@ from polyfid.data_shards.demo import HIGH, demo_files
 from polyfid.launch.cli import main
 from polyfid.models.package import read_metadata
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.usefixtures("shared_ray")]
 
 
 def _target(tmp: Path, name: str, rows: str) -> str:

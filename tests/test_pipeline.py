@@ -27,7 +27,7 @@ def _ingest(out, spec, forces, dataset="ethanol"):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def pipeline(tmp_path_factory, shared_ray):
     """Ingest, pretrain on 2 Ray workers, fine-tune from the registry; shared by the tests below."""
     tmp = tmp_path_factory.mktemp("spine")
     files = {p.name.split(".")[0]: p for p in demo_files()}

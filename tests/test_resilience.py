@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from polyfid.data_shards.demo import HIGH, LOW, demo_files
 from polyfid.data_shards.ingest import ingest
 from polyfid.distributed.config import load_config
-from polyfid.distributed.driver.launcher import run_training
+from polyfid.distributed.driver.launcher import one_ray_cluster, run_training
 
 pytestmark = pytest.mark.timeout(900)
 RECIPE = Path(__file__).resolve().parents[1] / "launch" / "recipes" / "demo.yaml"
@@ -86,6 +86,11 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 def test_killed_worker_restarts_from_checkpoint_and_matches(store, tmp_path):
     """With an EMA of the weights on: checkpoints carry it, so the packaged (averaged) weights match too."""
+    with one_ray_cluster():  # both runs on one local Ray cluster
+        _killed_worker_restarts(store, tmp_path)
+
+
+def _killed_worker_restarts(store, tmp_path):
     steps = 40
     ref = tmp_path / "ref"
     run_training(_cfg(store, ref, f"trainer.steps={steps}", "trainer.checkpoint_every=10", "trainer.ema_decay=0.9"))
@@ -124,11 +129,11 @@ def test_killed_worker_restarts_from_checkpoint_and_matches(store, tmp_path):
 
 def test_resume_on_fewer_workers_sees_each_structure_once_per_epoch(store, tmp_path):
     out = tmp_path / "resize"
-    run_training(_cfg(store, out, "cluster.workers=2", "trainer.steps=2", "trainer.checkpoint_every=100"))
-    run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
-    first = _trace(out)
+    with one_ray_cluster():
+        run_training(_cfg(store, out, "cluster.workers=2", "trainer.steps=2", "trainer.checkpoint_every=100"))
+        first, run_id = _trace(out), json.loads((out / "mlflow_run.json").read_text())["run_id"]
+        run_training(_cfg(store, out, "cluster.workers=1", "trainer.steps=14", "trainer.checkpoint_every=100"))
     assert {r["epoch"] for r in first} == {0} and len(first) == 4  # 2 ranks x 2 steps, mid-epoch
-    run_training(_cfg(store, out, "cluster.workers=1", "trainer.steps=14", "trainer.checkpoint_every=100"))
     rows = _trace(out)
     second = [r for r in rows if r["step"] > 2]
     assert {r["rank"] for r in second} == {0} and min(r["step"] for r in second) == 3

@@ -5,6 +5,7 @@ loss.force_prior=auto made explicit), saves it as config.yaml and hands it to th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -165,6 +166,26 @@ def _init_ray(cfg: RunConfig) -> None:
                  runtime_env={"env_vars": env, "worker_process_setup_hook": hook})
 
 
+_KEEP_RAY = False
+
+
+@contextlib.contextmanager
+def one_ray_cluster():
+    """Run several trainings on one local Ray cluster: the first run starts it, and it is shut down on leaving.
+    Each run then skips Ray's start-up and shut-down (about 13 s of a 4-step run's 50 s on 2 cores)."""
+    global _KEEP_RAY
+    outer, _KEEP_RAY = _KEEP_RAY, True
+    try:
+        yield
+    finally:
+        _KEEP_RAY = outer
+        if not outer:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+
+
 def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
     """Run pretraining or fine-tuning (cfg.finetune.source set) on Ray Train workers; returns a summary.
     `cfg` is not changed (the run's resolved copy is its config.yaml)."""
@@ -243,7 +264,7 @@ def launch(run: Prepared, tracker: Tracker, shutdown_ray: bool) -> float:
         trainer.fit()
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if shutdown_ray and not cfg.cluster.address:
+        if shutdown_ray and not _KEEP_RAY and not cfg.cluster.address:
             import ray
 
             ray.shutdown()
