@@ -70,8 +70,10 @@ def test_duration_and_env(monkeypatch):
 
 
 @pytest.mark.timeout(600)
-def test_pretrain_log_file_reads_like_a_report(tmp_path):
-    """`polyfid pretrain > log 2>&1`: no cursor codes, a few plain progress lines, no Ray start-up chatter."""
+def test_two_pretrain_logs_side_by_side_read_like_reports(tmp_path):
+    """Two `polyfid pretrain > log 2>&1` commands at once on one machine, as users run them: each starts and names
+    its own local Ray cluster (no "Found multiple active Ray instances" traceback), and each log has no cursor
+    codes, a few plain progress lines (once, from rank 0 of two workers) and no Ray start-up chatter."""
     from polyfid.data_shards.demo import LOW, demo_files
     from polyfid.launch.cli import main
 
@@ -81,25 +83,30 @@ def test_pretrain_log_file_reads_like_a_report(tmp_path):
                      "--energy", f"{LOW}=energy_{LOW}", "--forces", f"{LOW}=forces_{LOW}"]) == 0
     env = {k: v for k, v in os.environ.items() if k not in ("POLYFID_PROGRESS", "POLYFID_LOG_LEVEL")}
     root = Path(__file__).parents[1]
-    log = tmp_path / "pretrain.log"
-    with open(log, "w") as f:
-        rc = subprocess.run(
+    procs = []
+    for job, workers in (("job0", 2), ("job1", 1)):
+        log = open(tmp_path / f"{job}.log", "w")
+        procs.append((job, log, subprocess.Popen(
             [sys.executable, "-m", "polyfid.launch.cli", "pretrain", "--config", str(root / "launch/recipes/demo.yaml"),
-             "--set", f"data.train={tmp_path / 'a.zarr'},{tmp_path / 'b.zarr'}", "--set", "cluster.workers=2",
+             "--set", f"data.train={tmp_path / 'a.zarr'},{tmp_path / 'b.zarr'}", "--set", f"cluster.workers={workers}",
              "--set", "trainer.steps=20", "--set", "trainer.log_every=5", "--set", "trainer.progress_every_s=0",
-             "--set", "model.width=16", "--set", "model.n_sensitivities=8", "--set", f"output={tmp_path / 'run'}",
-             "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "--set", "tracking.register_as=null"],
-            stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, timeout=540,
-        ).returncode
-    text = log.read_text()
-    assert rc == 0, text[-3000:]
-    assert "\r" not in text and "\x1b[" not in text, "cursor or colour codes in a log file"
-    steps = [int(m) for m in re.findall(r"train step (\d+)/20 \(\d+%\) \| loss [\d.e+-]+ \| [\d,]+ atoms/s", text)]
-    assert steps and steps[-1] == 20 and steps == sorted(steps), text[-3000:]
-    assert len(re.findall(r"train step 20/20", text)) == 1, "each progress line once"
-    for chatter in ("Started a local Ray instance", "Requesting resources", "Started training worker group", "built successfully",
-                    "Token authentication", "Creating initial MLflow database"):
-        assert chatter not in text, f"Ray/MLflow chatter in the default output: {chatter!r}"
+             "--set", "model.width=16", "--set", "model.n_sensitivities=8", "--set", f"output={tmp_path / job}",
+             "--set", f"tracking.uri=sqlite:///{tmp_path / job}.db", "--set", "tracking.register_as=null"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)))
+    for job, log, proc in procs:
+        rc = proc.wait(timeout=600)
+        log.close()
+        text = (tmp_path / f"{job}.log").read_text()
+        assert rc == 0, text[-3000:]
+        assert "multiple active Ray instances" not in text and "Traceback" not in text, text[-3000:]
+        assert (tmp_path / job / "package" / "model.safetensors").exists()
+        assert "\r" not in text and "\x1b[" not in text, "cursor or colour codes in a log file"
+        steps = [int(m) for m in re.findall(r"train step (\d+)/20 \(\d+%\) \| loss [\d.e+-]+ \| [\d,]+ atoms/s", text)]
+        assert steps and steps[-1] == 20 and steps == sorted(steps), text[-3000:]
+        assert len(re.findall(r"train step 20/20", text)) == 1, "each progress line once"
+        for chatter in ("Started a local Ray instance", "Requesting resources", "Started training worker group",
+                        "built successfully", "Token authentication", "Creating initial MLflow database"):
+            assert chatter not in text, f"Ray/MLflow chatter in the default output: {chatter!r}"
 
 
 def test_quiet_stdout_swallows_prints_unless_debugging(monkeypatch, capsys):
