@@ -75,7 +75,7 @@ def _started(cmd: list[str], out: Path, at_step: int) -> subprocess.Popen:
     while time.time() < deadline:
         if (out / "trace").exists() and any(r["step"] >= at_step for r in _trace(out)):
             break
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert proc.poll() is None, proc.stdout.read()[-12000:]
         time.sleep(0.1)
     return proc
 

@@ -146,6 +146,9 @@ def _init_ray(cfg: RunConfig) -> None:
     import ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray's own metrics exporter thread crashed a driver with SIGSEGV (OpenTelemetry's buildMetrics, Ray 2.60, seen
+    # once in a test suite); polyfid's metrics go to MLflow. Set RAY_enable_metrics_collection=1 to keep Ray's.
+    os.environ.setdefault("RAY_enable_metrics_collection", "0")
     if not interactive():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in a log file
     if ray.is_initialized():

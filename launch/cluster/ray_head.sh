@@ -4,6 +4,7 @@
 set -euo pipefail
 PORT=${1:-6379}
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+export RAY_enable_metrics_collection=${RAY_enable_metrics_collection:-0}  # see docs/troubleshooting.md
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/polyfid/torch_extensions}
 ray start --head --port "$PORT" --dashboard-host 127.0.0.1 ${RAY_HEAD_ARGS:-}
 echo "Ray head at $(hostname -I | awk '{print $1}'):$PORT; join with launch/cluster/ray_worker.sh HEAD_IP:$PORT"
