@@ -248,6 +248,8 @@ class StoppingConfig:
     smoothing: float = 0.5  # the score is an exponential average keeping this much of the previous one
     keep_best: bool = True  # package the best-validated weights (best.json says which step), else the last
     head: str | None = None  # the head scored; default: the fine-tuned head, else every head the valid data holds
+    converged_fall: float = 0.03  # converged: the best validation force MAE fell less than this over the window
+    converged_window: float = 0.2  # the last fraction of the steps that converged_fall looks at
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.smoothing < 1.0:
@@ -256,6 +258,10 @@ class StoppingConfig:
             raise ConfigError(f"stopping.patience must be >= 0 (0: never stop early), got {self.patience}")
         if self.min_steps < 0:
             raise ConfigError(f"stopping.min_steps must be >= 0, got {self.min_steps}")
+        if not self.converged_fall > 0:
+            raise ConfigError(f"stopping.converged_fall must be > 0 (0.03: a 3% fall), got {self.converged_fall}")
+        if not 0 < self.converged_window < 1:
+            raise ConfigError(f"stopping.converged_window must be in (0, 1), got {self.converged_window}")
 
 
 @dataclasses.dataclass

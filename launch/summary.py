@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from polyfid.distributed.loop.stopping import convergence_words
+
 
 def print_summary(s: dict) -> None:
     """Package, MLflow run, registered version and wall time; or how to resume a run stopped on request."""
@@ -15,3 +17,5 @@ def print_summary(s: dict) -> None:
     if s.get("model_version"):
         print(f"registered: models:/{s['registered_model']}/{s['model_version']}")
     print(f"training wall time: {s['wall_s']:.1f} s")
+    if (s.get("best") or {}).get("convergence"):
+        print(convergence_words(s["best"]["convergence"]))

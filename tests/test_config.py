@@ -40,6 +40,8 @@ def test_overrides_of_the_cli_contract():
     (["stopping.min_steps=-5"], ["stopping.min_steps"]),
     (["stopping.keep_best=maybe"], ["stopping.keep_best", "true or false"]),
     (["stopping.pateince=3"], ["stopping.pateince", "patience"]),
+    (["stopping.converged_fall=0"], ["stopping.converged_fall", "> 0"]),
+    (["stopping.converged_window=1.0"], ["stopping.converged_window", "(0, 1)"]),
     (["trainer.energy_refit_every=-1"], ["trainer.energy_refit_every", ">= 0"]),
     (["trainer.energy_refit_structures=0"], ["trainer.energy_refit_structures"]),
     (["finetune.rescale_head=perhaps"], ["finetune.rescale_head", "true or false"]),

@@ -14,7 +14,7 @@ from polyfid.data_shards.ingest import ingest
 from polyfid.data_shards.reader import ShardReader, iter_all
 from polyfid.data_shards.store import Store
 from polyfid.evaluation.metrics import predict
-from polyfid.distributed.loop.stopping import EarlyStopping
+from polyfid.distributed.loop.stopping import EarlyStopping, convergence, convergence_words
 from polyfid.distributed.finetune.plan import refit_references
 from polyfid.distributed.modes.replay import MixedReader, replay_share, split_budget
 from polyfid.distributed.modes.replay import mixed_reader
@@ -53,6 +53,28 @@ def test_early_stopping_keeps_best_weights():
     assert torch.equal(m.weight, best)
     assert not EarlyStopping(0, "hi").update(res(1.0), m, 1, keep=False)
     assert not es.update({"other": {"forces_mae": 0.1}}, m, 50, keep=True)  # no score for the head: ignored
+
+
+def test_convergence_reads_the_fall_of_the_best_force_error_over_the_last_fifth():
+    # still falling: the best by step 800 is 0.10, the best by 1000 is 0.08, a 25% fall
+    falling = [(0, 0.5), (400, 0.2), (800, 0.10), (900, 0.09), (1000, 0.08)]
+    c = convergence(falling, 1000)
+    assert c["fall"] == pytest.approx(0.25) and c["converged"] is False
+    assert convergence_words(c).startswith("NOT converged") and "25.0%" in convergence_words(c)
+    # flat (noise above the best counts for nothing): 0.100 -> 0.098, a 2% fall
+    flat = [(0, 0.5), (400, 0.11), (800, 0.100), (900, 0.13), (1000, 0.098)]
+    c = convergence(flat, 1000)
+    assert c["fall"] == pytest.approx(0.002 / 0.098) and c["converged"] is True
+    assert convergence_words(c).startswith("converged:")
+    assert convergence(flat, 1000, threshold=0.01)["converged"] is False  # stopping.converged_fall
+    assert convergence(flat, 1000, window=0.05)["fall"] == pytest.approx(0.002 / 0.098)  # 900 is no new best
+    # an early-stopped run: the window is read against its last step
+    assert convergence([(100, 0.3), (150, 0.25), (250, 0.2)], 250)["converged"] is False
+    assert convergence([(100, 0.3), (200, 0.2), (250, 0.21)], 250)["converged"] is True
+    # no validation before the window, or none with forces: not measured, and said so
+    assert convergence([(900, 0.1), (1000, 0.1)], 1000)["converged"] is None
+    assert convergence([(0, float("nan")), (1000, 0.1)], 1000)["converged"] is None
+    assert "not measured" in convergence_words(convergence([], 1000))
 
 
 def test_split_budget():

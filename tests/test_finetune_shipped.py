@@ -37,7 +37,7 @@ def _finetune(tmp: Path, out: str, *extra: str) -> dict:
     return json.loads((tmp / out / "summary.json").read_text())
 
 
-def test_the_validation_energy_of_a_fine_tuned_shipped_model_stays_near_its_best(tmp_path):
+def test_the_validation_energy_of_a_fine_tuned_shipped_model_stays_near_its_best(tmp_path, capsys):
     steps = 150
     s = _finetune(tmp_path, "ft", "--set", f"trainer.steps={steps}", "--set", "trainer.valid_every=10",
                   "--set", "trainer.energy_refit_every=10", "--patience", "0")
@@ -54,6 +54,12 @@ def test_the_validation_energy_of_a_fine_tuned_shipped_model_stays_near_its_best
     assert meta["head_scale_shift"][HIGH]["scale"] < 0.5 * meta["head_scale_shift"]["wb97x_631gs"]["scale"]
     best = json.loads((tmp_path / "ft" / "best.json").read_text())
     assert best["stop_reason"].startswith(f"ran all {steps} steps") and best["kept"] == "best"
+    # converged or not, by the fall of the best validation force MAE over the last 20% of the steps, and said so
+    early = min(fv for r, fv in zip(curve, f) if r["step"] <= 0.8 * steps)
+    fall = (early - min(f)) / min(f)
+    assert best["convergence"]["fall"] == pytest.approx(fall) and best["convergence"]["converged"] == (fall < 0.03)
+    assert ("converged: " if fall < 0.03 else "NOT converged: ") + "the best validation force MAE fell" in (
+        capsys.readouterr().out)
 
 
 def test_replay_from_the_shipped_model_builds_its_corpus_stores_and_measures_forgetting(tmp_path, monkeypatch):

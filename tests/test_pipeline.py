@@ -76,6 +76,12 @@ def test_pretrain_writes_package_and_mlflow_run(pipeline):
         assert math.isfinite(run.data.metrics[key])
     history = client.get_metric_history(pre["mlflow_run_id"], "loss")
     assert [m.step for m in history] == [4, 8, 12]
+    # whether the run converged (stopping.converged_fall over the last 20% of its steps): summary, tag and metric
+    conv = pre["best"]["convergence"]
+    assert conv["last_step"] == 12 and conv["fall"] >= 0 and isinstance(conv["converged"], bool)
+    assert run.data.tags["converged"] == str(conv["converged"]).lower()
+    assert run.data.metrics["converged"] == float(conv["converged"])
+    assert run.data.metrics["valid_forces_fall_last"] == pytest.approx(conv["fall"])
     assert run.data.metrics["comm_mb_per_step"] > 0 and 0 < run.data.metrics["atom_budget_fill"] <= 1
     artifacts = {a.path for a in client.list_artifacts(pre["mlflow_run_id"], "package")}
     assert {"package/model.safetensors", "package/polyfid.json"} <= artifacts

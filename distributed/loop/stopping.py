@@ -60,3 +60,31 @@ class EarlyStopping:
         """Load the best weights seen (if any) into `module`."""
         if self.best_state is not None:
             module.load_state_dict(self.best_state)
+
+
+def convergence(curve: list[tuple[int, float]], last_step: int, window: float = 0.2,
+                threshold: float = 0.03) -> dict:
+    """Has a run converged? `curve`: (step, validation force MAE) pairs. The best force MAE reached by
+    (1 - window) x last_step is set against the best reached by last_step: the relative fall, (early - best) / best,
+    under `threshold` is converged (config `stopping.converged_fall` and `converged_window`). `converged` is None
+    when no validation came before the window, or none had forces."""
+    pts = [(int(st), float(v)) for st, v in curve if v is not None and np.isfinite(v)]
+    early = [v for st, v in pts if st <= (1.0 - window) * last_step]
+    out = {"window": window, "threshold": threshold, "last_step": int(last_step), "fall": None, "converged": None}
+    if not early:
+        return out
+    best = min(v for _, v in pts)
+    fall = (min(early) - best) / max(best, 1e-12)
+    out.update(fall=float(fall), converged=bool(fall < threshold))
+    return out
+
+
+def convergence_words(c: dict | None) -> str:
+    """One line for logs and the summary: whether the run converged, by the criterion above."""
+    if not c or c.get("converged") is None:
+        return "convergence not measured (no validation with forces before the last {:.0%} of the steps)".format(
+            (c or {}).get("window", 0.2))
+    how = (f"the best validation force MAE fell {c['fall']:.1%} over the last {c['window']:.0%} of "
+           f"{c['last_step']} steps (converged below {c['threshold']:.0%})")
+    return ("converged: " if c["converged"] else "NOT converged: ") + how + (
+        "" if c["converged"] else "; more trainer.steps would still pay")

@@ -13,7 +13,7 @@ from polyfid.data_shards.reader import ShardReader
 from polyfid.data_shards.store import Store
 from polyfid.distributed.config import RunConfig
 from polyfid.evaluation.metrics import evaluate_batches, flatten
-from polyfid.distributed.loop.stopping import EarlyStopping
+from polyfid.distributed.loop.stopping import EarlyStopping, convergence, convergence_words
 from polyfid.infra.tracking import Tracker
 
 log = logging.getLogger("polyfid.validation")
@@ -61,9 +61,14 @@ class Validator:
                                      st.min_steps, st.smoothing)
         self.stopped_early = False
         self.keep = st.keep_best and rank == 0
+        self.force_curve: list[tuple[int, float]] = []  # (step, validation force MAE of the scored heads)
 
     def _errors(self, module, step: int) -> dict[str, dict[str, float]]:
         res = validate(module, self.cfg, self.valid, self.fidelities, self.dtype, self.device, self.rank, self.world)
+        heads = [self.stopper.head] if self.stopper.head else list(res)
+        f = [res[h]["forces_mae"] for h in heads if h in res and res[h].get("forces_mae") is not None]
+        if f:
+            self.force_curve.append((step, sum(f) / len(f)))
         if self.rank == 0:
             self.tracker.log_metrics(flatten(res, "valid"), step)
             with open(Path(self.cfg.output) / "validation.jsonl", "a") as fh:
@@ -101,19 +106,29 @@ class Validator:
                     f"{s.patience}); best at step {s.best_step}")
         return f"ran all {last_step} steps; best validation of {what} at step {s.best_step}"
 
+    def convergence(self, last_step: int) -> dict:
+        """Whether the run converged (stopping.converged_fall over stopping.converged_window of its steps)."""
+        st = self.cfg.stopping
+        return convergence(self.force_curve, last_step, st.converged_window, st.converged_fall)
+
     def best(self, module, last_step: int):
         """The weights to package: the best validated ones when stopping.keep_best kept them (best.json says which)."""
         s = self.stopper
         if self.rank == 0 and self.valid and s.best_step >= 0:
             reason = self.stop_reason(last_step)
-            self.tracker.log_metrics({"best_step": s.best_step, "stopped_early": float(self.stopped_early)}, last_step)
-            self.tracker.set_tags({"stop_reason": reason})
+            conv = self.convergence(last_step)
+            metrics = {"best_step": s.best_step, "stopped_early": float(self.stopped_early)}
+            if conv["converged"] is not None:
+                metrics.update(converged=float(conv["converged"]), valid_forces_fall_last=conv["fall"])
+            self.tracker.log_metrics(metrics, last_step)
+            self.tracker.set_tags({"stop_reason": reason, "converged": str(conv["converged"]).lower()})
             (Path(self.cfg.output) / "best.json").write_text(json.dumps(
                 {"best_step": s.best_step, "best_score": s.best_score, "last_step": last_step,
                  "stopped_early": self.stopped_early, "kept": "best" if s.best_state is not None else "last",
-                 "stop_reason": reason}, indent=2))
+                 "stop_reason": reason, "convergence": conv}, indent=2))
             log.warning("%s; the package holds the %s weights", reason,
                         "best" if s.best_state is not None else "last")
+            log.warning("%s", convergence_words(conv))
         if s.best_state is None:
             return module
         best = copy.deepcopy(module)
