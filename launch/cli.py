@@ -7,8 +7,10 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from polyfid.launch import evaluate_cmd, finetune_cmd
@@ -137,8 +139,43 @@ def cmd_ui(a: argparse.Namespace) -> int:
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
     cmd = [mlflow, "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(a.port), "--workers", "1"]
-    print(f"MLflow dashboard for {uri} at http://127.0.0.1:{a.port} (Ctrl-C stops it)")
-    return subprocess.call(cmd, env=env)
+    print(f"MLflow dashboard for {uri} at http://127.0.0.1:{a.port} (Ctrl-C stops it)", flush=True)
+    # The server and its workers get a process group of their own, ended with this command: on Ctrl-C or SIGTERM
+    # `mlflow server` would otherwise outlive it and keep the port.
+    server = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _end_group(server)
+
+
+def _end_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM a child's process group, wait for all of it to end, and SIGKILL what is left after `grace_s`."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + grace_s
+    while time.time() < deadline:
+        proc.poll()  # reaps the leader, so that the group ends with its last worker
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def cmd_demo(a: argparse.Namespace) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,13 +33,23 @@ def test_pretrain_with_unknown_key_is_a_config_error(capsys):
     assert "trainer.stepz" in capsys.readouterr().err
 
 
-def test_ui_serves_the_dashboard(tmp_path):
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def test_ui_serves_the_dashboard_and_sigterm_ends_its_server(tmp_path):
+    """`polyfid ui` serves MLflow; a SIGTERM to polyfid alone (not its process group) ends the server too and frees
+    the port (its `mlflow server` child used to outlive it and keep the port)."""
     port = free_port()
-    env = dict(os.environ)
     proc = subprocess.Popen(
         [sys.executable, "-m", "polyfid.launch.cli", "ui", "--port", str(port),
          "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         deadline, status = time.time() + 300, None  # MLflow server start took >120 s at load average 15
@@ -48,6 +60,13 @@ def test_ui_serves_the_dashboard(tmp_path):
                 assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
                 time.sleep(1)
         assert status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        deadline = time.time() + 30
+        while time.time() < deadline and not _port_free(port):
+            time.sleep(0.5)
+        assert _port_free(port), "the MLflow server outlived `polyfid ui`"
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
