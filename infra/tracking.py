@@ -127,18 +127,20 @@ class Tracker:
         fn = self.client.log_artifacts if p.is_dir() else self.client.log_artifact
         self._call(f"upload {p.name}", lambda: fn(self.run_id, str(p), artifact_path))
 
-    def register(self, name: str, artifact_path: str = "package") -> str | None:
-        """Register the run's package artifact as a new version of model `name`; returns the version."""
+    def register(self, name: str, artifact_path: str = "package", description: str | None = None) -> str | None:
+        """Register the run's package artifact as a new version of model `name`; returns the version. The
+        `description` (the model card) goes on the version and on the registered model, where the registry shows it."""
 
         def _reg():
             from mlflow.exceptions import MlflowException
 
             try:
-                self.client.create_registered_model(name)
-            except MlflowException:
-                pass  # exists already
+                self.client.create_registered_model(name, description=description)
+            except MlflowException:  # exists already: the newest version's card describes it
+                if description:
+                    self.client.update_registered_model(name, description=description)
             source = f"runs:/{self.run_id}/{artifact_path}"
-            mv = self.client.create_model_version(name, source=source, run_id=self.run_id)
+            mv = self.client.create_model_version(name, source=source, run_id=self.run_id, description=description)
             return mv.version
 
         return self._call(f"register model {name}", _reg)
@@ -254,6 +256,37 @@ def register_package(source: str, name: str, tracking_uri: str, experiment: str 
     params["source"] = str(source)
     tracker.log_params(params)
     tracker.log_artifact(folder, "package")
-    version = tracker.register(name)
+    version = tracker.register(name, description=registry_description(folder))
     tracker.end()
     return tracker.run_id, str(version)
+
+
+DESCRIPTION_MAX = 5000  # MLflow's registry keeps descriptions in a VARCHAR(5000)
+
+
+def registry_description(package: str | os.PathLike) -> str:
+    """What the model registry shows for a package: its MODEL_CARD.md, else a few lines from its metadata (kind,
+    levels, elements, cutoff, lineage); cut to the registry's 5,000 characters with a pointer to the full card."""
+    from polyfid.models.package import read_metadata
+
+    folder = Path(package)
+    card = folder / "MODEL_CARD.md"
+    if card.is_file():
+        text = card.read_text()
+    else:
+        meta = read_metadata(folder)
+        cfg, lineage = meta.get("config", {}), meta.get("lineage", {})
+        levels = ", ".join(f"{f['name']} (rank {f['rank']})" for f in sorted(meta.get("fidelities", []),
+                                                                                key=lambda f: f["rank"]))
+        text = "\n".join([
+            f"polyfid {cfg.get('kind', 'model')} package (no model card).", "",
+            f"- Levels (heads): {levels or 'none'}",
+            f"- Elements: {', '.join(str(z) for z in meta.get('elements', []))}",
+            f"- Cutoff: {cfg.get('cutoff', '?')} Å; width {cfg.get('width', '?')}",
+            f"- Trained by MLflow run {lineage.get('mlflow_run_id', '?')}"
+            + (f", fine-tuned from {lineage['parent']}" if lineage.get("parent") else ""),
+        ])
+    if len(text) > DESCRIPTION_MAX:
+        tail = "\n\n[cut here: the whole card is the MODEL_CARD.md artifact of this version's package]"
+        text = text[: DESCRIPTION_MAX - len(tail)] + tail
+    return text

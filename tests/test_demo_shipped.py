@@ -12,6 +12,7 @@ import yaml
 from polyfid.data_shards.schema import Fidelity
 from polyfid.distributed.finetune.plan import _init_head
 from polyfid.infra.resolve import resolve_package
+from polyfid.infra.tracking import registry_description
 from polyfid.launch.cli import main
 from polyfid.models import load_package, save_package
 from polyfid.models.pretrained import ENV
@@ -44,6 +45,16 @@ def test_register_cli_puts_a_named_model_in_the_registry_with_its_card(shelf, tm
     assert (tmp_path / "dl").exists() and (shelf / "demo-mini" / "MODEL_CARD.md").read_text() in \
         open(f"{local}/MODEL_CARD.md").read()
     assert [f.name for f in load_package(local).fidelities] == [f.name for f in LEVELS]
+    # a user browsing the registry sees the model card: on the registered model and on each version
+    from mlflow.tracking import MlflowClient
+
+    card = (shelf / "demo-mini" / "MODEL_CARD.md").read_text()
+    client = MlflowClient(uri)
+    assert client.get_registered_model("polyfid-demo-mini").description == card[:5000]
+    assert client.get_model_version("polyfid-demo-mini", "2").description == card[:5000]
+    (shelf / "demo-mini" / "MODEL_CARD.md").write_text("x" * 6000)  # longer than the registry keeps: cut, said so
+    desc = registry_description(shelf / "demo-mini")
+    assert len(desc) == 5000 and desc.startswith("x" * 4000) and "MODEL_CARD.md artifact" in desc
     latest = resolve_package("models:/polyfid-demo-mini/latest", uri, tmp_path / "dl2")
     assert (tmp_path / "dl2").exists() and open(f"{latest}/polyfid.json").read() == open(f"{local}/polyfid.json").read()
     with pytest.raises(Exception, match="mine"):

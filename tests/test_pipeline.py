@@ -87,6 +87,10 @@ def test_pretrain_writes_package_and_mlflow_run(pipeline):
     assert {"package/model.safetensors", "package/polyfid.json"} <= artifacts
     versions = client.search_model_versions("name='spine-test'")
     assert [v.run_id for v in versions] == [pre["mlflow_run_id"]]
+    # no model card beside a training run's package: the registry describes it from its metadata
+    desc = client.get_registered_model("spine-test").description
+    assert desc == versions[0].description and f"{LOW} (rank" in desc and "Elements: 1, 6, 7, 8" in desc
+    assert pre["mlflow_run_id"] in desc
 
 
 def test_finetune_records_parent_and_registers(pipeline):

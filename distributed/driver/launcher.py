@@ -27,7 +27,7 @@ from polyfid.distributed.finetune.forgetting import forgetting_advice, measure_f
 from polyfid.distributed.driver.lock import RunLock
 from polyfid.distributed.modes.registry import get_mode
 from polyfid.distributed.loop.progress import interactive, quiet_libraries, verbose
-from polyfid.infra.tracking import Tracker
+from polyfid.infra.tracking import Tracker, registry_description
 from polyfid.evaluation.report import report_to_mlflow
 from polyfid.infra.resolve import resolve_package
 from polyfid.models.package import read_metadata
@@ -289,7 +289,8 @@ def finalize(run: Prepared, tracker: Tracker, wall: float) -> dict[str, Any]:
         tracker.end("FAILED")
         raise RuntimeError(f"training finished but wrote no package at {package}; see the worker logs above")
     tracker.log_artifact(package, "package")
-    version = tracker.register(cfg.tracking.register_as) if cfg.tracking.register_as else None
+    version = (tracker.register(cfg.tracking.register_as, description=registry_description(package))
+               if cfg.tracking.register_as else None)
     tracker.log_metrics({"train_wall_s": wall}, cfg.trainer.steps)
     forgetting = hint = None
     if plan:
