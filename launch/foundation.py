@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from polyfid.distributed.loop.stopping import convergence_words
 from polyfid.data_shards.corpus.levels import LEVELS
 from polyfid.models.package import SHIPPED
 from polyfid.data_shards.named import open_store
@@ -140,10 +141,19 @@ def write_card(package: Path, name: str, errors: dict, counts: dict[str, dict[st
               + f", on {info['hardware']}. "
               f"Steps: {info['steps']:,}; {info['workers']} Ray Train workers with DeepSpeed ZeRO-1. "
               f"polyfid {meta.get('polyfid_version', '?')}.", "",
+              *_stopping_lines(info.get("best") or {}),
               *_use_and_limits(name, meta)]
     card = package / "MODEL_CARD.md"
     card.write_text("\n".join(lines))
     return card
+
+
+def _stopping_lines(best: dict) -> list[str]:
+    """Which weights were shipped and whether the pretraining converged (best.json of the run)."""
+    if not best:
+        return ["Convergence: not measured (no validation stores).", ""]
+    return [f"Stopping: {best.get('stop_reason', '?')}; the package holds the {best.get('kept', '?')} weights. "
+            f"Convergence, by the validation force MAE: {convergence_words(best.get('convergence'))}.", ""]
 
 
 def _use_and_limits(name: str, meta: dict) -> list[str]:
@@ -242,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     info = {"command": "python -m polyfid.launch.foundation " + shlex.join(portable_args(argv if argv is not None
                                                                                          else sys.argv[1:])),
             "wall_s": sum(walls), "invocations": len(walls), "hardware": hardware(),
-            "steps": cfg.trainer.steps, "workers": cfg.cluster.workers}
+            "steps": cfg.trainer.steps, "workers": cfg.cluster.workers, "best": summary.get("best") or {}}
     card = write_card(package, a.name, errors, _counts(stores), info, figures_of(package))
     print(card.read_text())
     if a.ship:

@@ -94,6 +94,10 @@ def test_build_measure_card_and_ship(small_corpus, tmp_path, monkeypatch, capsys
     assert "`pretrained:test-mini`" in card and "Elements: H, C, N, O" in card and "fidelity=\"hf_631g\")`" in card
     assert "| `hf_631g` | heldout | 6 |" in card and "| `gfn2_xtb` (rank 1) | GFN2-xTB / - | tblite | 24 | 6 | 8 | 8 |" in card
     assert "python -m polyfid.launch.foundation --stores" in card and "Known limits" in card
+    best = json.loads((tmp_path / "run" / "pretrain" / "best.json").read_text())  # validated at 3 and 6
+    assert f"Stopping: {best['stop_reason']}; the package holds the best weights" in card
+    assert ("Convergence, by the validation force MAE: " + ("converged: " if best["convergence"]["converged"]
+                                                             else "NOT converged: ")) in card
     hf_test = errors["hf_631g"]["test"]["forces_mae"] * 1e3
     assert f"{hf_test:.1f}" in card  # the card prints the measured figure
     for fig in ("parity_gfn2_xtb", "parity_hf_631g", "learning_curve"):  # drawn, shipped and shown in the card
