@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from polyfid.launch import evaluate_cmd, finetune_cmd
@@ -138,11 +139,21 @@ def cmd_ui(a: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(a.tracking_uri)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
-    cmd = [mlflow, "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(a.port), "--workers", "1"]
-    print(f"MLflow dashboard for {uri} at http://127.0.0.1:{a.port} (Ctrl-C stops it)", flush=True)
-    # The server and its workers get a process group of their own, ended with this command: on Ctrl-C or SIGTERM
-    # `mlflow server` would otherwise outlive it and keep the port.
-    server = subprocess.Popen(cmd, env=env, start_new_session=True)
+    host = a.host or ("0.0.0.0" if a.serve else "127.0.0.1")
+    cmd = [mlflow, "server", "--backend-store-uri", uri, "--host", host, "--port", str(a.port), "--workers", "1"]
+    if a.serve:  # a tracking server for a cluster: runs and their artifacts go through it over HTTP
+        artifacts = a.artifacts if a.artifacts and "://" in a.artifacts else Path(a.artifacts or "mlartifacts").resolve()
+        cmd += ["--serve-artifacts", "--artifacts-destination", str(artifacts)]
+        if host not in ("127.0.0.1", "localhost"):
+            cmd += ["--allowed-hosts", "*"]  # other nodes reach it by this node's name or address
+        name = socket.gethostname() if host == "0.0.0.0" else host
+        print(f"MLflow tracking server for {uri}, artifacts in {artifacts}: run every job with\n"
+              f"  --set tracking.uri=http://{name}:{a.port}\n(Ctrl-C stops it)", flush=True)
+    else:
+        print(f"MLflow dashboard for {uri} at http://{host}:{a.port} (Ctrl-C stops it)", flush=True)
+    # On Ctrl-C or SIGTERM the server and its workers end with this command: `mlflow server` would otherwise
+    # outlive it and keep the port. (They stay in its process group, so a SIGKILL of the group ends them too.)
+    server = subprocess.Popen(cmd, env=env)
 
     def _stop(signum, frame):
         raise KeyboardInterrupt
@@ -158,23 +169,21 @@ def cmd_ui(a: argparse.Namespace) -> int:
 
 
 def _end_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM a child's process group, wait for all of it to end, and SIGKILL what is left after `grace_s`."""
+    """SIGTERM a child and all its descendants, and SIGKILL what is left after `grace_s`."""
+    import psutil
+
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
+        parent = psutil.Process(proc.pid)
+        tree = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
         return
-    deadline = time.time() + grace_s
-    while time.time() < deadline:
-        proc.poll()  # reaps the leader, so that the group ends with its last worker
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
     proc.wait()
 
 
@@ -246,9 +255,14 @@ def _add_tool_parsers(sub) -> None:
     s.add_argument("--experiment", default="polyfid-pretrained", help="the experiment of the registering run")
     s.set_defaults(fn=cmd_register)
 
-    s = sub.add_parser("ui", help="serve the MLflow dashboard on 127.0.0.1")
+    s = sub.add_parser("ui", help="serve the MLflow dashboard on 127.0.0.1, or (--serve) a tracking server for a cluster")
     s.add_argument("--port", type=int, default=5000)
-    s.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    s.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="the backend store (sqlite or a database URL)")
+    s.add_argument("--serve", action="store_true", help="a tracking server for runs on other nodes: listens on "
+                   "every interface and proxies artifacts (--set tracking.uri=http://HEAD:PORT in each run)")
+    s.add_argument("--host", help="the interface to listen on (default 127.0.0.1; with --serve 0.0.0.0)")
+    s.add_argument("--artifacts", help="with --serve: where the server keeps artifacts (default ./mlartifacts; "
+                   "an s3:// URI works too)")
     s.set_defaults(fn=cmd_ui)
 
     s = sub.add_parser("demo", help="the whole path on the embedded QM data")

@@ -194,26 +194,42 @@ def test_two_node_cluster_places_a_worker_on_each_node(store, tmp_path):
         cluster.shutdown()
 
 
-def test_tracking_server_going_away_mid_run_only_warns(tmp_path, monkeypatch):
-    """A real MLflow server answers, then is killed: logging warns once and returns; nothing raises."""
+def test_a_run_logs_through_a_cluster_tracking_server_that_then_goes_away_with_a_warning(store, tmp_path):
+    """`polyfid ui --serve`, the tracking server for a cluster: a real training logs to it over HTTP, its package
+    goes through the server's artifact proxy into the server's folder, and registers. Then the server is killed:
+    logging warns once and returns; nothing raises."""
     import urllib.request
+
+    from mlflow.tracking import MlflowClient
 
     from dist_utils import free_port
     from polyfid.infra import tracking
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "polyfid.launch.cli", "ui", "--port", str(port),
-                               "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], cwd=tmp_path,
+    server = subprocess.Popen([sys.executable, "-m", "polyfid.launch.cli", "ui", "--serve", "--host", "127.0.0.1",
+                               "--port", str(port), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+                               "--artifacts", str(tmp_path / "served")], cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 300  # a loaded 2-core CI machine can take minutes to start the server
         while time.time() < deadline:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
                 break
             except OSError:
                 time.sleep(1)
-        t = tracking.Tracker(f"http://127.0.0.1:{port}")
+        out = tmp_path / "served_run"
+        cfg = _cfg(store, out, "cluster.workers=1", "trainer.steps=4", "trainer.checkpoint_every=100",
+                   f"tracking.uri={uri}", "tracking.register_as=served")
+        summary = run_training(cfg)
+        assert summary["model_version"] == "1"
+        stored = {p.relative_to(tmp_path / "served").parts[-2:] for p in (tmp_path / "served").rglob("*") if p.is_file()}
+        assert ("package", "model.safetensors") in stored and ("package", "polyfid.json") in stored
+        client = MlflowClient(uri)
+        assert client.get_run(summary["mlflow_run_id"]).data.metrics["lr"] > 0
+        assert "Elements: 1, 6, 8" in client.get_registered_model("served").description
+        t = tracking.Tracker(uri)
         run_id = t.start("outage")
         assert run_id
         t.log_metrics({"loss": 1.0}, step=1)
