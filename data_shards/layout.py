@@ -158,8 +158,15 @@ class Location:
         """Move a folder inside the store into place (atomic on a local file system)."""
         if self.local is not None:
             os.replace(self._join(src), self._join(dst))
-        else:
-            self.fs.mv(self._join(src), self._join(dst), recursive=True)
+            return
+        # Object storage has no rename and no folders: copy each object (server side on S3), then delete them.
+        a, b = self._join(src).rstrip("/"), self._join(dst).rstrip("/")
+        files = self.fs.find(a)
+        if not files:
+            raise FileNotFoundError(f"{self.path}: nothing under {src!r} to move to {dst!r}")
+        for f in files:
+            self.fs.copy(f, b + f[len(a):])
+        self.fs.rm(files)
 
     def remove(self, rel: str = "") -> None:
         """Delete a folder (or the whole store) if it exists."""

@@ -230,12 +230,17 @@ class StoreWriter:
             return
         items, self._buffer = self._buffer, []
         arrays, energy, forces, ids = shard_arrays(items, self._fids, self._next_id)
+        info = ShardInfo("", len(items), int(arrays["offsets"][-1]), shard_checksum(arrays), tuple(energy),
+                         tuple(forces), tuple(ids))
+        refs, elements = shard_sums(arrays, energy, forces), np.unique(arrays["atomic_numbers"])
+        if self._loc.local is None:  # object storage has no rename: the final key at once, unlisted until close
+            name = self._next_shard_name()
+            write_group(self._shard_group.create_group(name), arrays)
+            self._place(name, info, refs, elements)
+            return
         tmp = self.new_tmp_name()
         write_group(self._shard_group.create_group(tmp), arrays)
-        refs = shard_sums(arrays, energy, forces)
-        self.adopt(tmp, ShardInfo("", len(items), int(arrays["offsets"][-1]), shard_checksum(arrays),
-                                  tuple(energy), tuple(forces), tuple(ids)),
-                   refs, np.unique(arrays["atomic_numbers"]))
+        self.adopt(tmp, info, refs, elements)
 
     def new_tmp_name(self) -> str:
         """A fresh temporary shard name (removed by `abort` unless adopted)."""
@@ -245,11 +250,20 @@ class StoreWriter:
 
     def adopt(self, tmp: str, info: ShardInfo, refs: ReferenceAccumulator, elements: Iterable[int]) -> None:
         """Rename a fully written temporary shard into place as the next shard (used by parallel ingest)."""
+        name = self._next_shard_name()
+        self._loc.rename(f"{SHARDS}/{tmp}", f"{SHARDS}/{name}")
+        self._place(name, info, refs, elements)
+
+    def _next_shard_name(self) -> str:
+        """The next shard's name, cleared of an unlisted leftover of an interrupted write."""
         name = f"shard-{len(self._shards):06d}"
-        if self._loc.exists(f"{SHARDS}/{name}"):  # an unlisted leftover of an interrupted append
+        if self._loc.exists(f"{SHARDS}/{name}"):
             self._loc.remove(f"{SHARDS}/{name}")
         self._written.append(name)
-        self._loc.rename(f"{SHARDS}/{tmp}", f"{SHARDS}/{name}")
+        return name
+
+    def _place(self, name: str, info: ShardInfo, refs: ReferenceAccumulator, elements: Iterable[int]) -> None:
+        """Record a shard written under its final name (listed by the manifest that close writes last)."""
         self._shards.append(dataclasses.replace(info, name=name))
         self._next_id += info.n_structures
         self._elements.update(int(z) for z in elements)
