@@ -22,6 +22,23 @@ def resolve_tracking_uri(uri: str, base: str | os.PathLike | None = None) -> str
 MLFLOW_SCHEMES = ("runs:/", "models:/")
 
 
+def fetch_remote_package(url: str, dst: str | os.PathLike | None = None) -> Path:
+    """Download a package folder from an fsspec URL (s3://bucket/runs/x/package; credentials from the standard
+    environment) into `dst` (a new temporary folder when None); returns the local package folder."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    if not fs.exists(f"{root}/{METADATA_FILE}"):
+        raise FileNotFoundError(f"{url} is not a polyfid package (no {METADATA_FILE} in it)")
+    local = Path(dst if dst is not None else tempfile.mkdtemp()) / root.rsplit("/", 1)[-1]
+    for f in fs.find(root):
+        target = local / f[len(root) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(f, str(target))
+    return local
+
+
 def resolve_package(uri_or_path: str, tracking_uri: str | None, dst: str | os.PathLike | None = None) -> str:
     """A local package folder for a package path, `pretrained:NAME`, `runs:/ID/package` or `models:/NAME/VERSION`.
 
@@ -40,6 +57,8 @@ def resolve_package(uri_or_path: str, tracking_uri: str | None, dst: str | os.Pa
 
         dst = dst if dst is not None else tempfile.mkdtemp()
         return str(download_package(path, resolve_tracking_uri(tracking_uri), dst))
+    if "://" in path and not path.startswith("file://"):  # object storage (s3://...): fetched like an MLflow URI
+        return str(fetch_remote_package(path, dst))
     if not (Path(path) / METADATA_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a polyfid package folder (no {METADATA_FILE} in it) "
                                 f"nor a pretrained:NAME, runs:/ or models:/ URI")

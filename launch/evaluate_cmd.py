@@ -14,7 +14,8 @@ REFERENCE_CALCS = ("xtb", "emt")
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
     """The evaluate subcommand's flags."""
-    s.add_argument("--model", required=True, help="package path, pretrained:NAME, runs:/ID/package or models:/NAME/VERSION")
+    s.add_argument("--model", required=True, help="package path or URL (s3://...), pretrained:NAME, runs:/ID/package "
+                   "or models:/NAME/VERSION")
     s.add_argument("--data", required=True, help="store(s), comma-separated")
     s.add_argument("--fidelity", help="only this fidelity")
     s.add_argument("--json", help="write the errors (and smoothness, NVE results) as JSON here")

@@ -137,3 +137,30 @@ def test_pretrain_reads_its_training_and_validation_stores_from_s3(s3, tmp_path)
     run = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").get_run(summary["mlflow_run_id"])
     assert run.data.params["data.train"] == str([train])
     assert not any(SECRET in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
+
+
+def test_evaluate_a_package_on_s3_against_a_store_on_s3(s3, tmp_path):
+    """`polyfid evaluate --model s3://.../package --data s3://...`: the package is fetched, and the errors equal
+    those of the same package and store on local disk."""
+    import fsspec
+
+    from polyfid.models import save_package
+    from polyfid.models.testing import tiny_potential
+
+    pkg = tmp_path / "package"
+    from polyfid.data_shards.schema import Fidelity
+
+    levels = (Fidelity(LOW, rank=0), Fidelity(HIGH, rank=1))
+    save_package(pkg, tiny_potential("hipnn_ts", seed=2, elements=(1, 6, 8), fidelities=levels, width=16))
+    fsspec.filesystem("s3").put(str(pkg), f"{BUCKET}/runs/x/package", recursive=True)
+    assert _ingest(f"s3://{BUCKET}/eval.zarr", ":16") == 0 and _ingest(str(tmp_path / "eval.zarr"), ":16") == 0
+    assert main(["evaluate", "--model", f"s3://{BUCKET}/runs/x/package", "--data", f"s3://{BUCKET}/eval.zarr",
+                 "--json", str(tmp_path / "remote.json")]) == 0
+    assert main(["evaluate", "--model", str(pkg), "--data", str(tmp_path / "eval.zarr"),
+                 "--json", str(tmp_path / "local.json")]) == 0
+    remote, local = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("remote", "local"))
+    assert remote == local and remote[LOW]["forces_mae"] > 0 and remote[HIGH]["n_structures"] == 16
+    with pytest.raises(FileNotFoundError, match="no polyfid.json"):
+        from polyfid.infra.resolve import resolve_package
+
+        resolve_package(f"s3://{BUCKET}/runs/none/package", None)
