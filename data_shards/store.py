@@ -12,13 +12,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from polyfid.data_shards.layout import BASE_ARRAYS, MANIFEST_KEY, SHARDS, Location, checksum_matches
+from polyfid.data_shards.layout import BASE_ARRAYS, MANIFEST_KEY, SHARDS, Location, checksum_matches, tmp_name
 from polyfid.data_shards.schema import FORMAT_VERSION, Fidelity
+
+log = logging.getLogger("polyfid.store")
 
 __all__ = ["CorruptShardError", "ShardInfo", "Store", "StoreWriter", "Structure", "write_structures"]
 
@@ -134,15 +139,38 @@ class Store:
         return CorruptShardError(f"store {self.path}: shard {info.name!r} is corrupt: {why}")
 
     def _raw(self, k: int) -> dict[str, np.ndarray]:
-        """Every array shard k has, keyed as on disk ('energy/<fid>' …), as stored."""
+        """Every array shard k has, keyed as on disk ('energy/<fid>' …), as stored. From object storage, the
+        arrays are fetched concurrently, and through the node-local shard cache when one is set."""
         info = self._shards[k]
+        cached = _cache_file(info.checksum) if self._loc.local is None else None
+        if cached is not None and cached.is_file():
+            try:
+                with np.load(cached) as npz:
+                    raw = {key.replace("|", "/"): npz[key] for key in npz.files}
+                if checksum_matches(raw, info.checksum)[0]:
+                    return raw
+            except (OSError, ValueError, KeyError):  # a damaged cache file: fetched again below
+                pass
+            log.warning("shard cache: %s does not match shard %s of %s; fetching it again", cached, info.name,
+                        self.path)
+            cached.unlink(missing_ok=True)
         keys = list(BASE_ARRAYS) + [f"energy/{f}" for f in info.energy] + [f"forces/{f}" for f in info.forces]
         keys += [f"ids/{k}" for k in info.ids]
         try:
             group = self._root[f"{SHARDS}/{info.name}"]
-            return {key: np.asarray(group[key][...]) for key in keys}
+            if self._loc.local is None:  # one request after another would wait out each round trip
+                with ThreadPoolExecutor(max_workers=min(8, len(keys))) as pool:
+                    raw = dict(zip(keys, pool.map(lambda key: np.asarray(group[key][...]), keys)))
+            else:
+                raw = {key: np.asarray(group[key][...]) for key in keys}
         except Exception as err:  # a missing or undecodable chunk, or missing metadata
             raise self._corrupt(info, f"{type(err).__name__}: {err}") from err
+        if cached is not None and checksum_matches(raw, info.checksum)[0]:  # never cache a corrupt read
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(tmp_name(cached.stem + ".") + ".npz")
+            np.savez(tmp, **{key.replace("/", "|"): v for key, v in raw.items()})
+            os.replace(tmp, cached)
+        return raw
 
     def read_array(self, k: int, key: str) -> np.ndarray:
         """One array of shard k, unverified (e.g. 'offsets' to plan without reading positions)."""
@@ -190,6 +218,22 @@ class Store:
             except CorruptShardError:
                 bad.append(info.name)
         return bad
+
+
+_CACHE_DIR: Path | None = None
+
+
+def set_shard_cache(path: str | os.PathLike | None) -> None:
+    """Keep shards read from object storage in this node-local folder (config `data.cache_dir`); None: off."""
+    global _CACHE_DIR
+    _CACHE_DIR = Path(path).expanduser().resolve() if path else None
+
+
+def _cache_file(checksum: str) -> Path | None:
+    """The cache file of a shard with this checksum (the checksum names its content), or None without a cache."""
+    if _CACHE_DIR is None:
+        return None
+    return _CACHE_DIR / (checksum.replace(":", "-") + ".npz")
 
 
 def _mask_labels(out: dict[str, Any], masked: dict[str, dict[str, list[int]]]) -> dict[str, Any]:

@@ -53,6 +53,9 @@ class DataConfig:
     # and their atoms are below that share (the driver resolves it; launcher.resolve_oversample).
     oversample: list[str] = dataclasses.field(default_factory=list)
     oversample_fraction: float = 0.0
+    # A node-local folder where each worker keeps the shards it read from object storage (s3://...), one file per
+    # shard named by its checksum and verified on every read, so that later epochs read them locally.
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("train", "valid", "oversample"):

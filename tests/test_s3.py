@@ -124,10 +124,15 @@ def test_pretrain_reads_its_training_and_validation_stores_from_s3(s3, tmp_path)
                  "--set", f"data.valid={valid}", "--set", f"output={out}", "--set", "cluster.workers=2",
                  "--set", "trainer.steps=4", "--set", "trainer.valid_every=4", "--set", "model.width=16",
                  "--set", "model.n_sensitivities=8", "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
-                 "--set", "tracking.register_as=null"]) == 0
+                 "--set", "tracking.register_as=null", "--set", f"data.cache_dir={tmp_path / 'cache'}"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     best = json.loads((out / "best.json").read_text())
     assert best["best_step"] == 4 and (out / "package" / "model.safetensors").exists()
+    # the workers kept what they read in data.cache_dir: every validation shard (both ranks validate their share)
+    from polyfid.data_shards.store import Store
+
+    cached = {f.stem for f in (tmp_path / "cache").glob("*.npz")}
+    assert {s.checksum.replace(":", "-") for s in Store.open(valid).shards} <= cached
     meta = json.loads((out / "package" / "polyfid.json").read_text())
     assert [s["path"] for s in meta["lineage"]["stores"]] == [train]  # the URL, as the user gave it
     for text in [(out / "config.yaml").read_text(), json.dumps(summary), json.dumps(meta)]:
@@ -164,3 +169,33 @@ def test_evaluate_a_package_on_s3_against_a_store_on_s3(s3, tmp_path):
         from polyfid.infra.resolve import resolve_package
 
         resolve_package(f"s3://{BUCKET}/runs/none/package", None)
+
+
+def test_the_shard_cache_serves_later_reads_locally_and_refetches_a_damaged_copy(s3, tmp_path):
+    """data.cache_dir: a shard read from object storage is kept in a node-local file named by its checksum; a
+    later read needs no object of it, and a cache file that no longer matches the checksum is fetched again."""
+    from polyfid.data_shards.store import Store, set_shard_cache
+
+    url = f"s3://{BUCKET}/cached.zarr"
+    assert _ingest(url, ":32") == 0
+    store = Store.open(url)
+    first = [store.read_shard(k) for k in range(len(store.shards))]  # no cache: nothing written
+    set_shard_cache(tmp_path / "cache")
+    try:
+        assert [store.read_shard(k)["positions"].tolist() for k in range(2)] == [s["positions"].tolist() for s in first]
+        files = sorted((tmp_path / "cache").glob("*.npz"))
+        assert [f.stem for f in files] == sorted(s.checksum.replace(":", "-") for s in store.shards)
+        for key in _objects(s3, "cached.zarr/shards/"):  # the shards are gone from the bucket: the cache serves
+            s3.delete_object(Bucket=BUCKET, Key=key)
+        again = store.read_shard(1)
+        assert np.array_equal(again["positions"], first[1]["positions"])
+        with np.load(files[0]) as npz:  # a damaged cache file is not used: it is fetched again (and fails here,
+            bad = {k: npz[k] for k in npz.files}  # since the bucket no longer has the shard)
+        bad["positions"] = bad["positions"] + 1.0
+        name = next(f for f in files if f.stem == store.shards[0].checksum.replace(":", "-"))
+        np.savez(name, **bad)
+        with pytest.raises(Exception, match="shard-000000"):
+            store.read_shard(0)
+        assert not name.exists()
+    finally:
+        set_shard_cache(None)

@@ -40,6 +40,7 @@ from polyfid.distributed.loop.validation import Validator
 from polyfid.models.layout import LabelLayout
 from polyfid.models.potential import Potential
 from polyfid.data_shards.named import open_store
+from polyfid.data_shards.store import set_shard_cache
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -99,6 +100,7 @@ class Trainer:
         quiet_libraries()
         Path(cfg.output).mkdir(parents=True, exist_ok=True)  # the launcher makes it; a direct caller may not have
         self.device = resolve_device(cfg.cluster)
+        set_shard_cache(cfg.data.cache_dir)  # shards from object storage kept on this node (data.cache_dir)
         self.stores = [open_store(p) for p in cfg.data.train]
         self.valid = [open_store(p) for p in cfg.data.valid]
         self.model, self.fit = build_model(cfg, self.stores, self.plan)
