@@ -268,9 +268,9 @@ def report(a, work: Path) -> str:
              "`--phase report`). Errors in meV (E) and meV/Å (F); test split read once, after the sweep.", ""]
     all_sweeps = [json.loads(p.read_text()) for p in sorted(work.glob("sweep_*.json"))]
     sweeps = [sw for sw in all_sweeps if not sw.get("low")]  # the target-only variant: its final rows below
-    if sweeps:
+    if all_sweeps:
         lines += ["## Sweep (seed 0, validation split only)", "",
-                  f"Training structures: {sweeps[0]['n']}. Score: the best validation energy MAE per atom + force MAE "
+                  f"Training structures: {all_sweeps[0]['n']}. Score: the best validation energy MAE per atom + force MAE "
                   "(meV/atom + meV/Å), as early stopping scores. Swing: the largest validation energy MAE after "
                   "the first 10% of steps over the best one reached by then (goal: at most 3).", "",
                   "| molecule | run | valid score | swing | F fall, last 20% | best step | stop |",
@@ -351,12 +351,15 @@ def report_low(work: Path) -> list[str]:
              "level, two heads, the target level half of each batch (`--low N`). Each side's lr was chosen on "
              "validation from its grid (`--lr-only`: no options). GFN2-xTB as-is: its forces against B3LYP's; its "
              "energies after a constant shift fitted on the training structures. Test split, meV and meV/Å, "
-             "mean ± std over seeds; p: paired t-test over seeds against `ft+lowN` (F).", "",
+             "mean ± std over seeds; p: paired t-test over seeds against `ft+lowN` (F). F / scratch divides by the "
+             "target-only scratch run where the workdir has one, else by scratch with the same low level.", "",
              "| molecule | N train | variant | E MAE | F MAE | F / scratch | p (F) vs ft+low | seeds |",
              "|---|---|---|---|---|---|---|---|"]
     for (mol, n), v in sorted(lows.items()):
         ref = next(k for k in v if k.startswith("ft+low"))
-        base = np.mean([r["F"] for r in v["scratch"].values()]) if "scratch" in v else float("nan")
+        # F / scratch: against the target-only scratch run when this workdir has one, else scratch with the low level
+        base_kind = "scratch" if "scratch" in v else next((k for k in v if k.startswith("scratch+low")), None)
+        base = np.mean([r["F"] for r in v[base_kind].values()]) if base_kind else float("nan")
         free = low_as_is(mol)
         if free:
             lines.append(f"| {mol} | {n} | GFN2-xTB as-is | {free['E']:.1f} | {free['F']:.1f} | "
