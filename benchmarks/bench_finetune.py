@@ -153,15 +153,14 @@ def swing(summary: dict, steps: int) -> float:
 
 def convergence(summary: dict) -> float:
     """Relative fall of the best validation force MAE over the last 20% of the run (issue 29's criterion: below
-    3% is converged): (best by 80% of the last step - best by the last step) / best by the last step."""
+    3% is converged), by polyfid's own stopping.convergence over the run's validation curve; nan without one."""
+    from polyfid.distributed.loop.stopping import convergence as criterion
+
     curve = valid_curve(summary)
     if not curve:
         return float("nan")
-    last = curve[-1]["step"]
-    f = [(r["step"], r["errors"][LEVEL]["forces_mae"]) for r in curve]
-    early = min(v for st, v in f if st <= 0.8 * last)
-    best = min(v for _, v in f)
-    return float((early - best) / best)
+    c = criterion([(r["step"], r["errors"][LEVEL]["forces_mae"]) for r in curve], curve[-1]["step"])
+    return float("nan") if c["fall"] is None else c["fall"]
 
 
 def score(summary: dict) -> float:

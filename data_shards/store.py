@@ -138,8 +138,9 @@ class Store:
     def _corrupt(self, info: ShardInfo, why: str) -> CorruptShardError:
         return CorruptShardError(f"store {self.path}: shard {info.name!r} is corrupt: {why}")
 
-    def _raw(self, k: int) -> dict[str, np.ndarray]:
-        """Every array shard k has, keyed as on disk ('energy/<fid>' …), as stored. From object storage, the
+    def _raw(self, k: int) -> tuple[dict[str, np.ndarray], bool]:
+        """Every array shard k has, keyed as on disk ('energy/<fid>' …), as stored, and whether their checksum was
+        already matched here (the shard cache checks it, so read_shard need not again). From object storage, the
         arrays are fetched concurrently, and through the node-local shard cache when one is set."""
         info = self._shards[k]
         cached = _cache_file(info.checksum) if self._loc.local is None else None
@@ -148,7 +149,7 @@ class Store:
                 with np.load(cached) as npz:
                     raw = {key.replace("|", "/"): npz[key] for key in npz.files}
                 if checksum_matches(raw, info.checksum)[0]:
-                    return raw
+                    return raw, True
             except (OSError, ValueError, KeyError):  # a damaged cache file: fetched again below
                 pass
             log.warning("shard cache: %s does not match shard %s of %s; fetching it again", cached, info.name,
@@ -165,12 +166,13 @@ class Store:
                 raw = {key: np.asarray(group[key][...]) for key in keys}
         except Exception as err:  # a missing or undecodable chunk, or missing metadata
             raise self._corrupt(info, f"{type(err).__name__}: {err}") from err
-        if cached is not None and checksum_matches(raw, info.checksum)[0]:  # never cache a corrupt read
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(tmp_name(cached.stem + ".") + ".npz")
-            np.savez(tmp, **{key.replace("/", "|"): v for key, v in raw.items()})
-            os.replace(tmp, cached)
-        return raw
+        if cached is None or not checksum_matches(raw, info.checksum)[0]:  # never cache a corrupt read
+            return raw, False
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(tmp_name(cached.stem + ".") + ".npz")
+        np.savez(tmp, **{key.replace("/", "|"): v for key, v in raw.items()})
+        os.replace(tmp, cached)
+        return raw, True
 
     def read_array(self, k: int, key: str) -> np.ndarray:
         """One array of shard k, unverified (e.g. 'offsets' to plan without reading positions)."""
@@ -186,8 +188,8 @@ class Store:
         With fill_missing=False, a fidelity whose array the shard lacks is left out instead of NaN-filled.
         """
         info = self._shards[k]
-        raw = self._raw(k)
-        if verify:
+        raw, checked = self._raw(k)
+        if verify and not checked:
             ok, got = checksum_matches(raw, info.checksum)
             if not ok:
                 raise self._corrupt(info, f"checksum {got} does not match the manifest's {info.checksum}")

@@ -287,7 +287,7 @@ class StoreWriter:
         self._added += [f"{SHARDS}/{info.name}/{key}" for key in arrays]
         write_group(group, arrays)
         old = Store(self._loc, self._old)  # type: ignore[arg-type]
-        raw = old._raw(k) | arrays
+        raw = old._raw(k)[0] | arrays
         self._shards[k] = dataclasses.replace(info, checksum=shard_checksum(raw),
                                               energy=info.energy + tuple(energy), forces=info.forces + tuple(forces))
 
