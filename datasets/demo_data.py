@@ -370,6 +370,15 @@ def extra_level(out: Path, name: str, workers: int) -> None:
     t0 = time.time()
     nproc = min(workers, MAX_EXTRA_WORKERS)
     path = out / f"{name}.extxyz.gz"
+    frames, scans, scan_path = _add_extra_labels(path, out, name, nproc)
+    wall = time.time() - t0
+    md = _extra_provenance(name, path, frames, scans, scan_path, nproc, wall)
+    _replace_extra_section(out / "PROVENANCE.md", "\n".join(md))
+    print("\n".join(md))
+
+
+def _add_extra_labels(path: Path, out: Path, name: str, nproc: int) -> tuple[list[Atoms], list[Atoms], Path]:
+    """Label the file's frames and the scans at ``EXTRA``, write both files and check the rest is unchanged."""
     original = ase.io.read(path, ":")
     for f in original:  # re-running: drop an earlier extra level, recompute it
         f.info.pop(f"energy_{EXTRA}", None)
@@ -400,8 +409,12 @@ def extra_level(out: Path, name: str, workers: int) -> None:
     scan_path = out / f"{name}_scans.extxyz.gz"
     write_extxyz_gz(scans, scan_path)
     assert len(ase.io.read(scan_path, ":")) == len(scans)
-    wall = time.time() - t0
+    return frames, scans, scan_path
 
+
+def _extra_provenance(name: str, path: Path, frames: list[Atoms], scans: list[Atoms], scan_path: Path, nproc: int,
+                      wall: float) -> list[str]:
+    """The PROVENANCE.md section of the ``EXTRA`` level."""
     v = versions()
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     e_x = np.array([f.info[f"energy_{EXTRA}"] for f in frames])
@@ -461,12 +474,10 @@ def extra_level(out: Path, name: str, workers: int) -> None:
         "|---|---|---|---|---|",
         scan_row("bond"), scan_row("torsion"), "",
     ]
-    _replace_extra_section(out / "PROVENANCE.md", "\n".join(md))
-    print("\n".join(md))
+    return md
 
 
-def main() -> None:
-    """Parse arguments, sample, label, write files and provenance."""
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=DEMO_DIR)
     ap.add_argument("--frames", type=int, default=100, help="frames per molecule")
@@ -477,18 +488,12 @@ def main() -> None:
                     help=f"add the {EXTRA} level (wB97X/6-31G*) to this existing molecule file and "
                          f"write its bond/torsion scans (at most {MAX_EXTRA_WORKERS} processes); "
                          "with --check: finite-difference check of that level on 2 frames")
-    args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.extra_level and args.check:
-        fd_check_extra(args.out, args.extra_level, args.workers)
-        return
-    if args.extra_level:
-        extra_level(args.out, args.extra_level, args.workers)
-        return
-    if args.check:
-        fd_check(args.out, args.seed)
-        return
+    return ap.parse_args()
 
+
+def _sample_and_label(args: argparse.Namespace) -> tuple[dict[str, list[Atoms]], dict[str, int], list[str], float]:
+    """GFN2-xTB MD frames of every molecule, labelled at both levels and written; returns (frames by molecule,
+    file sizes, SCF failures dropped, MD seconds)."""
     t0 = time.time()
     sampled = {n: sample_molecule(n, i, args.frames, args.seed) for i, n in
                enumerate(tqdm(MOLECULES, desc="GFN2-xTB MD"))}
@@ -521,8 +526,12 @@ def main() -> None:
         write_extxyz_gz(keep, path)
         assert len(ase.io.read(path, ":")) == len(keep)
         results[name], sizes[name] = keep, path.stat().st_size
-    wall = time.time() - t0
+    return results, sizes, dropped, t_md
 
+
+def _provenance(args: argparse.Namespace, results: dict[str, list[Atoms]], sizes: dict[str, int], dropped: list[str],
+                wall: float, t_md: float) -> list[str]:
+    """PROVENANCE.md of the demo data."""
     v = versions()
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     md = [
@@ -568,6 +577,27 @@ def main() -> None:
         f"({os.cpu_count()} CPUs, shared with other jobs).", "",
         *stats_table(results), "",
     ]
+    return md
+
+
+def main() -> None:
+    """Parse arguments, sample, label, write files and provenance."""
+    args = _parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.extra_level and args.check:
+        fd_check_extra(args.out, args.extra_level, args.workers)
+        return
+    if args.extra_level:
+        extra_level(args.out, args.extra_level, args.workers)
+        return
+    if args.check:
+        fd_check(args.out, args.seed)
+        return
+
+    t0 = time.time()
+    results, sizes, dropped, t_md = _sample_and_label(args)
+    wall = time.time() - t0
+    md = _provenance(args, results, sizes, dropped, wall, t_md)
     (args.out / "PROVENANCE.md").write_text("\n".join(md))
     print("\n".join(stats_table(results)))
     print(f"wall time {wall:.0f} s")
