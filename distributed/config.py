@@ -44,6 +44,10 @@ class DataConfig:
 
     train: list[str] = dataclasses.field(default_factory=list)  # store paths or URLs, one per dataset
     valid: list[str] = dataclasses.field(default_factory=list)
+    # Stores evaluated beside data.valid at every validation and logged (validation.jsonl "monitor", MLflow
+    # monitor/...), never scored: no best-weights choice or early stop reads them. A benchmark's test split there
+    # gives a test error against wall time (benchmarks/bench_peer_accuracy.py) without choosing on it.
+    monitor: list[str] = dataclasses.field(default_factory=list)
     atom_budget: int = 1024  # at most this many atoms per batch on each rank
     shuffle_buffer: int = 2048  # structures held for shuffling
     prefetch: int = 2  # batches read ahead in a background thread
@@ -58,7 +62,7 @@ class DataConfig:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("train", "valid", "oversample"):
+        for name in ("train", "valid", "monitor", "oversample"):
             v = getattr(self, name)
             if v is None:  # `--set data.valid=` (empty): no stores
                 setattr(self, name, [])
@@ -144,6 +148,9 @@ class TrainerConfig:
     # instead of drifting with the readout. 0: off. The fine-tuning recipe sets it to its valid_every.
     energy_refit_every: int = 0
     energy_refit_structures: int = 2048  # training structures read per refit (all ranks together)
+    # A time cap: the run ends at the first validation (or log window, without validation stores) after this many
+    # seconds of its training loop, and packages its best weights as at its last step. 0: none.
+    max_wall_s: float = 0.0
 
     def __post_init__(self) -> None:
         _choice("trainer", "mode", self.mode, ("multifidelity", "reptile"))
@@ -155,6 +162,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.energy_refit_every must be >= 0 (0: off), got {self.energy_refit_every}")
         if self.energy_refit_structures < 1:
             raise ConfigError(f"trainer.energy_refit_structures must be at least 1, got {self.energy_refit_structures}")
+        if self.max_wall_s < 0:
+            raise ConfigError(f"trainer.max_wall_s must be >= 0 seconds (0: no time cap), got {self.max_wall_s}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"trainer.ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
 
@@ -332,6 +341,7 @@ class RunConfig:
         self.output = absol(self.output)
         self.data.train = [absol(p) for p in self.data.train]
         self.data.valid = [absol(p) for p in self.data.valid]
+        self.data.monitor = [absol(p) for p in self.data.monitor]
         self.data.oversample = [p if p == OVERSAMPLE_TOP else absol(p) for p in self.data.oversample]
         self.finetune.replay_stores = [absol(p) for p in self.finetune.replay_stores]
         if self.trainer.trace_dir:
@@ -485,7 +495,7 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {p} is not a section")
         value = yaml.safe_load(raw) if raw.strip() else None
-        if isinstance(value, str) and "," in value and parts[-1] in ("train", "valid"):
+        if isinstance(value, str) and "," in value and parts[-1] in ("train", "valid", "monitor"):
             value = split_list(value)
         node[parts[-1]] = value
     return d

@@ -460,3 +460,37 @@ def test_the_package_holds_the_ema_weights(stores, tmp_path):
     report = json.loads((tmp_path / "ema.json").read_text())
     assert report["keys"] > 0 and report["updates"] == 10
     assert report["pkg_vs_ema"] == 0.0 and report["pkg_vs_live"] > 1e-6
+
+
+def test_a_time_cap_ends_the_run_with_its_best_weights_and_monitor_stores_are_logged_not_scored(stores, tmp_path):
+    """trainer.max_wall_s: both ranks agree at the first validation past the cap, the run packages its best weights
+    and best.json says why it stopped. data.monitor: a store evaluated at every validation into validation.jsonl,
+    beside wall_s, that never enters the score (the same run without it picks the same best step and score)."""
+    from dist_utils import spawn
+
+    runs = {}
+    for name, monitor in (("capped", [stores["valid"][0]]), ("plain", [])):
+        run = _run("multifidelity", str(tmp_path / name), stores, 400, valid_every=3, max_wall_s=1e-3,
+                   checkpoint_every=1000).to_dict()
+        run["data"]["monitor"] = monitor
+        runs[name] = run
+    spawn(_train, 2, list(runs.values()), tmp=tmp_path)
+    for name in runs:
+        best = json.loads((tmp_path / name / "best.json").read_text())
+        assert best["last_step"] == 3 and best["stop_reason"].startswith("time cap: trainer.max_wall_s=0.001 s")
+        assert (tmp_path / name / "package" / "model.safetensors").exists()
+    rows = [json.loads(x) for x in (tmp_path / "capped" / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3] and rows[0]["wall_s"] > 0
+    assert set(rows[0]["monitor"]) == {LOW} and rows[0]["monitor"][LOW]["n_structures"] == 6
+    assert rows[0]["monitor"][LOW]["forces_mae"] > 0
+    plain = json.loads((tmp_path / "plain" / "validation.jsonl").read_text().splitlines()[0])
+    assert "monitor" not in plain and plain["errors"] == rows[0]["errors"]
+    capped, other = (json.loads((tmp_path / n / "best.json").read_text()) for n in ("capped", "plain"))
+    assert capped["best_score"] == other["best_score"]
+
+
+def test_the_time_cap_and_monitor_stores_are_checked():
+    with pytest.raises(ConfigError, match="trainer.max_wall_s must be >= 0"):
+        RunConfig.from_dict({"trainer": {"max_wall_s": -1}})
+    cfg = RunConfig.from_dict({"data": {"monitor": "a.zarr,b.zarr"}})
+    assert cfg.data.monitor == ["a.zarr", "b.zarr"]

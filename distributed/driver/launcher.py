@@ -43,7 +43,7 @@ def check_on_driver(cfg: RunConfig) -> RunConfig:
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give at least one store (data.train=PATH[,PATH...])")
     cfg.check_oversample()
-    opened = {p: open_store(p) for p in cfg.data.train + cfg.data.valid}
+    opened = {p: open_store(p) for p in cfg.data.train + cfg.data.valid + cfg.data.monitor}
     train = [opened[p] for p in cfg.data.train]
     resolved = copy.deepcopy(cfg)
     resolved.data.oversample = resolve_oversample(cfg, train)

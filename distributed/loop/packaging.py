@@ -26,7 +26,7 @@ def portable_config(d: dict) -> dict:
     d = copy.deepcopy(d)
     d["output"] = portable_ref(d.get("output"))
     data = d.get("data") or {}
-    for key in ("train", "valid", "oversample"):
+    for key in ("train", "valid", "monitor", "oversample"):
         data[key] = [portable_ref(p) for p in data.get(key) or []]
     ft = d.get("finetune") or {}
     ft["source"] = portable_ref(ft.get("source"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,12 +36,15 @@ from polyfid.distributed.loop.progress import make_progress, quiet_libraries
 from polyfid.distributed.modes.multifidelity import StepContext, StreamSpec, collate
 from polyfid.distributed.modes.stream import Collated
 from polyfid.distributed.loop.telemetry import Telemetry
+from polyfid.infra.comm import all_reduce_host
 from polyfid.infra.tracking import Tracker
 from polyfid.distributed.loop.validation import Validator
 from polyfid.models.layout import LabelLayout
 from polyfid.models.potential import Potential
 from polyfid.data_shards.named import open_store
 from polyfid.data_shards.store import set_shard_cache
+
+log = logging.getLogger("polyfid.trainer")
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -129,8 +133,10 @@ class Trainer:
                                self.mode.extra(spec, cfg), self.guard)
         if cfg.data.prefetch > 0:  # graphs are built on the read-ahead thread, not the training thread
             self.stream = Collated(self.stream, functools.partial(collate, ctx=self.ctx), cfg.data.prefetch)
+        monitor = [open_store(p) for p in cfg.data.monitor]
         self.validator = Validator(cfg, self.valid, heads_in(self.model, self.valid), self.plan and self.plan.head,
-                                   dtype, self.device, self.rank, self.world, self.tracker)
+                                   dtype, self.device, self.rank, self.world, self.tracker,
+                                   monitor=(monitor, heads_in(self.model, monitor)))
         refit_heads = [self.plan.head] if self.plan else heads_in(self.model, self.stores)
         anchors = [open_store(p) for p in self.plan.anchors] if self.plan else []
         self.refit = EnergyRefit(cfg.trainer.energy_refit_every, cfg.trainer.steps, self.stores + anchors, refit_heads,
@@ -144,6 +150,7 @@ class Trainer:
     def train(self) -> None:
         """The loop: read, step, log, validate, checkpoint; then the package (unless a stop was asked for)."""
         cfg, stopped = self.cfg.trainer, False
+        self.validator.t0 = time.perf_counter()
         self.validator.at_start(self.engine.module, self.step)
         items = iter(self.stream)
         while self.step < cfg.steps:
@@ -161,7 +168,10 @@ class Trainer:
                 self.log(metrics)
             if self.refit.due(self.step):
                 self.refit_energies()
-            if self.validator.due(self.step) and self.validate():
+            validated = self.validator.due(self.step)
+            if validated and self.validate():
+                break
+            if cfg.max_wall_s and self.time_up(validated):
                 break
             stopped = self.checkpointer.after_step(self.engine, self.stream, self.step)
             if stopped:
@@ -174,6 +184,20 @@ class Trainer:
                               plan=self.plan, valid=self.valid, fit=self.fit)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
+
+    def time_up(self, validated: bool) -> bool:
+        """Whether trainer.max_wall_s has passed, checked at each validation (every log window without validation
+        stores) and agreed by all ranks; the run then ends as if this were its last step (best weights packaged)."""
+        if not (validated or (not self.validator.valid and self.step % self.cfg.trainer.log_every == 0)):
+            return False
+        over = time.perf_counter() - self.validator.t0 >= self.cfg.trainer.max_wall_s
+        if not all_reduce_host(torch.tensor([1.0 if over else 0.0])).item() > 0:
+            return False
+        self.validator.time_capped = True
+        if self.rank == 0:
+            log.warning("step %d: trainer.max_wall_s=%g s reached; the run ends here", self.step,
+                        self.cfg.trainer.max_wall_s)
+        return True
 
     def after_update(self) -> None:
         """The EMA follows each step that was taken; repeated skipped steps roll the run back."""

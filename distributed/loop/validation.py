@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -49,8 +50,12 @@ class Validator:
     """
 
     def __init__(self, cfg: RunConfig, valid: list[Store], fidelities: list[str], head: str | None, dtype: torch.dtype,
-                 device: torch.device, rank: int, world: int, tracker: Tracker) -> None:
+                 device: torch.device, rank: int, world: int, tracker: Tracker,
+                 monitor: tuple[list[Store], list[str]] = ([], [])) -> None:
         self.cfg, self.valid, self.fidelities, self.head = cfg, valid, fidelities, head
+        self.monitor, self.monitor_fidelities = monitor  # data.monitor: evaluated and logged, never scored
+        self.t0 = time.perf_counter()  # the Trainer resets it when its loop starts; validation.jsonl's wall_s
+        self.time_capped = False  # the Trainer sets it when trainer.max_wall_s ended the run
         self.dtype, self.device, self.rank, self.world, self.tracker = dtype, device, rank, world, tracker
         st = cfg.stopping
         scored = st.head or head  # None: every validated head
@@ -69,10 +74,18 @@ class Validator:
         f = [res[h]["forces_mae"] for h in heads if h in res and res[h].get("forces_mae") is not None]
         if f:
             self.force_curve.append((step, sum(f) / len(f)))
+        record = {"step": step, "time": round(time.time(), 3), "wall_s": round(time.perf_counter() - self.t0, 3),
+                  "errors": res}
+        if self.monitor:
+            mon = validate(module, self.cfg, self.monitor, self.monitor_fidelities, self.dtype, self.device,
+                           self.rank, self.world)
+            record["monitor"] = mon
         if self.rank == 0:
             self.tracker.log_metrics(flatten(res, "valid"), step)
+            if self.monitor:
+                self.tracker.log_metrics(flatten(mon, "monitor"), step)
             with open(Path(self.cfg.output) / "validation.jsonl", "a") as fh:
-                fh.write(json.dumps({"step": step, "errors": res}) + "\n")
+                fh.write(json.dumps(record) + "\n")
         return res
 
     def at_start(self, module, step: int) -> None:
@@ -101,6 +114,9 @@ class Validator:
     def stop_reason(self, last_step: int) -> str:
         """Why the run ended where it did, in words (best.json, MLflow tag stop_reason, the summary)."""
         s, what = self.stopper, repr(self.stopper.head) if self.stopper.head else "the validated heads"
+        if self.time_capped:
+            return (f"time cap: trainer.max_wall_s={self.cfg.trainer.max_wall_s:g} s reached at step {last_step} of "
+                    f"{self.cfg.trainer.steps}; best validation of {what} at step {s.best_step}")
         if self.stopped_early:
             return (f"early stopping: no improvement of {what} in {s.bad} validations (stopping.patience="
                     f"{s.patience}); best at step {s.best_step}")
