@@ -18,13 +18,14 @@ A run's result at a time t is the test error of the best-validated weights up to
 force MAE, eV and eV/Å, polyfid's early-stopping score). Converged: the best validation force MAE fell by less than
 3% over the last 20% of the run (polyfid's stopping.convergence, over steps for polyfid and epochs for MACE).
 
-Datasets (committed, labelled here by PySCF): `propionitrile`, B3LYP/6-31G* E+F of GFN2-xTB MD frames
-(benchmarks/ft_targets): the first 100 train structures, 20 valid, 50 test.
+Datasets: `propionitrile`, `paracetamol` and `transfer` (dataset_frames says what each holds).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import io
 import json
 import os
 import platform
@@ -41,10 +42,59 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 TIMES_MIN = (5, 15, 45, 135)
 
-DATASETS = {
-    "propionitrile": {"file": ROOT / "benchmarks" / "ft_targets" / "propionitrile.extxyz.gz",
-                      "level": "b3lyp_631gs", "n_train": 100},
+CORPUS = ROOT / "data_shards" / "corpus" / "extxyz"
+DATASETS = {  # level of theory, and where each split's frames come from
+    "propionitrile": {"level": "b3lyp_631gs"},
+    "paracetamol": {"level": "wb97x_631gs"},
+    "transfer": {"level": "gfn2_xtb"},
 }
+TRANSFER_MOLECULES, TRANSFER_PER = 20, {"train": 40, "valid": 5, "test": 20}
+
+
+def dataset_frames(name: str) -> dict[str, list]:
+    """train, valid and test frames of a dataset (all committed files):
+    - propionitrile: B3LYP/6-31G* E+F of GFN2-xTB MD frames (benchmarks/ft_targets): the first 100 train
+      structures, 20 valid, 50 test;
+    - paracetamol: the corpus's fine-tuning target, wB97X/6-31G* E+F, its own train (163), valid (20) and test (17);
+    - transfer: GFN2-xTB E+F of 20 corpus training molecules (every 5th by name; 40 train and 5 valid structures
+      each, drawn with seed 0), tested on 20 structures of each of the 14 held-out molecules."""
+    import ase.io
+
+    if name == "propionitrile":
+        frames = ase.io.read(str(ROOT / "benchmarks" / "ft_targets" / "propionitrile.extxyz.gz"), ":")
+        by = {s: [a for a in frames if a.info["split"] == s] for s in ("train", "valid", "test")}
+        by["train"] = by["train"][:100]
+        return by
+    if name == "paracetamol":
+        return {s: ase.io.read(str(CORPUS / f"target_paracetamol_{s}.extxyz.gz"), ":") for s in ("train", "valid", "test")}
+    rng = np.random.default_rng(0)
+    src = {"train": "train", "valid": "valid", "test": "heldout"}
+    blocks = {s: _xyz_blocks(CORPUS / f"gfn2_xtb_{f}.extxyz.gz") for s, f in src.items()}
+    names = sorted(blocks["train"])
+    chosen = {names[round(i * len(names) / TRANSFER_MOLECULES)] for i in range(TRANSFER_MOLECULES)}
+    by = {}
+    for split, mols in blocks.items():
+        by[split] = []
+        for m in sorted(chosen if split != "test" else mols):
+            of = mols[m]
+            idx = rng.choice(len(of), size=min(TRANSFER_PER[split], len(of)), replace=False)
+            by[split] += [ase.io.read(io.StringIO(of[i]), format="extxyz") for i in sorted(idx)]
+    return by
+
+
+def _xyz_blocks(path: Path) -> dict[str, list[str]]:
+    """molecule -> the text of each of its frames in an extxyz file (parsing 30k frames with ASE takes minutes;
+    only the drawn ones are parsed)."""
+    out: dict[str, list[str]] = {}
+    with gzip.open(path, "rt") as fh:
+        lines = fh.read().splitlines(keepends=True)
+    i = 0
+    while i < len(lines):
+        n = int(lines[i])
+        mol = re.search(r"molecule=(\S+)", lines[i + 1])[1]
+        out.setdefault(mol, []).append("".join(lines[i:i + n + 2]))
+        i += n + 2
+    return out
 
 # polyfid: the demo recipe (organic-mini's architecture) trained from scratch, validated every 50 steps with the
 # head's reference energies refitted before each validation; each variant changes one thing (the recipe ablation,
@@ -81,17 +131,13 @@ def prepare(name: str, work: Path) -> dict:
 
     from polyfid.data_shards.ingest import ingest
 
-    ds = DATASETS[name]
     out = work / "data" / name
     paths = {s: {"xyz": str(out / f"{s}.xyz"), "store": str(out / f"{s}.zarr")} for s in ("train", "valid", "test")}
     if all(Path(p["store"]).exists() for p in paths.values()):
         return paths
     out.mkdir(parents=True, exist_ok=True)
-    frames = ase.io.read(str(ds["file"]), ":")
-    lv = ds["level"]
-    by = {s: [a for a in frames if a.info["split"] == s] for s in ("train", "valid", "test")}
-    by["train"] = by["train"][:ds["n_train"]]
-    for split, sel in by.items():
+    lv = DATASETS[name]["level"]
+    for split, sel in dataset_frames(name).items():
         mace_frames = []
         for a in sel:
             b = a.copy()
