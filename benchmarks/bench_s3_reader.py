@@ -61,11 +61,12 @@ def serve_s3(latency_s: float) -> tuple[str, subprocess.Popen]:
     return f"http://127.0.0.1:{port}", proc
 
 
-def epoch_wait(store, step_s: float, seed: int = 0) -> dict:
+def epoch_wait(store, step_s: float, seed: int = 0, fetch_ahead: int = 4) -> dict:
     """Stream one shuffled epoch; the caller 'trains' step_s per batch. Returns wait fraction, batches, time."""
     from polyfid.data_shards.reader import ShardReader
 
-    cfg = ShardReader.Config(atom_budget=1024, shuffle_buffer=2048, shuffle=True, seed=seed, loop=False, prefetch=2)
+    cfg = ShardReader.Config(atom_budget=1024, shuffle_buffer=2048, shuffle=True, seed=seed, loop=False, prefetch=2,
+                             fetch_ahead=fetch_ahead)
     it = iter(ShardReader([store], cfg))
     wait = n = 0
     t0 = time.perf_counter()
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shard-size", type=int, default=256)
     ap.add_argument("--step-ms", type=float, default=50.0, help="time the caller spends on each batch")
     ap.add_argument("--latency-ms", default="0,20", help="added latency per S3 request, comma-separated")
+    ap.add_argument("--fetch-ahead", default="2,4,8", help="data.fetch_ahead values to measure without the cache")
     ap.add_argument("--out", type=Path, default=None, help="write the table (markdown) here")
     a = ap.parse_args(argv)
     from polyfid.data_shards.store import Store, set_shard_cache
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     assert cli(["ingest", spec, "--out", str(work / "local.zarr"), *common]) == 0
     local = Store.open(work / "local.zarr")
     step = a.step_ms / 1000
-    rows = [("local disk", "-", epoch_wait(local, step))]
+    rows = [("local disk", "-", "-", epoch_wait(local, step))]
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     import boto3
     import s3fs
@@ -114,10 +116,13 @@ def main(argv: list[str] | None = None) -> None:
         assert cli(["ingest", spec, "--out", url, *common]) == 0
         s3fs.S3FileSystem.clear_instance_cache()
         remote = Store.open(url)
-        rows.append((f"S3, +{ms:g} ms a request", "none", epoch_wait(remote, step)))
+        where = f"S3, +{ms:g} ms a request"
+        rows.append((where, "none", "0 (the next shard only)", epoch_wait(remote, step, fetch_ahead=0)))
+        for n in [int(x) for x in a.fetch_ahead.split(",")]:
+            rows.append((where, "none", str(n), epoch_wait(remote, step, fetch_ahead=n)))
         set_shard_cache(work / f"cache{ms:g}")
-        rows.append((f"S3, +{ms:g} ms a request", "first epoch", epoch_wait(remote, step, seed=1)))
-        rows.append((f"S3, +{ms:g} ms a request", "second epoch", epoch_wait(remote, step, seed=2)))
+        rows.append((where, "first epoch", "4", epoch_wait(remote, step, seed=1)))
+        rows.append((where, "second epoch", "4", epoch_wait(remote, step, seed=2)))
         set_shard_cache(None)
         server.terminate()
         server.wait()
@@ -125,15 +130,16 @@ def main(argv: list[str] | None = None) -> None:
     lines = ["# The reader on object storage: data wait with injected latency", "",
              f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), Python {platform.python_version()}. "
              f"Command: `python benchmarks/bench_s3_reader.py --structures {a.structures} --shard-size "
-             f"{a.shard_size} --step-ms {a.step_ms:g} --latency-ms {a.latency_ms}`. One store of {a.structures} "
+             f"{a.shard_size} --step-ms {a.step_ms:g} --latency-ms {a.latency_ms} --fetch-ahead {a.fetch_ahead}`. One store of {a.structures} "
              f"GFN2-xTB corpus structures ({n_atoms} atoms, {n_shards} shards); one shuffled epoch of 1,024-atom "
              f"batches, {a.step_ms:g} ms of 'training' per batch; S3 is moto's server on loopback in its own process, every request "
              "delayed by the latency given. Data wait: the time spent waiting for the next batch over the epoch's "
              "time (goal: under 3% at 20 ms).", "",
-             "| storage | shard cache (data.cache_dir) | batches | epoch (s) | waited (s) | data wait |",
-             "|---|---|---|---|---|---|"]
-    for where, cache, r in rows:
-        lines.append(f"| {where} | {cache} | {r['batches']} | {r['total_s']:.1f} | {r['wait_s']:.2f} | "
+             "| storage | shard cache (data.cache_dir) | shards fetched ahead (data.fetch_ahead) | batches | epoch (s) "
+             "| waited (s) | data wait |",
+             "|---|---|---|---|---|---|---|"]
+    for where, cache, ahead, r in rows:
+        lines.append(f"| {where} | {cache} | {ahead} | {r['batches']} | {r['total_s']:.1f} | {r['wait_s']:.2f} | "
                      f"{r['wait_fraction']:.1%} |")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -49,9 +49,16 @@ class _ShardCache:
         self._ahead = ahead
         self._future: tuple[int, Future] | None = None
         self._following: int | None = None  # the shard of the next unit, to read ahead
+        # Object storage: the shards of the next `fetch_ahead` units are fetched (not laid out) several at once,
+        # since one fetch waits out its round trips for longer than training takes to use a shard.
+        n = reader.config.fetch_ahead if ahead is not None and any(st.remote for st in reader.stores) else 0
+        self._fetch_pool = ThreadPoolExecutor(n, thread_name_prefix="polyfid-fetch") if n else None
+        self._fetched: dict[int, Future] = {}
+        self.upcoming: list[Unit] = []  # this epoch's units in read order (the stream sets it)
 
-    def enter(self, unit: Unit, following: Unit | None = None) -> np.ndarray:
-        """Atoms per structure of a unit entering the buffer (loads the shard unless replaying)."""
+    def enter(self, unit: Unit, following: Unit | None = None, position: int | None = None) -> np.ndarray:
+        """Atoms per structure of a unit entering the buffer (loads the shard unless replaying); `position`: its
+        place in `upcoming`, from where the following shards of object storage are fetched ahead."""
         if unit.g in self._data:
             offsets = self._data[unit.g]["offsets"]
         elif self.loading:
@@ -60,15 +67,33 @@ class _ShardCache:
             offsets = self._reader.structure_offsets(unit.g)
         self._pending[unit.g] = self._pending.get(unit.g, 0) + unit.n
         self._following = following.g if following is not None and self.loading else None
+        if position is not None:
+            self._fetch_ahead(position)
         self._read_ahead()
         idx = unit.indices()
         return offsets[idx + 1] - offsets[idx]
+
+    def _fetch_ahead(self, position: int) -> None:
+        if self._fetch_pool is None or not self.loading:
+            return
+        for unit in self.upcoming[position + 1:position + 1 + self._reader.config.fetch_ahead]:
+            g = unit.g
+            s, k = self._reader.shard_keys[g]
+            if (g in self._data or g in self._fetched or (self._future is not None and self._future[0] == g)
+                    or not self._reader.stores[s].remote):
+                continue
+            self._fetched[g] = self._fetch_pool.submit(self._reader.stores[s].fetch, k)
+
+    def _load(self, g: int) -> dict[str, Any]:
+        """Shard g laid out, from its fetched arrays when they were fetched ahead."""
+        fetched = self._fetched.pop(g, None)
+        return self._reader._load(*self._reader.shard_keys[g], fetched=fetched.result() if fetched else None)
 
     def _read_ahead(self) -> None:
         g = self._following
         if self._ahead is None or g is None or g in self._data or self._future is not None or len(self._data) > 2:
             return
-        self._future = (g, self._ahead.submit(self._reader._load, *self._reader.shard_keys[g]))
+        self._future = (g, self._ahead.submit(self._load, g))
 
     def data(self, g: int) -> dict[str, Any]:
         """A shard's prepared arrays, loading it on a miss (after a resume)."""
@@ -77,7 +102,7 @@ class _ShardCache:
                 self._data[g] = self._future[1].result()  # re-raises a CorruptShardError of that shard
                 self._future = None
             else:
-                self._data[g] = self._reader._load(*self._reader.shard_keys[g])
+                self._data[g] = self._load(g)
         return self._data[g]
 
     def release(self, g: np.ndarray) -> None:
@@ -96,7 +121,10 @@ class _ShardCache:
         """Stop reading ahead (a read in progress finishes in the background and is dropped)."""
         if self._ahead is not None:
             self._ahead.shutdown(wait=False, cancel_futures=True)
+        if self._fetch_pool is not None:
+            self._fetch_pool.shutdown(wait=False, cancel_futures=True)
         self._future = None
+        self._fetched.clear()
 
 
 class _Batcher:
@@ -223,6 +251,9 @@ class ShardReader:
         prefetch: int = 2
         """Batches read ahead in a background thread, while a second one reads the next shard (0 = all in the
         caller's thread)."""
+        fetch_ahead: int = 4
+        """Stores on object storage: the shards of this many following units are fetched at once, ahead of their
+        use (needs prefetch > 0; 0 = only the next shard, read ahead as from local disk)."""
         verify: bool = True
         """Check each shard's checksum as it is read."""
 
@@ -236,6 +267,8 @@ class ShardReader:
         self.config = config or ShardReader.Config()
         if self.config.atom_budget < 1 or self.config.shuffle_buffer < 1:
             raise ValueError("atom_budget and shuffle_buffer must be >= 1")
+        if self.config.fetch_ahead < 0:
+            raise ValueError(f"fetch_ahead must be >= 0, got {self.config.fetch_ahead}")
         self.rank, self.world_size = int(rank), int(world_size)
         known: dict[str, Fidelity] = {}
         for st in self.stores:
@@ -317,8 +350,9 @@ class ShardReader:
         held = 0
         batcher = _Batcher(self)
         units = self._epoch_units(epoch)
+        cache.upcoming = units
         for u, unit in enumerate(units):
-            counts = cache.enter(unit, units[u + 1] if u + 1 < len(units) else None)
+            counts = cache.enter(unit, units[u + 1] if u + 1 < len(units) else None, position=u)
             refs = (np.full(unit.n, unit.g, dtype=np.int64), unit.indices().astype(np.int64),
                     counts.astype(np.int64))
             if not cfg.shuffle:
@@ -360,9 +394,10 @@ class ShardReader:
             cache.close()
 
     # ---- data -------------------------------------------------------------------------------------
-    def _load(self, s: int, k: int) -> dict[str, Any]:
-        """Read shard k of store s and lay its labels out in this reader's fidelity order."""
-        raw = self.stores[s].read_shard(k, verify=self.config.verify, fill_missing=False)
+    def _load(self, s: int, k: int, fetched: tuple | None = None) -> dict[str, Any]:
+        """Read shard k of store s (or use its `fetched` arrays) and lay its labels out in this reader's fidelity
+        order."""
+        raw = self.stores[s].read_shard(k, verify=self.config.verify, fill_missing=False, fetched=fetched)
         n_s = len(raw["structure_id"])
         energy = np.full((n_s, len(self.fidelities)), np.nan)
         forces: list[np.ndarray | None] = []

@@ -174,6 +174,16 @@ class Store:
         os.replace(tmp, cached)
         return raw, True
 
+    @property
+    def remote(self) -> bool:
+        """Whether the store lives on object storage or another fsspec filesystem (not a local folder)."""
+        return self._loc.local is None
+
+    def fetch(self, k: int) -> tuple[dict[str, np.ndarray], bool]:
+        """Shard k's arrays as stored, fetched now (through the node-local cache, if set), for a later
+        read_shard(k, fetched=...): a reader fetches the next shards of object storage this way, several at once."""
+        return self._raw(k)
+
     def read_array(self, k: int, key: str) -> np.ndarray:
         """One array of shard k, unverified (e.g. 'offsets' to plan without reading positions)."""
         info = self._shards[k]
@@ -182,13 +192,15 @@ class Store:
         except Exception as err:
             raise self._corrupt(info, f"cannot read {key!r}: {type(err).__name__}: {err}") from err
 
-    def read_shard(self, k: int, verify: bool = True, fill_missing: bool = True) -> dict[str, Any]:
+    def read_shard(self, k: int, verify: bool = True, fill_missing: bool = True,
+                   fetched: tuple[dict[str, np.ndarray], bool] | None = None) -> dict[str, Any]:
         """Arrays of shard k; 'energy' and 'forces' are {fid: array} over all store fidelities (NaN = missing).
 
         With fill_missing=False, a fidelity whose array the shard lacks is left out instead of NaN-filled.
+        `fetched`: what fetch(k) returned, checked here as a read would be.
         """
         info = self._shards[k]
-        raw, checked = self._raw(k)
+        raw, checked = fetched if fetched is not None else self._raw(k)
         if verify and not checked:
             ok, got = checksum_matches(raw, info.checksum)
             if not ok:

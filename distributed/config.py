@@ -51,6 +51,7 @@ class DataConfig:
     atom_budget: int = 1024  # at most this many atoms per batch on each rank
     shuffle_buffer: int = 2048  # structures held for shuffling
     prefetch: int = 2  # batches read ahead in a background thread
+    fetch_ahead: int = 4  # object storage: shards of the following units fetched at once, ahead of their use
     # Stores of `train` read by a reader of their own that gets `oversample_fraction` of every batch's atoms,
     # instead of their share by size: a small high-level store beside a large low-level one (S1, BENCHMARKS.md).
     # `top` (OVERSAMPLE_TOP): the stores that hold the highest-rank fidelity, when they are not all the stores
@@ -70,6 +71,8 @@ class DataConfig:
                 setattr(self, name, split_list(v))
         if self.atom_budget < 1:
             raise ConfigError(f"data.atom_budget must be positive, got {self.atom_budget}")
+        if self.fetch_ahead < 0:
+            raise ConfigError(f"data.fetch_ahead must be >= 0 (0: only the next shard), got {self.fetch_ahead}")
         if self.oversample and not 0.0 < self.oversample_fraction < 1.0:
             raise ConfigError(f"data.oversample_fraction must be in (0, 1) when data.oversample is set, "
                               f"got {self.oversample_fraction}")

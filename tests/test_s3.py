@@ -199,3 +199,48 @@ def test_the_shard_cache_serves_later_reads_locally_and_refetches_a_damaged_copy
         assert not name.exists()
     finally:
         set_shard_cache(None)
+
+
+def test_the_reader_fetches_following_shards_from_object_storage_several_at_once(s3, tmp_path):
+    """data.fetch_ahead: the shards of the next units are fetched concurrently (a fetch waits out round trips for
+    longer than a step uses a shard), and the batches are exactly those of a reader that fetches one at a time."""
+    import threading
+    import time
+
+    from polyfid.data_shards.reader import ShardReader
+    from polyfid.data_shards.store import Store
+
+    url = f"s3://{BUCKET}/fetch-ahead.zarr"
+    assert _ingest(url, ":96", "--shard-size", "8") == 0  # 12 shards
+    live, most = [0], [0]
+    lock = threading.Lock()
+    real = Store.fetch
+
+    def slow_fetch(self, k):  # counts the fetches in flight at once; each waits as a far endpoint would
+        with lock:
+            live[0] += 1
+            most[0] = max(most[0], live[0])
+        try:
+            time.sleep(0.05)
+            return real(self, k)
+        finally:
+            with lock:
+                live[0] -= 1
+
+    def batches(fetch_ahead: int) -> list:
+        cfg = ShardReader.Config(atom_budget=64, shuffle_buffer=32, seed=3, loop=False, prefetch=2,
+                                 fetch_ahead=fetch_ahead)
+        return [(b["structure_id"].tolist(), b["positions"].copy()) for b in ShardReader([Store.open(url)], cfg)]
+
+    Store.fetch = slow_fetch
+    try:
+        ahead = batches(4)
+        assert most[0] >= 3  # several shards in flight at once
+        most[0] = 0
+        one = batches(0)
+        assert most[0] == 0  # fetch_ahead=0: no fetches ahead, each shard read when its turn comes
+    finally:
+        Store.fetch = real
+    assert len(ahead) == len(one) > 0
+    for (ids_a, pos_a), (ids_b, pos_b) in zip(ahead, one):
+        assert ids_a == ids_b and np.array_equal(pos_a, pos_b)

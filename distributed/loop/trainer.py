@@ -116,7 +116,8 @@ class Trainer:
                                               **self.mode.engine_options(cfg))
         dtype = compute_dtype(precision)
         reader = ShardReader.Config(atom_budget=cfg.data.atom_budget, shuffle_buffer=cfg.data.shuffle_buffer,
-                                    seed=cfg.trainer.seed, loop=True, prefetch=cfg.data.prefetch)
+                                    seed=cfg.trainer.seed, loop=True, prefetch=cfg.data.prefetch,
+                                    fetch_ahead=cfg.data.fetch_ahead)
         main, extra, fraction, index = split_streams(cfg, self.stores, replay, self.plan)
         spec = StreamSpec(main, extra, fraction, fidelities, self.model.fidelity_names, reader, self.rank, self.world,
                           index)
