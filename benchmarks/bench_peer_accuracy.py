@@ -111,6 +111,11 @@ POLYFID = {
     "deep": ["model.n_interactions=3"],
     "l3": ["model.l_max=3"],
     "hiphop": ["model.kind=hiphop"],
+    # second round: the first round's winners together (b96 and lr5e-3 each gained about 15% on valid)
+    "b96_lr5e-3": ["data.atom_budget=96", "trainer.lr=0.005"],
+    "b96_lr5e-3_ema": ["data.atom_budget=96", "trainer.lr=0.005", "trainer.ema_decay=0.99"],
+    "b48_lr5e-3": ["data.atom_budget=48", "trainer.lr=0.005"],
+    "b96_lr1e-2": ["data.atom_budget=96", "trainer.lr=0.01"],
 }
 # MACE: the MACE-OFF-style small (96 channels, L=0) and medium (128 channels, L=1) models for molecules, E0s by
 # least squares on the training data (--E0s average), EMA, AMSGrad, float64, the docs' stage two (SWA) for the

@@ -489,8 +489,10 @@ def test_a_time_cap_ends_the_run_with_its_best_weights_and_monitor_stores_are_lo
     assert capped["best_score"] == other["best_score"]
 
 
-def test_the_time_cap_and_monitor_stores_are_checked():
+def test_the_time_cap_fetch_ahead_and_monitor_stores_are_checked():
     with pytest.raises(ConfigError, match="trainer.max_wall_s must be >= 0"):
         RunConfig.from_dict({"trainer": {"max_wall_s": -1}})
+    with pytest.raises(ConfigError, match="data.fetch_ahead must be >= 0"):
+        RunConfig.from_dict({"data": {"fetch_ahead": -2}})
     cfg = RunConfig.from_dict({"data": {"monitor": "a.zarr,b.zarr"}})
     assert cfg.data.monitor == ["a.zarr", "b.zarr"]
