@@ -142,6 +142,16 @@ def test_pretrain_reads_its_training_and_validation_stores_from_s3(s3, tmp_path)
     run = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").get_run(summary["mlflow_run_id"])
     assert run.data.params["data.train"] == str([train])
     assert not any(SECRET in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
+    # `polyfid finetune --from s3://.../package`, on data from S3: the parent is fetched, and the lineage names its URL
+    import fsspec
+
+    fsspec.filesystem("s3").put(str(out / "package"), f"{BUCKET}/runs/pre/package", recursive=True)
+    parent = f"s3://{BUCKET}/runs/pre/package"
+    assert main(["finetune", "--from", parent, "--data", valid, "--out", str(tmp_path / "ft" / "package"),
+                 "--set", "trainer.steps=2", "--set", "cluster.workers=1", "--set", "tracking.enabled=false"]) == 0
+    ft = json.loads((tmp_path / "ft" / "package" / "polyfid.json").read_text())
+    assert ft["lineage"]["parent"] == parent
+    assert SECRET not in json.dumps(ft) and SECRET not in (tmp_path / "ft" / "config.yaml").read_text()
 
 
 def test_evaluate_a_package_on_s3_against_a_store_on_s3(s3, tmp_path):
