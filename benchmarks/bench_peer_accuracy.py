@@ -116,6 +116,13 @@ POLYFID = {
     "b96_lr5e-3_ema": ["data.atom_budget=96", "trainer.lr=0.005", "trainer.ema_decay=0.99"],
     "b48_lr5e-3": ["data.atom_budget=48", "trainer.lr=0.005"],
     "b96_lr1e-2": ["data.atom_budget=96", "trainer.lr=0.01"],
+    # third round, on the second round's winner (b96_lr5e-3): the architecture and the loss, one at a time
+    "r3_wide": ["data.atom_budget=96", "trainer.lr=0.005", "model.width=128"],
+    "r3_deep": ["data.atom_budget=96", "trainer.lr=0.005", "model.n_interactions=3"],
+    "r3_l3": ["data.atom_budget=96", "trainer.lr=0.005", "model.l_max=3"],
+    "r3_hiphop": ["data.atom_budget=96", "trainer.lr=0.005", "model.kind=hiphop"],
+    "r3_mse": ["data.atom_budget=96", "trainer.lr=0.005", "loss.kind=mse"],
+    "r3_f10": ["data.atom_budget=96", "trainer.lr=0.005", "loss.energy_weight=0.1"],
 }
 # MACE: the MACE-OFF-style small (96 channels, L=0) and medium (128 channels, L=1) models for molecules, E0s by
 # least squares on the training data (--E0s average), EMA, AMSGrad, float64, the docs' stage two (SWA) for the
