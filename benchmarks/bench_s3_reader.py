@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--step-ms", type=float, default=50.0, help="time the caller spends on each batch")
     ap.add_argument("--latency-ms", default="0,20", help="added latency per S3 request, comma-separated")
     ap.add_argument("--fetch-ahead", default="2,4,8", help="data.fetch_ahead values to measure without the cache")
+    ap.add_argument("--obstore", action="store_true", help="also read through obstore ($POLYFID_OBJECT_STORE)")
     ap.add_argument("--out", type=Path, default=None, help="write the table (markdown) here")
     a = ap.parse_args(argv)
     from polyfid.data_shards.store import Store, set_shard_cache
@@ -120,6 +121,12 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((where, "none", "0 (the next shard only)", epoch_wait(remote, step, fetch_ahead=0)))
         for n in [int(x) for x in a.fetch_ahead.split(",")]:
             rows.append((where, "none", str(n), epoch_wait(remote, step, fetch_ahead=n)))
+        if a.obstore:  # the same store and reader, requests through obstore instead of s3fs
+            os.environ["POLYFID_OBJECT_STORE"] = "obstore"
+            via = Store.open(url)
+            rows.append((f"{where}, obstore", "none", "0 (the next shard only)", epoch_wait(via, step, fetch_ahead=0)))
+            rows.append((f"{where}, obstore", "none", "4", epoch_wait(via, step, fetch_ahead=4)))
+            os.environ.pop("POLYFID_OBJECT_STORE")
         set_shard_cache(work / f"cache{ms:g}")
         rows.append((where, "first epoch", "4", epoch_wait(remote, step, seed=1)))
         rows.append((where, "second epoch", "4", epoch_wait(remote, step, seed=2)))

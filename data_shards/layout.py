@@ -178,5 +178,24 @@ class Location:
             self.fs.rm(self._join(rel), recursive=True)
 
     def open_group(self, mode: str = "r", path: str | None = None) -> zarr.Group:
-        """The zarr group at the root (or at `path` inside it)."""
+        """The zarr group at the root (or at `path` inside it). An s3:// store goes through fsspec (s3fs), or
+        through obstore when $POLYFID_OBJECT_STORE=obstore (the comparison in benchmarks/bench_s3_reader.py)."""
+        if self.url.startswith("s3://") and os.environ.get(OBJECT_STORE_ENV, "fsspec") == "obstore":
+            return zarr.open_group(store=_obstore(self.root, read_only=mode == "r"), mode=mode, path=path or "",
+                                   zarr_format=3)
         return zarr.open_group(store=self.url, mode=mode, path=path or "", zarr_format=3)
+
+
+OBJECT_STORE_ENV = "POLYFID_OBJECT_STORE"
+
+
+def _obstore(root: str, read_only: bool):
+    """A zarr store on S3 through obstore (Rust's object_store: requests outside Python's GIL); credentials,
+    region and endpoint from the standard AWS environment, as for s3fs."""
+    from obstore.store import S3Store
+    from zarr.storage import ObjectStore
+
+    bucket, _, prefix = root.partition("/")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
+    s3 = S3Store(bucket, prefix=prefix or None, client_options={"allow_http": endpoint.startswith("http://")})
+    return ObjectStore(s3, read_only=read_only)

@@ -100,6 +100,20 @@ def test_ingest_inspect_verify_and_append_on_s3_read_as_the_local_store(s3, tmp_
     assert "shard-000001" in capsys.readouterr().err + capsys.readouterr().out
 
 
+def test_a_store_on_s3_reads_the_same_through_obstore(s3, monkeypatch):
+    """$POLYFID_OBJECT_STORE=obstore: the same store's shards through obstore's requests, identical to s3fs's."""
+    from polyfid.data_shards.store import Store
+
+    url = f"s3://{BUCKET}/obstore.zarr"
+    assert _ingest(url, ":40") == 0
+    via_fsspec = _read_all(url)
+    monkeypatch.setenv("POLYFID_OBJECT_STORE", "obstore")
+    assert type(Store.open(url)._root.store).__name__ == "ObjectStore"
+    via_obstore = _read_all(url)
+    assert all(np.array_equal(via_fsspec[k], via_obstore[k], equal_nan=True) for k in via_fsspec)
+    assert Store.open(url).verify() == []
+
+
 def test_moving_a_folder_on_object_storage_copies_every_object_and_removes_the_source(s3):
     """Object storage has no rename: a parallel ingest's temporary shards are moved object by object."""
     from polyfid.data_shards.layout import Location
