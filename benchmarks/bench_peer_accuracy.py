@@ -167,7 +167,10 @@ def prepare(name: str, work: Path) -> dict:
 
 
 def _one_thread_env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    """One thread, and Ray's workers at the priority of every other process: Ray starts them at nice 15, so that
+    on a busy machine they yield to anything else (MACE, and this script's evaluation of MACE's checkpoints)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "RAY_worker_niceness": "0"}
 
 
 # ---------------------------------------------------------------- polyfid
