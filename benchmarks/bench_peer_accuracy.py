@@ -356,8 +356,10 @@ def mace_curve(out: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- the summary of a run
 
-def summarize(rows: list[dict], last_progress: int) -> dict:
-    """The best-validated point overall and at each of TIMES_MIN, and convergence of the validation force MAE."""
+def summarize(rows: list[dict], last_progress: int, finished: bool) -> dict:
+    """The best-validated point overall and at each of TIMES_MIN, and convergence of the validation force MAE.
+    A run that ended on its own (not at the time cap) keeps its result at every later time; a capped run has none
+    after its last evaluation."""
     from polyfid.distributed.loop.stopping import convergence
 
     def score(r: dict) -> float:
@@ -366,10 +368,11 @@ def summarize(rows: list[dict], last_progress: int) -> dict:
     at = {}
     for minutes in TIMES_MIN:
         upto = [r for r in rows if r["wall_s"] <= minutes * 60]
-        at[minutes] = min(upto, key=score)["test"] if upto and rows[-1]["wall_s"] >= minutes * 60 else None
+        reached = finished or rows[-1]["wall_s"] >= minutes * 60
+        at[minutes] = min(upto, key=score)["test"] if upto and reached else None
     best = min(rows, key=score)
     conv = convergence([(r["progress"], r["valid"]["f"]) for r in rows], last_progress, 0.2, 0.03)
-    return {"best": best, "at": at, "convergence": conv, "wall_s": rows[-1]["wall_s"]}
+    return {"best": best, "at": at, "convergence": conv, "wall_s": rows[-1]["wall_s"], "finished": finished}
 
 
 def run_dir(work: Path, dataset: str, who: str, seed: int, length: int) -> Path:
@@ -410,15 +413,17 @@ def collect(work: Path) -> list[dict]:
         dataset, code, variant, length, seed = m[1], m[2], m[3], int(m[4]), int(m[5])
         if code == "polyfid" and (out / "best.json").exists():
             rows = polyfid_curve(out)
-            last = json.loads((out / "best.json").read_text())["last_step"]
+            best = json.loads((out / "best.json").read_text())
+            last, finished = best["last_step"], not best["stop_reason"].startswith("time cap")
         elif code == "mace" and (out / "state.json").exists() and json.loads((out / "state.json").read_text())["done"]:
             rows = mace_curve(out)
             last = max(r["progress"] for r in rows)
+            finished = not json.loads((out / "state.json").read_text()).get("capped")
         else:
             continue
         runs.append({"dataset": dataset, "who": f"{code}:{variant}", "length": length, "seed": seed, "dir": out,
                      "rows": rows,
-                     **summarize(rows, last)})
+                     **summarize(rows, last, finished)})
     return runs
 
 
@@ -445,6 +450,7 @@ def plot(runs: list[dict], path: Path) -> None:
                 ys.append(cur)
             ax.step(xs, ys, where="post", label=f"{r['who']} ({r['length']}) s{r['seed']}")
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel("wall time (min, 1 core each)")
         ax.set_ylabel("test force MAE (meV/Å), best-validated weights")
         ax.set_title(ds)
@@ -493,15 +499,15 @@ def cmd_report(a) -> None:
              "F: meV/Å per component. Times count from the command's launch. Converged: the best validation force "
              "MAE fell < 3% over the last 20% of the run.", "",
              "| dataset | code:variant | steps / epochs | seed | " + " | ".join(f"F @ {m} min" for m in TIMES_MIN)
-             + " | best: valid F | test F | test E | at (min) | ran (min) | converged (fall) |",
-             "|---|---|---|---|" + "---|" * len(TIMES_MIN) + "---|---|---|---|---|---|"]
+             + " | best: valid F | test F | test E | at (min) | ran (min) | ended by | converged (fall) |",
+             "|---|---|---|---|" + "---|" * len(TIMES_MIN) + "---|---|---|---|---|---|---|"]
     for r in raced:
         b, c = r["best"], r["convergence"]
         conv = "—" if c["converged"] is None else f"{'yes' if c['converged'] else 'no'} ({c['fall'] * 100:.1f}%)"
         lines.append(f"| {r['dataset']} | {r['who']} | {r['length']} | {r['seed']} | "
                      + " | ".join(_ms(r["at"][m] and r["at"][m]["f"]) for m in TIMES_MIN)
                      + f" | {_ms(b['valid']['f'])} | {_ms(b['test']['f'])} | {_ms(b['test']['e'])} | {b['wall_s'] / 60:.1f} | "
-                     f"{r['wall_s'] / 60:.1f} | {conv} |")
+                     f"{r['wall_s'] / 60:.1f} | {'its schedule' if r['finished'] else 'the time cap'} | {conv} |")
     if raced:
         png = Path(a.out).with_suffix(".png")
         plot(raced, png)
