@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         url = f"s3://{BUCKET}/store.zarr"
         assert cli(["ingest", spec, "--out", url, *common]) == 0
         s3fs.S3FileSystem.clear_instance_cache()
+        os.environ["POLYFID_OBJECT_STORE"] = "fsspec"  # s3fs first; obstore (the default for reads) below
         remote = Store.open(url)
         where = f"S3, +{ms:g} ms a request"
         rows.append((where, "none", "0 (the next shard only)", epoch_wait(remote, step, fetch_ahead=0)))
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             via = Store.open(url)
             rows.append((f"{where}, obstore", "none", "0 (the next shard only)", epoch_wait(via, step, fetch_ahead=0)))
             rows.append((f"{where}, obstore", "none", "4", epoch_wait(via, step, fetch_ahead=4)))
-            os.environ.pop("POLYFID_OBJECT_STORE")
+        os.environ.pop("POLYFID_OBJECT_STORE")
         set_shard_cache(work / f"cache{ms:g}")
         rows.append((where, "first epoch", "4", epoch_wait(remote, step, seed=1)))
         rows.append((where, "second epoch", "4", epoch_wait(remote, step, seed=2)))

@@ -178,15 +178,24 @@ class Location:
             self.fs.rm(self._join(rel), recursive=True)
 
     def open_group(self, mode: str = "r", path: str | None = None) -> zarr.Group:
-        """The zarr group at the root (or at `path` inside it). An s3:// store goes through fsspec (s3fs), or
-        through obstore when $POLYFID_OBJECT_STORE=obstore (the comparison in benchmarks/bench_s3_reader.py)."""
-        if self.url.startswith("s3://") and os.environ.get(OBJECT_STORE_ENV, "fsspec") == "obstore":
+        """The zarr group at the root (or at `path` inside it). An s3:// store is read through obstore when it is
+        installed (its requests run outside Python's GIL: 4x less waiting than s3fs on a busy machine,
+        benchmarks/bench_s3_reader.py) and written through fsspec (s3fs); $POLYFID_OBJECT_STORE=fsspec reads
+        through s3fs too, =obstore writes through obstore too."""
+        choice = os.environ.get(OBJECT_STORE_ENV, "auto")
+        if self.url.startswith("s3://") and (choice == "obstore" or (choice == "auto" and mode == "r" and _has_obstore())):
             return zarr.open_group(store=_obstore(self.root, read_only=mode == "r"), mode=mode, path=path or "",
                                    zarr_format=3)
         return zarr.open_group(store=self.url, mode=mode, path=path or "", zarr_format=3)
 
 
 OBJECT_STORE_ENV = "POLYFID_OBJECT_STORE"
+
+
+def _has_obstore() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("obstore") is not None
 
 
 def _obstore(root: str, read_only: bool):

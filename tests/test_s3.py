@@ -100,16 +100,18 @@ def test_ingest_inspect_verify_and_append_on_s3_read_as_the_local_store(s3, tmp_
     assert "shard-000001" in capsys.readouterr().err + capsys.readouterr().out
 
 
-def test_a_store_on_s3_reads_the_same_through_obstore(s3, monkeypatch):
-    """$POLYFID_OBJECT_STORE=obstore: the same store's shards through obstore's requests, identical to s3fs's."""
+def test_a_store_on_s3_reads_the_same_through_obstore_and_s3fs(s3, monkeypatch):
+    """Reads go through obstore by default (written through s3fs); $POLYFID_OBJECT_STORE=fsspec reads through
+    s3fs: the same shards either way."""
     from polyfid.data_shards.store import Store
 
     url = f"s3://{BUCKET}/obstore.zarr"
     assert _ingest(url, ":40") == 0
-    via_fsspec = _read_all(url)
-    monkeypatch.setenv("POLYFID_OBJECT_STORE", "obstore")
     assert type(Store.open(url)._root.store).__name__ == "ObjectStore"
     via_obstore = _read_all(url)
+    monkeypatch.setenv("POLYFID_OBJECT_STORE", "fsspec")
+    assert type(Store.open(url)._root.store).__name__ == "FsspecStore"
+    via_fsspec = _read_all(url)
     assert all(np.array_equal(via_fsspec[k], via_obstore[k], equal_nan=True) for k in via_fsspec)
     assert Store.open(url).verify() == []
 
