@@ -34,7 +34,10 @@ def test_pretrain_with_unknown_key_is_a_config_error(capsys):
 
 
 def _port_free(port: int) -> bool:
+    """No server listens on the port. SO_REUSEADDR: a connection the server closed stays in TIME_WAIT on the port
+    for a minute after the server is gone, which a plain bind would take for a live server."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
             return True
