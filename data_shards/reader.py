@@ -56,9 +56,11 @@ class _ShardCache:
         self._fetched: dict[int, Future] = {}
         self.upcoming: list[Unit] = []  # this epoch's units in read order (the stream sets it)
 
-    def enter(self, unit: Unit, following: Unit | None = None, position: int | None = None) -> np.ndarray:
-        """Atoms per structure of a unit entering the buffer (loads the shard unless replaying); `position`: its
-        place in `upcoming`, from where the following shards of object storage are fetched ahead."""
+    def enter(self, position: int) -> np.ndarray:
+        """Atoms per structure of the unit at `position` in `upcoming` entering the buffer (loads the shard unless
+        replaying); the next unit's shard is read ahead, and the following shards of object storage fetched."""
+        unit = self.upcoming[position]
+        following = self.upcoming[position + 1] if position + 1 < len(self.upcoming) else None
         if unit.g in self._data:
             offsets = self._data[unit.g]["offsets"]
         elif self.loading:
@@ -67,8 +69,7 @@ class _ShardCache:
             offsets = self._reader.structure_offsets(unit.g)
         self._pending[unit.g] = self._pending.get(unit.g, 0) + unit.n
         self._following = following.g if following is not None and self.loading else None
-        if position is not None:
-            self._fetch_ahead(position)
+        self._fetch_ahead(position)
         self._read_ahead()
         idx = unit.indices()
         return offsets[idx + 1] - offsets[idx]
@@ -352,7 +353,7 @@ class ShardReader:
         units = self._epoch_units(epoch)
         cache.upcoming = units
         for u, unit in enumerate(units):
-            counts = cache.enter(unit, units[u + 1] if u + 1 < len(units) else None, position=u)
+            counts = cache.enter(u)
             refs = (np.full(unit.n, unit.g, dtype=np.int64), unit.indices().astype(np.int64),
                     counts.astype(np.int64))
             if not cfg.shuffle:
