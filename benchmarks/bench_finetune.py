@@ -4,6 +4,7 @@
     python benchmarks/bench_finetune.py --workdir runs/ftbench --phase final --seeds 0,1,2
     python benchmarks/bench_finetune.py --workdir runs/ftbench --phase curve --sizes 50,100,200
     python benchmarks/bench_finetune.py --workdir runs/ftbench --phase report --out benchmarks/RESULTS_finetune.md
+    python benchmarks/bench_finetune.py --workdir runs/ftbench96 --set data.atom_budget=96 --steps 3000 ...
 
 With the free low level beside the target (`--low N`, any phase): the training store also holds the GFN2-xTB
 labels of its structures, and a second store holds N more GFN2-xTB MD structures of the molecule (make_targets.py
@@ -85,12 +86,14 @@ def stores(molecule: str, n_train: int, work: Path, low: int = 0) -> dict[str, s
         for name, sel, levels in ((f"train{n_train}_both", train, (LEVEL, LOW)), (f"gfn2pool{low}", pool[:low], (LOW,))):
             path = work / "stores" / f"{molecule}_{name}.zarr"
             if not path.exists():
-                xyz = path.with_suffix(".extxyz")
+                tmp = path.with_name(f".{path.stem}.{os.getpid()}.zarr")
+                xyz = tmp.with_suffix(".extxyz")
                 ase.io.write(str(xyz), sel, format="extxyz")
-                ingest([str(xyz)], str(path), dataset=molecule, energy={lv: f"energy_{lv}" for lv in levels},
+                ingest([str(xyz)], str(tmp), dataset=molecule, energy={lv: f"energy_{lv}" for lv in levels},
                        forces={lv: f"forces_{lv}" for lv in levels}, ranks={lv: {LEVEL: 3, LOW: 1}[lv] for lv in levels},
                        fidelity_meta={LOW: LOW_META}, progress=False)
                 xyz.unlink()
+                _settle(tmp, path)
             made.append(str(path))
         return {**out, "train": ",".join(made)}
     frames = ase.io.read(str(TARGETS / f"{molecule}.extxyz.gz"), ":")
@@ -101,15 +104,27 @@ def stores(molecule: str, n_train: int, work: Path, low: int = 0) -> dict[str, s
     out = {}
     for split, sel in (("test", by["test"]), ("valid", by["valid"]), (f"train{n_train}", by["train"][:n_train])):
         path = work / "stores" / f"{molecule}_{split}.zarr"
-        if not path.exists():
-            xyz = path.with_suffix(".extxyz")
+        if not path.exists():  # built under a name of this process's own, then renamed: the sides run side by side
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.zarr")
+            xyz = tmp.with_suffix(".extxyz")
             xyz.parent.mkdir(parents=True, exist_ok=True)
             ase.io.write(str(xyz), sel, format="extxyz")
-            ingest([str(xyz)], str(path), dataset=molecule, energy={LEVEL: f"energy_{LEVEL}"},
+            ingest([str(xyz)], str(tmp), dataset=molecule, energy={LEVEL: f"energy_{LEVEL}"},
                    forces={LEVEL: f"forces_{LEVEL}"}, ranks={LEVEL: 3}, progress=False)
             xyz.unlink()
+            _settle(tmp, path)
         out[split.rstrip("0123456789")] = str(path)
     return out
+
+
+def _settle(tmp: Path, path: Path) -> None:
+    """Move a finished store into place; if a side running beside this one got there first, keep its copy."""
+    import shutil
+
+    try:
+        tmp.rename(path)
+    except OSError:
+        shutil.rmtree(tmp)
 
 
 def run(kind: str, name: str, data: dict, sets: list[str], seed: int, work: Path) -> dict:
@@ -185,7 +200,7 @@ def sweep(a, work: Path, side: str) -> dict:
 
     def do(mol: str, name: str, sets: list[str]) -> None:
         s = run(side, f"{mol}_n{a.n}_{variant(a)}{name}", stores(mol, a.n, work, a.low),
-                sets + (LOW_SETS if a.low else []), 0, work)
+                a.common + sets + (LOW_SETS if a.low else []), 0, work)
         results[(mol, name)] = s
         print(f"{mol} {name}: valid score {score(s) * 1000:.1f}, swing {swing(s, a.steps):.2f}", flush=True)
 
@@ -215,7 +230,7 @@ def sweep(a, work: Path, side: str) -> dict:
                           "stop_reason": (s.get("best") or {}).get("stop_reason"), "wall_s": s.get("bench_wall_s")}
              for (m, n), s in results.items()}
     out = {"side": side, "chosen": options[pick], "chosen_name": pick, "table": table, "n": a.n,
-           "molecules": a.molecules, "low": a.low, "lr_only": a.lr_only}
+           "molecules": a.molecules, "low": a.low, "lr_only": a.lr_only, "common": a.common}
     (work / f"sweep_{variant(a)}{side}.json").write_text(json.dumps(out, indent=2))
     print(f"{side}: chose {pick} {options[pick]}", flush=True)
     return out
@@ -234,7 +249,7 @@ def final(a, work: Path, sizes: list[int], tag: str) -> dict:
             for kind in sides:
                 for seed in a.seeds:
                     s = run(kind, f"{mol}_n{n}_{variant(a)}{names[kind]}", data,
-                            chosen[kind] + (LOW_SETS if a.low else []), seed, work)
+                            a.common + chosen[kind] + (LOW_SETS if a.low else []), seed, work)
                     r = {**test_errors(s, data["test"]), "swing": swing(s, a.steps), "converged_fall": convergence(s),
                          "best_step": (s.get("best") or {}).get("best_step"), "wall_s": s.get("bench_wall_s")}
                     rows[f"{mol}|{n}|{kind}|{seed}"] = r
@@ -265,6 +280,9 @@ def report(a, work: Path) -> str:
              f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), no GPU, torch {_torch()}; "
              f"command: `python benchmarks/bench_finetune.py --workdir {a.workdir} --phase ...` (this file: "
              "`--phase report`). Errors in meV (E) and meV/Å (F); test split read once, after the sweep.", ""]
+    common = sorted({" ".join(json.loads(p.read_text()).get("common") or []) for p in work.glob("sweep_*.json")})
+    if any(common):
+        lines += [f"Both sides, every run, on top of the recipe: `{' / '.join(common)}` (`--set`).", ""]
     all_sweeps = [json.loads(p.read_text()) for p in sorted(work.glob("sweep_*.json"))]
     sweeps = [sw for sw in all_sweeps if not sw.get("low")]  # the target-only variant: its final rows below
     if all_sweeps:
@@ -394,7 +412,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=80, help="training structures of the sweep and the final phase")
     ap.add_argument("--sizes", default="50,100,200", help="training structures of the curve phase")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=1500, help="the recipe's trainer.steps (for the swing measure)")
+    ap.add_argument("--steps", type=int, default=1500, help="trainer.steps of both sides (the recipe's: 1500)")
+    ap.add_argument("--set", dest="common", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for both sides and every run (repeatable), for example "
+                    "data.atom_budget=96; use a workdir of its own, since run names do not include it")
     ap.add_argument("--no-sensitivity", action="store_true", help="sweep: skip scratch's 4,000-step run")
     ap.add_argument("--low", type=int, default=0, metavar="N",
                     help="train with N GFN2-xTB structures of the molecule beside the target level (see above)")
@@ -404,6 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     a.molecules = [m for m in a.molecules.split(",") if m]
     a.seeds = [int(s) for s in a.seeds.split(",")]
+    a.common = [f"trainer.steps={a.steps}"] * (a.steps != 1500) + a.common
     a.workdir.mkdir(parents=True, exist_ok=True)
     if a.phase == "sweep":
         if not a.side:

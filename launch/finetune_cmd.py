@@ -45,10 +45,17 @@ def run(a: argparse.Namespace, load_config) -> int:
     if a.compare_scratch:
         extra.append("finetune.compare_scratch=true")
     cfg = load_config(a.config or str(RECIPES / "finetune.yaml"), extra + (a.set or []))
-    out = Path(a.out)
-    cfg.output = str(out.parent if out.name == "package" else out)  # --out may name the package folder itself
+    from polyfid.infra.run_storage import is_remote
+
+    if is_remote(a.out):  # s3://bucket/runs/NAME[/package]: the run's folder is on object storage
+        url = a.out.rstrip("/")
+        cfg.output = url[: -len("/package")] if url.endswith("/package") else url
+        out = None
+    else:
+        out = Path(a.out)
+        cfg.output = str(out.parent if out.name == "package" else out)  # --out may name the package folder itself
     summary = run_training(cfg)
-    if summary.get("package") and out.name == "package" and Path(summary["package"]) != out.resolve():
+    if out is not None and summary.get("package") and out.name == "package" and Path(summary["package"]) != out.resolve():
         shutil.copytree(summary["package"], out, dirs_exist_ok=True)
     print_finetune_summary(summary)
     if cfg.finetune.compare_scratch and summary.get("package"):

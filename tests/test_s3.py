@@ -270,3 +270,85 @@ def test_the_reader_fetches_following_shards_from_object_storage_several_at_once
     assert len(ahead) == len(one) > 0
     for (ids_a, pos_a), (ids_b, pos_b) in zip(ahead, one):
         assert ids_a == ids_b and np.array_equal(pos_a, pos_b)
+
+
+def test_a_lease_on_the_bucket_refuses_a_second_run_and_is_taken_over_once_it_expires(s3, monkeypatch, caplog):
+    """The lock of an output on object storage: a conditional put creates it, a live lease refuses a second
+    holder (naming the first), a lease that stopped being renewed is taken over, and release removes it."""
+    from polyfid.infra.run_storage import LOCK_KEY, FolderInUse, LeaseLock
+
+    url = f"s3://{BUCKET}/runs/locked"
+    first = LeaseLock(url, lease_s=30).acquire()
+    held = json.loads(s3.get_object(Bucket=BUCKET, Key=f"runs/locked/{LOCK_KEY}")["Body"].read())
+    assert held["pid"] == os.getpid() and held["expires"] > held.get("lease_s", 0)
+    with pytest.raises(FolderInUse, match=f"in use by another run: pid {os.getpid()}"):
+        LeaseLock(url, lease_s=30).acquire()
+    first.release()
+    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"runs/locked/{LOCK_KEY}")
+    # a holder on another host that stopped renewing: refused while its lease runs, taken over once it has expired
+    import time
+
+    gone = {"pid": 1, "host": "node-that-died", "started": "then", "expires": time.time() + 1.5, "lease_s": 1.5}
+    s3.put_object(Bucket=BUCKET, Key=f"runs/locked/{LOCK_KEY}", Body=json.dumps(gone).encode())
+    with pytest.raises(FolderInUse, match="node-that-died"):
+        LeaseLock(url, lease_s=30).acquire()
+    time.sleep(1.6)
+    with caplog.at_level(logging.WARNING, logger="polyfid.run_storage"):
+        second = LeaseLock(url, lease_s=0.6).acquire()
+    assert "taking over" in caplog.text and "node-that-died" in caplog.text
+    time.sleep(1.0)  # renewed every lease/3: still held after its first lease would have run out
+    now = json.loads(s3.get_object(Bucket=BUCKET, Key=f"runs/locked/{LOCK_KEY}")["Body"].read())
+    assert now["pid"] == os.getpid() and now["expires"] > time.time() and not second.lost
+    second.release()
+
+
+def test_a_run_whose_output_is_on_s3_resumes_from_the_bucket_alone_on_another_worker_count(s3, tmp_path,
+                                                                                           monkeypatch, capsys):
+    """output=s3://...: 2 ranks write their checkpoint files from their own staging folders, rank 0 the manifest
+    last; the package, config and records land in the bucket. With every local folder deleted, the same
+    command with 1 worker and more steps resumes from the bucket's newest checkpoint and finishes there."""
+    import shutil
+
+    monkeypatch.setenv("POLYFID_STAGE_DIR", str(tmp_path / "stage"))
+    monkeypatch.setenv("POLYFID_LOCK_LEASE_S", "10")
+    train, valid = f"s3://{BUCKET}/out_train.zarr", f"s3://{BUCKET}/out_valid.zarr"
+    assert _ingest(train, ":40") == 0 and _ingest(valid, "40:48") == 0
+    url = f"s3://{BUCKET}/runs/remote"
+    db = tmp_path / "m.db"
+
+    def pretrain(steps: int, workers: int) -> int:
+        return main(["pretrain", "--config", "launch/recipes/demo.yaml", "--set", f"data.train={train}",
+                     "--set", f"data.valid={valid}", "--set", f"output={url}", "--set", f"cluster.workers={workers}",
+                     "--set", f"trainer.steps={steps}", "--set", "trainer.valid_every=2",
+                     "--set", "trainer.checkpoint_every=2", "--set", "model.width=16", "--set", "model.n_sensitivities=8",
+                     "--set", f"tracking.uri=sqlite:///{db}", "--set", "tracking.register_as=null"])
+
+    assert pretrain(4, 2) == 0
+    keys = _objects(s3, "runs/remote/")
+    tags = sorted({k.split("/")[3] for k in keys if k.startswith("runs/remote/checkpoints/")})
+    assert tags == ["step_00000002", "step_00000004"]
+    manifest = json.loads(keys["runs/remote/checkpoints/step_00000004/manifest.json"])
+    assert manifest["world_size"] == 2
+    for name, entry in manifest["files"].items():  # every rank's files, each uploaded whole
+        assert len(keys[f"runs/remote/checkpoints/step_00000004/{name}"]) == entry["bytes"]
+    assert any("zero_pp_rank_1" in name for name in manifest["files"])  # rank 1's optimizer shard is there
+    assert "runs/remote/package/polyfid.json" in keys and "runs/remote/config.yaml" in keys
+    assert [json.loads(line)["step"] for line in keys["runs/remote/validation.jsonl"].decode().splitlines()] == [2, 4]
+    assert "runs/remote/.polyfid.lock" not in keys  # released
+    assert not any(SECRET.encode() in v for v in keys.values())
+    first = json.loads(keys["runs/remote/summary.json"])
+    assert first["package"] == f"{url}/package"
+
+    shutil.rmtree(tmp_path / "stage")  # nothing local carries state to the next command
+    capsys.readouterr()
+    assert pretrain(6, 1) == 0
+    keys = _objects(s3, "runs/remote/")
+    assert sorted({k.split("/")[3] for k in keys if k.startswith("runs/remote/checkpoints/")}) == \
+        ["step_00000004", "step_00000006"]
+    assert [json.loads(line)["step"] for line in keys["runs/remote/validation.jsonl"].decode().splitlines()] == [2, 4, 6]
+    best = json.loads(keys["runs/remote/best.json"])
+    assert best["last_step"] == 6
+    assert json.loads(keys["runs/remote/summary.json"])["mlflow_run_id"] == first["mlflow_run_id"]  # the same run
+    meta = json.loads(keys["runs/remote/package/polyfid.json"])
+    assert meta["extra"]["config"]["output"] == url
+    assert main(["evaluate", "--model", f"{url}/package", "--data", valid]) == 0

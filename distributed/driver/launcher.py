@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -24,12 +25,13 @@ from polyfid.distributed.loop.engine import ensure_extension_cache, resolve_devi
 from polyfid.distributed.finetune.plan import FinetunePlan
 from polyfid.distributed.finetune.scratch import compare_table, scratch_config
 from polyfid.distributed.finetune.forgetting import forgetting_advice, measure_forgetting
-from polyfid.distributed.driver.lock import RunLock
+from polyfid.distributed.driver.lock import run_lock
 from polyfid.distributed.modes.registry import get_mode
 from polyfid.distributed.loop.progress import interactive, quiet_libraries, verbose
 from polyfid.infra.tracking import Tracker, registry_description
 from polyfid.evaluation.report import report_to_mlflow
 from polyfid.infra.resolve import resolve_package
+from polyfid.infra.run_storage import RunStorage, check_output_url, is_remote
 from polyfid.models.package import read_metadata
 from polyfid.data_shards.named import open_store
 
@@ -109,11 +111,13 @@ def resolve_oversample(cfg: RunConfig, train: list[Store]) -> list[str]:
 
 @dataclasses.dataclass
 class Prepared:
-    """The run as the driver resolved it: `cfg` is the resolved copy; the caller's config is unchanged."""
+    """The run as the driver resolved it: `cfg` is the resolved copy; the caller's config is unchanged. `out` is
+    the output folder, or the driver's staging folder of an output on object storage (`storage`)."""
 
     cfg: RunConfig
     out: Path
     plan: FinetunePlan | None
+    storage: RunStorage | None = None
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -123,8 +127,12 @@ def prepare(cfg: RunConfig) -> Prepared:
     quiet_libraries()
     cfg = copy.deepcopy(cfg).resolve_paths()
     get_mode(cfg.trainer.mode)  # fail now for an unknown mode
-    out = Path(cfg.output)
+    storage = output_storage(cfg.output, "driver")
+    out = storage.local if storage else Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
+    if storage:  # a rerun continues the run's MLflow run; nothing else of the driver's is read back
+        (out / "mlflow_run.json").unlink(missing_ok=True)
+        storage.pull("mlflow_run.json")
     cfg = check_on_driver(cfg)
     plan = None
     if cfg.finetune.source:
@@ -137,7 +145,20 @@ def prepare(cfg: RunConfig) -> Prepared:
         except ValueError as err:  # the head or init_from asked for does not fit the parent and the data
             raise ConfigError(str(err)) from err
     save_config(cfg, out / "config.yaml")  # before anything runs
-    return Prepared(cfg, out, plan)
+    if storage:
+        storage.push("config.yaml")
+    return Prepared(cfg, out, plan, storage)
+
+
+def output_storage(output: str, role: str) -> RunStorage | None:
+    """The RunStorage of an output on object storage (None for a local folder); a ConfigError names a bad URL."""
+    if not is_remote(output):
+        return None
+    try:
+        check_output_url(output)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return RunStorage(output, role)
 
 
 def _init_ray(cfg: RunConfig) -> None:
@@ -192,7 +213,10 @@ def one_ray_cluster():
 def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
     """Run pretraining or fine-tuning (cfg.finetune.source set) on Ray Train workers; returns a summary.
     `cfg` is not changed (the run's resolved copy is its config.yaml)."""
-    with RunLock(copy.deepcopy(cfg).resolve_paths().output):  # one run per output folder; a lock left by a dead driver is taken over
+    output = copy.deepcopy(cfg).resolve_paths().output
+    if is_remote(output):
+        output_storage(output, "driver")  # a bad URL fails here, before the lock
+    with run_lock(output):  # one run per output folder; a lock (or lease) left by a dead driver is taken over
         run = prepare(cfg)
         tracker = track(run)
         try:
@@ -226,6 +250,8 @@ def track(run: Prepared) -> Tracker:
         tracker.start(cfg.tracking.experiment, cfg.tracking.run_name or cfg.name, tags)
         if tracker.run_id:
             run_file.write_text(json.dumps({"run_id": tracker.run_id}))
+            if run.storage:
+                run.storage.push(run_file.name)
         tracker.log_params(cfg.flat())
     tracker.log_artifact(run.out / "config.yaml")
     return tracker
@@ -262,7 +288,9 @@ def launch(run: Prepared, tracker: Tracker, shutdown_ray: bool) -> float:
     t0 = time.perf_counter()
     stop_file = out / STOP_FILE
     stop_file.unlink(missing_ok=True)
-    previous = _on_sigterm(stop_file)
+    if run.storage:
+        run.storage.remove(STOP_FILE)
+    previous = _on_sigterm(stop_file, run.storage)
     try:
         trainer.fit()
     finally:
@@ -276,15 +304,22 @@ def launch(run: Prepared, tracker: Tracker, shutdown_ray: bool) -> float:
 
 def finalize(run: Prepared, tracker: Tracker, wall: float) -> dict[str, Any]:
     """After the workers: register the package, measure forgetting, report to MLflow, write summary.json."""
-    cfg, out, plan = run.cfg, run.out, run.plan
+    cfg, out, plan, storage = run.cfg, run.out, run.plan, run.storage
     if (out / STOP_FILE).exists():  # preempted: the workers wrote a checkpoint; the same command resumes
         (out / STOP_FILE).unlink()
         tracker.end("KILLED")
-        summary = {"stopped": True, "checkpoints": str(out / "checkpoints"), "mlflow_run_id": tracker.run_id,
-                   "wall_s": wall, "package": None}
+        summary = {"stopped": True, "checkpoints": f"{cfg.output}/checkpoints" if storage else str(out / "checkpoints"),
+                   "mlflow_run_id": tracker.run_id, "wall_s": wall, "package": None}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if storage:
+            storage.remove(STOP_FILE)
+            storage.push("summary.json")
         return summary
     package = out / "package"
+    if storage:  # rank 0 uploaded it from its node: register and evaluate the copy in the bucket
+        for name in ("package", "best.json", "step0_validation.json"):
+            shutil.rmtree(out / name, ignore_errors=True) if name == "package" else (out / name).unlink(missing_ok=True)
+            storage.pull(name)
     if not (package / "polyfid.json").exists():
         tracker.end("FAILED")
         raise RuntimeError(f"training finished but wrote no package at {package}; see the worker logs above")
@@ -306,7 +341,8 @@ def finalize(run: Prepared, tracker: Tracker, wall: float) -> dict[str, Any]:
                          step=cfg.trainer.steps)
     tracker.end()
     summary = {
-        "package": str(package), "mlflow_run_id": tracker.run_id, "tracking_uri": cfg.tracking.uri,
+        "package": f"{cfg.output}/package" if storage else str(package), "local_package": str(package),
+        "mlflow_run_id": tracker.run_id, "tracking_uri": cfg.tracking.uri,
         "registered_model": cfg.tracking.register_as if version else None, "model_version": version,
         "wall_s": wall, "parent": plan.source_uri if plan else None, "parent_package": plan.source if plan else None,
         "forgetting": forgetting, "forgetting_hint": hint,
@@ -315,6 +351,8 @@ def finalize(run: Prepared, tracker: Tracker, wall: float) -> dict[str, Any]:
         if (out / name).exists():
             summary[name.split(".")[0]] = json.loads((out / name).read_text())
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if storage:
+        storage.push("summary.json")
     return summary
 
 
@@ -323,18 +361,24 @@ def compare_with_scratch(cfg: RunConfig, summary: dict[str, Any]) -> dict[str, A
     both packages' errors on the validation stores (else the training stores) go to compare_scratch.json."""
     scratch = run_training(scratch_config(cfg, read_metadata(summary["parent_package"])))
     where = cfg.data.valid or cfg.data.train
-    table = compare_table({"fine-tuned": summary["package"], "from scratch": scratch["package"]}, where)
+    table = compare_table({"fine-tuned": summary["local_package"], "from scratch": scratch["local_package"]}, where)
     out = {"finetuned": summary["package"], "scratch": scratch["package"], "data": where, "errors": table}
-    (Path(cfg.output) / "compare_scratch.json").write_text(json.dumps(out, indent=2))
+    storage = output_storage(cfg.output, "driver")
+    (storage.local if storage else Path(cfg.output)).joinpath("compare_scratch.json").write_text(json.dumps(out, indent=2))
+    if storage:
+        storage.push("compare_scratch.json")
     return out
 
 
-def _on_sigterm(stop_file: Path):
-    """On SIGTERM (a preemption), ask the workers to checkpoint and stop, instead of dying mid-step."""
+def _on_sigterm(stop_file: Path, storage: RunStorage | None = None):
+    """On SIGTERM (a preemption), ask the workers to checkpoint and stop, instead of dying mid-step. With the
+    output on object storage the stop file goes there too: the workers may run on other nodes."""
 
     def handler(signum, frame):  # noqa: ARG001
         log.warning("SIGTERM: asking the workers to write a checkpoint and stop")
         stop_file.write_text("SIGTERM\n")
+        if storage:
+            storage.put_text(STOP_FILE, "SIGTERM\n")
 
     return signal.signal(signal.SIGTERM, handler)
 

@@ -10,6 +10,9 @@ its Ray workers can outlive it for a few seconds (longer on a loaded machine) an
 new run that finds the folder held, by a driver that no longer runs on this host, therefore waits for those
 workers to exit before it reads any checkpoint. The driver itself holds the lock shared after it has taken it
 exclusively, so that its own workers can join.
+
+An output on object storage (`output=s3://...`) has no file to lock: `run_lock` then gives a lease on the bucket
+(infra/run_storage.py), and workers hold nothing.
 """
 
 from __future__ import annotations
@@ -26,12 +29,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from polyfid.infra.run_storage import FolderInUse, LeaseLock, is_remote
+
 log = logging.getLogger("polyfid.lock")
 LOCK_FILE = ".polyfid.lock"
 
 
-class FolderInUse(RuntimeError):
-    """Another live run holds the output folder."""
+__all__ = ["FolderInUse", "LOCK_FILE", "RunLock", "run_lock", "worker_hold"]
+
+
+def run_lock(output: str | os.PathLike) -> "RunLock | LeaseLock":
+    """The lock of a run's output: flock on a local folder, a renewed lease on object storage."""
+    return LeaseLock(os.fspath(output)) if is_remote(output) else RunLock(output)
 
 
 class RunLock:
@@ -104,6 +113,9 @@ class RunLock:
 @contextmanager
 def worker_hold(output: str | os.PathLike) -> Iterator[None]:
     """A training worker's shared hold on its run's folder, for as long as it trains (see the module doc)."""
+    if is_remote(output):  # the driver's lease covers the run
+        yield
+        return
     try:
         fd = os.open(Path(output) / LOCK_FILE, os.O_RDONLY)
         fcntl.flock(fd, fcntl.LOCK_SH)

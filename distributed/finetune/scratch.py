@@ -35,7 +35,7 @@ def scratch_config(cfg: RunConfig, parent_meta: dict) -> RunConfig:
             setattr(s.trainer, key, parent_trainer[key])
     s.finetune = type(cfg.finetune)()
     s.name = f"{cfg.name}-scratch"
-    s.output = str(Path(cfg.output) / "scratch")
+    s.output = f"{cfg.output.rstrip('/')}/scratch" if "://" in cfg.output else str(Path(cfg.output) / "scratch")
     if cfg.trainer.trace_dir:
         s.trainer.trace_dir = str(Path(cfg.trainer.trace_dir) / "scratch")
     s.tracking.run_name = f"{cfg.tracking.run_name or cfg.name}-scratch"

@@ -65,10 +65,14 @@ def lineage(cfg: RunConfig, stores: list[Store], valid: list[Store], run_id: str
 
 def write_package(module: torch.nn.Module, cfg: RunConfig, stores: list[Store], run_id: str | None,
                   plan: FinetunePlan | None = None, valid: list[Store] | None = None,
-                  fit: ReferenceFit | None = None) -> Path:
-    """Save the trained model (in float32) as a package with lineage, at <output>/package."""
+                  fit: ReferenceFit | None = None, output: str | None = None) -> Path:
+    """Save the trained model (in float32) as a package with lineage, at <output>/package. `output`: the run's
+    output to record, when cfg.output is a staging folder (an output on object storage)."""
     model = copy.deepcopy(module).float().cpu()
     out = Path(cfg.output) / "package"
+    config = cfg.to_dict()
+    if output is not None:
+        config["output"] = output
     save_package(out, model, lineage=lineage(cfg, stores, valid or [], run_id, plan, fit),
-                 extra={"config": portable_config(cfg.to_dict())})
+                 extra={"config": portable_config(config)})
     return out

@@ -10,6 +10,7 @@ Parts: the model and its engine, the mode (modes.py) and its stream, the validat
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import time
@@ -37,6 +38,7 @@ from polyfid.distributed.modes.multifidelity import StepContext, StreamSpec, col
 from polyfid.distributed.modes.stream import Collated
 from polyfid.distributed.loop.telemetry import Telemetry
 from polyfid.infra.comm import all_reduce_host
+from polyfid.infra.run_storage import RunStorage
 from polyfid.infra.tracking import Tracker
 from polyfid.distributed.loop.validation import Validator
 from polyfid.models.layout import LabelLayout
@@ -99,10 +101,18 @@ class Trainer:
         self.step = 0
 
     def build(self) -> "Trainer":
-        cfg = self.cfg
         self.rank, self.world = rank_and_world()
+        # An output on object storage: this rank works in its own staging folder and uploads (run_storage.py)
+        self.storage = RunStorage.of(self.cfg.output, f"rank{self.rank}")
+        if self.storage:
+            self.cfg = copy.deepcopy(self.cfg)
+            self.cfg.output = str(self.storage.local)
+        cfg = self.cfg
         quiet_libraries()
         Path(cfg.output).mkdir(parents=True, exist_ok=True)  # the launcher makes it; a direct caller may not have
+        if self.storage and self.rank == 0:  # the run's record so far (a resumed run appends to it)
+            (Path(cfg.output) / "validation.jsonl").unlink(missing_ok=True)
+            self.storage.pull("validation.jsonl")
         self.device = resolve_device(cfg.cluster)
         set_shard_cache(cfg.data.cache_dir)  # shards from object storage kept on this node (data.cache_dir)
         self.stores = [open_store(p) for p in cfg.data.train]
@@ -123,7 +133,9 @@ class Trainer:
                           index)
         self.stream = self.mode.stream(spec, cfg)
         self.checkpointer = Checkpointer(cfg.output, cfg.trainer.checkpoint_every, cfg.trainer.steps, self.run_id,
-                                         self.rank, self.world, stop_check_every=cfg.trainer.log_every)
+                                         self.rank, self.world, stop_check_every=cfg.trainer.log_every,
+                                         storage=self.storage)
+        self.checkpointer.on_saved = self.upload_records
         self.ema = EMA(self.engine.module, cfg.trainer.ema_decay) if cfg.trainer.ema_decay > 0 else None
         self.checkpointer.ema = self.ema  # checkpoints carry it; resume and rollback restore it
         self.step = self.checkpointer.resume(self.engine, self.stream)
@@ -182,9 +194,18 @@ class Trainer:
         if self.rank == 0 and not stopped:
             with self.weights() as module:
                 write_package(self.validator.best(module, self.step), self.cfg, self.stores, self.run_id,
-                              plan=self.plan, valid=self.valid, fit=self.fit)
+                              plan=self.plan, valid=self.valid, fit=self.fit,
+                              output=self.storage.url if self.storage else None)
+            self.upload_records(package=True)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
+
+    def upload_records(self, package: bool = False) -> None:
+        """With the output on object storage, rank 0 uploads the validation record (and the package)."""
+        if self.storage is None or self.rank != 0:
+            return
+        for name in ("validation.jsonl", "best.json", "step0_validation.json") + (("package",) if package else ()):
+            self.storage.push(name)
 
     def time_up(self, validated: bool) -> bool:
         """Whether trainer.max_wall_s has passed, checked at each validation (every log window without validation
