@@ -352,3 +352,58 @@ def test_a_run_whose_output_is_on_s3_resumes_from_the_bucket_alone_on_another_wo
     meta = json.loads(keys["runs/remote/package/polyfid.json"])
     assert meta["extra"]["config"]["output"] == url
     assert main(["evaluate", "--model", f"{url}/package", "--data", valid]) == 0
+
+
+def test_two_nodes_that_share_no_folder_train_and_resume_through_the_bucket_alone(s3, tmp_path, monkeypatch):
+    """A real 2-node Ray cluster whose nodes have separate local folders (POLYFID_STAGE_DIR per raylet): 2 ranks
+    placed one per node write only to their own node and to the bucket. Then node B leaves, every local folder
+    is deleted, and the run resumes with 1 worker on node A from the bucket alone, and finishes there."""
+    import shutil
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from polyfid.distributed.config import load_config
+    from polyfid.distributed.driver.launcher import run_training
+
+    monkeypatch.setenv("POLYFID_LOCK_LEASE_S", "10")
+    monkeypatch.setenv("POLYFID_STAGE_DIR", str(tmp_path / "driver"))
+    monkeypatch.setenv("RAY_raylet_start_wait_time_s", "240")  # 3 raylets on 2 busy cores start slowly
+    train = f"s3://{BUCKET}/nodes_train.zarr"
+    assert _ingest(train, ":32") == 0
+    url = f"s3://{BUCKET}/runs/two-nodes"
+    node_dir = {n: tmp_path / f"node-{n}" for n in "ab"}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1,
+                                                            "env_vars": {"POLYFID_STAGE_DIR": str(node_dir["a"])}})
+    node_b = cluster.add_node(num_cpus=1, env_vars={"POLYFID_STAGE_DIR": str(node_dir["b"])})
+
+    def cfg(workers: int, steps: int):
+        return load_config("launch/recipes/demo.yaml", [
+            f"data.train={train}", f"output={url}", f"cluster.address={cluster.address}", f"cluster.workers={workers}",
+            "cluster.placement=SPREAD", f"trainer.steps={steps}", "trainer.checkpoint_every=2",
+            f"trainer.trace_dir={url}/trace", "tracking.enabled=false", "model.width=16", "model.n_sensitivities=8",
+            "data.atom_budget=64", "trainer.log_every=2"])
+
+    try:
+        cluster.wait_for_nodes()
+        run_training(cfg(2, 4))
+        staged = {n: {p.name for p in d.glob("*/rank*")} for n, d in node_dir.items()}
+        assert staged["a"] | staged["b"] == {"rank0", "rank1"} and not staged["a"] & staged["b"], staged
+        keys = _objects(s3, "runs/two-nodes/")
+        traces = {k: [json.loads(line) for line in v.decode().splitlines()] for k, v in keys.items() if "/trace/" in k}
+        assert len({rows[0]["node"] for rows in traces.values()}) == 2  # one rank on each node, both uploaded
+        assert json.loads(keys["runs/two-nodes/checkpoints/step_00000004/manifest.json"])["world_size"] == 2
+
+        cluster.remove_node(node_b)
+        for d in [*node_dir.values(), tmp_path / "driver"]:
+            shutil.rmtree(d, ignore_errors=True)
+        summary = run_training(cfg(1, 6))
+        keys = _objects(s3, "runs/two-nodes/")
+        rank0 = [json.loads(line)["step"] for line in keys["runs/two-nodes/trace/rank0.jsonl"].decode().splitlines()]
+        assert rank0 == [1, 2, 3, 4, 5, 6]  # resumed at step 4 from the bucket: steps 5 and 6 added, none re-run
+        assert json.loads(keys["runs/two-nodes/checkpoints/step_00000006/manifest.json"])["world_size"] == 1
+        assert summary["package"] == f"{url}/package" and "runs/two-nodes/package/model.safetensors" in keys
+        assert not (node_dir["b"]).exists()  # node B was gone: nothing was written there
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -127,7 +127,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     quiet_libraries()
     cfg = copy.deepcopy(cfg).resolve_paths()
     get_mode(cfg.trainer.mode)  # fail now for an unknown mode
-    storage = output_storage(cfg.output, "driver")
+    storage = output_storage(cfg.output, "driver", cfg.trainer.trace_dir)
     out = storage.local if storage else Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     if storage:  # a rerun continues the run's MLflow run; nothing else of the driver's is read back
@@ -150,8 +150,10 @@ def prepare(cfg: RunConfig) -> Prepared:
     return Prepared(cfg, out, plan, storage)
 
 
-def output_storage(output: str, role: str) -> RunStorage | None:
+def output_storage(output: str, role: str, trace_dir: str | None = None) -> RunStorage | None:
     """The RunStorage of an output on object storage (None for a local folder); a ConfigError names a bad URL."""
+    if is_remote(trace_dir or "") and not is_remote(output):
+        raise ConfigError(f"trainer.trace_dir={trace_dir} is on object storage: so must output be (it is {output})")
     if not is_remote(output):
         return None
     try:

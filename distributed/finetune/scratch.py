@@ -37,7 +37,8 @@ def scratch_config(cfg: RunConfig, parent_meta: dict) -> RunConfig:
     s.name = f"{cfg.name}-scratch"
     s.output = f"{cfg.output.rstrip('/')}/scratch" if "://" in cfg.output else str(Path(cfg.output) / "scratch")
     if cfg.trainer.trace_dir:
-        s.trainer.trace_dir = str(Path(cfg.trainer.trace_dir) / "scratch")
+        t = cfg.trainer.trace_dir
+        s.trainer.trace_dir = f"{t.rstrip('/')}/scratch" if "://" in t else str(Path(t) / "scratch")
     s.tracking.run_name = f"{cfg.tracking.run_name or cfg.name}-scratch"
     s.tracking.register_as = None
     return s

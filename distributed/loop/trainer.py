@@ -38,7 +38,7 @@ from polyfid.distributed.modes.multifidelity import StepContext, StreamSpec, col
 from polyfid.distributed.modes.stream import Collated
 from polyfid.distributed.loop.telemetry import Telemetry
 from polyfid.infra.comm import all_reduce_host
-from polyfid.infra.run_storage import RunStorage
+from polyfid.infra.run_storage import RunStorage, is_remote
 from polyfid.infra.tracking import Tracker
 from polyfid.distributed.loop.validation import Validator
 from polyfid.models.layout import LabelLayout
@@ -104,9 +104,12 @@ class Trainer:
         self.rank, self.world = rank_and_world()
         # An output on object storage: this rank works in its own staging folder and uploads (run_storage.py)
         self.storage = RunStorage.of(self.cfg.output, f"rank{self.rank}")
+        self.trace_url = None
         if self.storage:
             self.cfg = copy.deepcopy(self.cfg)
             self.cfg.output = str(self.storage.local)
+            if is_remote(self.cfg.trainer.trace_dir or ""):  # each rank appends locally and uploads its file
+                self.trace_url, self.cfg.trainer.trace_dir = self.cfg.trainer.trace_dir, str(self.storage.local / "trace")
         cfg = self.cfg
         quiet_libraries()
         Path(cfg.output).mkdir(parents=True, exist_ok=True)  # the launcher makes it; a direct caller may not have
@@ -155,6 +158,14 @@ class Trainer:
         self.refit = EnergyRefit(cfg.trainer.energy_refit_every, cfg.trainer.steps, self.stores + anchors, refit_heads,
                                  cfg.data.atom_budget, dtype, self.device, self.rank, self.world,
                                  cfg.trainer.energy_refit_structures)
+        if self.trace_url:  # this rank's trace so far (a resumed run appends to it)
+            trace = Path(cfg.trainer.trace_dir) / f"rank{self.rank}.jsonl"
+            trace.unlink(missing_ok=True)
+            saved = f"{self.trace_url.rstrip('/')}/{trace.name}"
+            self.storage.fs.invalidate_cache()
+            if self.storage.fs.exists(saved):
+                trace.parent.mkdir(parents=True, exist_ok=True)
+                self.storage.fs.get_file(saved, str(trace))
         self.telemetry = Telemetry(cfg.data.atom_budget, cfg.trainer.trace_dir, self.rank)
         self.progress = make_progress(cfg.trainer.steps, self.step, self.rank, self.live_progress,
                                       cfg.trainer.progress_every_s)
@@ -196,13 +207,20 @@ class Trainer:
                 write_package(self.validator.best(module, self.step), self.cfg, self.stores, self.run_id,
                               plan=self.plan, valid=self.valid, fit=self.fit,
                               output=self.storage.url if self.storage else None)
-            self.upload_records(package=True)
+        self.upload_records(package=self.rank == 0 and not stopped)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
 
     def upload_records(self, package: bool = False) -> None:
-        """With the output on object storage, rank 0 uploads the validation record (and the package)."""
-        if self.storage is None or self.rank != 0:
+        """With the output on object storage, rank 0 uploads the validation record (and the package), and every
+        rank its trace file when trainer.trace_dir is on object storage."""
+        if self.storage is None:
+            return
+        if self.trace_url:
+            trace = Path(self.cfg.trainer.trace_dir) / f"rank{self.rank}.jsonl"
+            if trace.exists():
+                self.storage.fs.put_file(str(trace), f"{self.trace_url.rstrip('/')}/{trace.name}")
+        if self.rank != 0:
             return
         for name in ("validation.jsonl", "best.json", "step0_validation.json") + (("package",) if package else ()):
             self.storage.push(name)
