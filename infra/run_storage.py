@@ -172,6 +172,12 @@ class LeaseLock:
                 break
             except AlreadyExistsError:
                 pass
+            except Exception as err:  # no such bucket, no access, no endpoint: one line naming the output
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                raise FileNotFoundError(
+                    f"output={self.url}: cannot write its lock {LOCK_KEY} there ({first}). Check that the bucket "
+                    "exists, AWS_ENDPOINT_URL, and the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+                    "AWS_PROFILE)") from None
             got = obstore.get(self._s3, LOCK_KEY)
             holder = _parse(bytes(got.bytes()))
             left = holder.get("expires", 0) - time.time()
@@ -229,6 +235,21 @@ class LeaseLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def storage_error(err: BaseException) -> str | None:
+    """One line for an error of the object-storage clients (s3fs/botocore, obstore, aiohttp), anywhere in the
+    chain of `err`, naming the endpoint and what to check; None for any other error."""
+    seen = err
+    while seen is not None:
+        mod = type(seen).__module__ or ""
+        if mod.startswith(("botocore", "aiobotocore", "obstore", "aiohttp")):
+            endpoint = os.environ.get("AWS_ENDPOINT_URL") or "AWS's default endpoint"
+            first = str(seen).strip().splitlines()[0][:400] if str(seen).strip() else type(seen).__name__
+            return (f"object storage at {endpoint}: {first} (check AWS_ENDPOINT_URL, the bucket's name, and the "
+                    f"credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _parse(raw: bytes) -> dict:

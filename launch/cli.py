@@ -364,7 +364,17 @@ def main(argv: list[str] | None = None) -> int:
     except (IngestError, CorruptShardError, FileNotFoundError, FolderInUse) as e:
         if os.environ.get("POLYFID_DEBUG"):
             raise
-        print(f"polyfid {args.command}: error: {e}", file=sys.stderr)
+        from polyfid.infra.run_storage import storage_error
+
+        print(f"polyfid {args.command}: error: {storage_error(e) or e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a wrong endpoint, bucket or credentials: one line instead of a client's traceback
+        from polyfid.infra.run_storage import storage_error
+
+        why = storage_error(e)
+        if why is None or os.environ.get("POLYFID_DEBUG"):
+            raise
+        print(f"polyfid {args.command}: error: {why}", file=sys.stderr)
         return 2
 
 

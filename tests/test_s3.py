@@ -407,3 +407,25 @@ def test_two_nodes_that_share_no_folder_train_and_resume_through_the_bucket_alon
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_a_wrong_endpoint_bucket_or_store_on_s3_gets_one_line_naming_it(s3, tmp_path, monkeypatch, capsys):
+    """Bad input on object storage: one error line naming the URL or the endpoint, never a client traceback,
+    and no lock or partial run left in the bucket."""
+    assert _ingest(f"s3://{BUCKET}/bad_train.zarr", ":8") == 0
+    s3.put_object(Bucket=BUCKET, Key="notastore.zarr/readme.txt", Body=b"not zarr")
+    capsys.readouterr()
+    common = ["--config", "launch/recipes/demo.yaml", "--set", "tracking.enabled=false", "--set", "trainer.steps=1"]
+    assert main(["pretrain", *common, "--set", f"data.train=s3://{BUCKET}/notastore.zarr",
+                 "--set", f"output=s3://{BUCKET}/runs/bad"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.train: s3://{BUCKET}/notastore.zarr is not a polyfid store" in err and "Traceback" not in err
+    assert main(["pretrain", *common, "--set", f"data.train=s3://{BUCKET}/bad_train.zarr",
+                 "--set", "output=s3://no-such-bucket/runs/bad"]) == 2
+    err = capsys.readouterr().err
+    assert "error: output=s3://no-such-bucket/runs/bad: cannot write its lock" in err and "Traceback" not in err
+    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/bad/")  # nothing left behind
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # nothing listens there
+    assert main(["inspect", f"s3://{BUCKET}/bad_train.zarr"]) == 2
+    err = capsys.readouterr().err
+    assert "error: object storage at http://127.0.0.1:1: " in err and "Traceback" not in err

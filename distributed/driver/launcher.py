@@ -45,7 +45,13 @@ def check_on_driver(cfg: RunConfig) -> RunConfig:
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give at least one store (data.train=PATH[,PATH...])")
     cfg.check_oversample()
-    opened = {p: open_store(p) for p in cfg.data.train + cfg.data.valid + cfg.data.monitor}
+    opened = {}
+    for key, paths in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid), ("data.monitor", cfg.data.monitor)):
+        for p in paths:
+            try:
+                opened[p] = open_store(p)
+            except ValueError as err:  # not a polyfid store (a missing one is FileNotFoundError, naming the path)
+                raise ConfigError(f"{key}: {err}") from err
     train = [opened[p] for p in cfg.data.train]
     resolved = copy.deepcopy(cfg)
     resolved.data.oversample = resolve_oversample(cfg, train)
