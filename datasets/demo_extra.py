@@ -20,7 +20,7 @@ import numpy as np
 from ase import Atoms
 from tqdm import tqdm
 
-from polyfid.datasets.demo_data import (EXTRA, EXTRA_BASIS, EXTRA_XC, FD_EXTRA_MARKER, HIGH, LOW, MAX_EXTRA_WORKERS,
+from polyfid.datasets.demo_labels import (EXTRA, EXTRA_BASIS, EXTRA_XC, FD_EXTRA_MARKER, HIGH, LOW, MAX_EXTRA_WORKERS,
                                         SCAN_BOND, SCAN_TORSION, SCF_CONV_TOL, _extra_task, gfn2_label,
                                         optimised_start, versions, write_extxyz_gz)
 
