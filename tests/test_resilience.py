@@ -189,6 +189,11 @@ def test_two_node_cluster_places_a_worker_on_each_node(store, tmp_path):
         assert len(set(nodes.values())) == 2, nodes
         assert {n["NodeID"] for n in ray.nodes() if n["Alive"]} == set(nodes.values())
         assert Path(summary["package"]).exists()
+        # with that cluster still up on this machine, a run without cluster.address starts one of its own (Ray
+        # would otherwise join it and refuse the local cluster's num_cpus)
+        ray.shutdown()
+        local = run_training(_cfg(store, tmp_path / "local", "cluster.workers=1", "trainer.steps=2"))
+        assert Path(local["package"]).exists()
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -194,7 +194,9 @@ def _init_ray(cfg: RunConfig) -> None:
             if not torch.cuda.is_available():
                 env["DS_ACCELERATOR"] = "cpu"  # says so once here instead of a warning on every worker
         hook = "polyfid.infra.rayhook.pin_ray_address"  # a light module: Ray imports it in every worker
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), log_to_driver=True, logging_level=level,
+        # address="local": a cluster of this run's own even when `ray start` left one on this machine (Ray would
+        # join it and refuse num_cpus); cluster.address=auto joins that one on purpose
+        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), log_to_driver=True, logging_level=level,
                  runtime_env={"env_vars": env, "worker_process_setup_hook": hook})
 
 
