@@ -7,6 +7,8 @@ without touching old ones, and refits the reference energies over all shards.
 
 from __future__ import annotations
 
+import logging
+
 import dataclasses
 import os
 import re
@@ -22,6 +24,8 @@ from polyfid.data_shards.layout import (ENERGY_DTYPE, FORCES_DTYPE, SHARDS, Loca
 from polyfid.data_shards.refs import ReferenceAccumulator, shard_sums
 from polyfid.data_shards.schema import FORMAT_VERSION, Fidelity
 from polyfid.data_shards.store import ShardInfo, Store, read_manifest
+
+log = logging.getLogger("polyfid.writer")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+()\-]*$")
 
@@ -116,12 +120,18 @@ class StoreWriter:
         self._loc = self._final
         self.shard_size = int(shard_size)
         old = None
+        self._leftover: set[str] = set()  # shards of an interrupted first write to object storage (kept if equal)
         if self._final.exists() and not self._final.is_empty_dir():
             old = read_manifest(self._final)
-            if old is None:
+            if old is None and self._final.local is None and not append:
+                self._leftover = {n for n in self._final.listdir(SHARDS) if n.startswith("shard-")}
+                log.warning("%s: continuing an interrupted first write (%d shards there, no manifest): each is kept "
+                            "if it equals the shard this ingest makes, else rewritten", self._final.path,
+                            len(self._leftover))
+            elif old is None:
                 raise FileExistsError(f"{self._final.path} exists but is not a polyfid store (or a first write "
                                       "was interrupted); delete it or choose another path")
-            if not append:
+            elif not append:
                 raise FileExistsError(f"{self._final.path} already holds a polyfid store; pass append=True "
                                       "to add to it")
         self._created = old is None
@@ -154,6 +164,7 @@ class StoreWriter:
         self._tmps: list[str] = []
         self._added: list[str] = []  # label arrays added to old shards ("shard/energy/fid")
         self._closed = False
+        self.kept = 0  # shards of an interrupted write found equal and kept, not written again
         self._root = self._loc.open_group("a")
         self._shard_group = self._root.require_group(SHARDS)
 
@@ -234,6 +245,10 @@ class StoreWriter:
                          tuple(forces), tuple(ids))
         refs, elements = shard_sums(arrays, energy, forces), np.unique(arrays["atomic_numbers"])
         if self._loc.local is None:  # object storage has no rename: the final key at once, unlisted until close
+            name = self._kept(info, list(arrays))
+            if name is not None:
+                self._place(name, info, refs, elements)
+                return
             name = self._next_shard_name()
             write_group(self._shard_group.create_group(name), arrays)
             self._place(name, info, refs, elements)
@@ -241,6 +256,25 @@ class StoreWriter:
         tmp = self.new_tmp_name()
         write_group(self._shard_group.create_group(tmp), arrays)
         self.adopt(tmp, info, refs, elements)
+
+    def _kept(self, info: ShardInfo, keys: list[str]) -> str | None:
+        """The next shard's name if it is already in place, whole and equal (by checksum), from an interrupted
+        first write that this ingest continues (the same input in the same order makes the same shards)."""
+        name = f"shard-{len(self._shards):06d}"
+        if name not in self._leftover:
+            return None
+        self._leftover.discard(name)
+        try:
+            group = self._shard_group[name]
+            there = {k: group[k][...] for k in keys}
+            same = shard_checksum(there, info.checksum.split(":", 1)[0]) == info.checksum
+        except (KeyError, ValueError, OSError):  # half written: rewritten
+            same = False
+        if not same:
+            return None
+        self._written.append(name)
+        self.kept += 1
+        return name
 
     def new_tmp_name(self) -> str:
         """A fresh temporary shard name (removed by `abort` unless adopted)."""
@@ -329,6 +363,8 @@ class StoreWriter:
                 keys = ["atomic_numbers", "offsets"] + [f"{kind}/{f}" for kind, fids in
                                                         (("energy", info.energy), ("forces", info.forces)) for f in fids]
                 self._refs.merge(shard_sums({k: group[k][...] for k in keys}, info.energy, info.forces))
+        for name in sorted(self._leftover):  # an interrupted write's shards beyond this ingest's: unlisted, removed
+            self._loc.remove(f"{SHARDS}/{name}")
         elements = sorted(self._elements)
         manifest = {
             "format_version": FORMAT_VERSION,

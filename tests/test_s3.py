@@ -429,3 +429,44 @@ def test_a_wrong_endpoint_bucket_or_store_on_s3_gets_one_line_naming_it(s3, tmp_
     assert main(["inspect", f"s3://{BUCKET}/bad_train.zarr"]) == 2
     err = capsys.readouterr().err
     assert "error: object storage at http://127.0.0.1:1: " in err and "Traceback" not in err
+
+
+def test_an_interrupted_ingest_to_s3_stays_invisible_and_a_rerun_continues_it(s3, monkeypatch, caplog):
+    """A first ingest to object storage killed after 2 of its 3 shards (no manifest: invisible to readers); the
+    same command again keeps those 2 shards (not rewritten: their objects are untouched), writes the third and
+    the manifest, and the store reads as one ingested in one go."""
+    import time
+
+    from polyfid.data_shards.store import Store
+    from polyfid.data_shards.writer import StoreWriter
+
+    url, prefix = f"s3://{BUCKET}/resumed.zarr", "resumed.zarr/shards/shard-"
+    real_flush, flushes = StoreWriter._flush, []
+
+    def flush_then_die(self):
+        real_flush(self)
+        flushes.append(1)
+        if len(flushes) == 2:
+            raise SystemExit("killed")  # as SIGKILL: the writer's clean-up does not run either
+
+    monkeypatch.setattr(StoreWriter, "_flush", flush_then_die)
+    monkeypatch.setattr(StoreWriter, "abort", lambda self: None)
+    with pytest.raises(SystemExit):
+        _ingest(url, ":40")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="no manifest|not a polyfid store"):
+        Store.open(url)
+    stamp = {o["Key"]: o["LastModified"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]}
+    assert {k.split("/")[2] for k in stamp} == {"shard-000000", "shard-000001"}
+    time.sleep(1.5)  # S3 modification times have whole seconds
+    with caplog.at_level(logging.WARNING, logger="polyfid.writer"):
+        assert _ingest(url, ":40") == 0
+    assert "continuing an interrupted first write (2 shards there" in caplog.text
+    now = {o["Key"]: o["LastModified"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]}
+    assert {k: now[k] for k in stamp} == stamp  # the 2 shards were kept, not written again
+    assert {k.split("/")[2] for k in now} == {"shard-000000", "shard-000001", "shard-000002"}
+    whole = f"s3://{BUCKET}/in_one_go.zarr"
+    assert _ingest(whole, ":40") == 0
+    assert [s.checksum for s in Store.open(url).shards] == [s.checksum for s in Store.open(whole).shards]
+    got, want = _read_all(url), _read_all(whole)
+    assert all(np.array_equal(got[k], want[k], equal_nan=True) for k in want)
