@@ -190,7 +190,7 @@ class LeaseLock:
                 log.warning("taking over %s/%s, left by pid %s on %s (started %s), whose lease expired", self.url,
                             LOCK_KEY, holder.get("pid"), holder.get("host"), holder.get("started"))
                 break
-            if not (self.orphan_wait and _dead_here(holder)):
+            if not (self.orphan_wait and dead_here(holder)):
                 raise FolderInUse(_in_use(self.url, holder, left))
             if not waited:  # a driver of this host that died: its workers may still write; its lease runs out
                 log.warning("the run of pid %s that held %s died; waiting %.0f s for its lease to expire",
@@ -259,7 +259,8 @@ def _parse(raw: bytes) -> dict:
         return {}
 
 
-def _dead_here(holder: dict) -> bool:
+def dead_here(holder: dict) -> bool:
+    """The holder record names a process on this host that no longer runs."""
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
         return False
     try:

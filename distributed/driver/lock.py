@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from polyfid.infra.run_storage import FolderInUse, LeaseLock, is_remote
+from polyfid.infra.run_storage import FolderInUse, LeaseLock, dead_here as _dead_here, is_remote
 
 log = logging.getLogger("polyfid.lock")
 LOCK_FILE = ".polyfid.lock"
@@ -127,19 +127,6 @@ def worker_hold(output: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the last descriptor releases the hold
-
-
-def _dead_here(holder: dict) -> bool:
-    """The lock file names a driver on this host that no longer runs."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        return False
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 def _in_use(path: Path, holder: dict, orphans: bool) -> str:
