@@ -356,9 +356,12 @@ def test_a_run_whose_output_is_on_s3_resumes_from_the_bucket_alone_on_another_wo
 
 def test_two_nodes_that_share_no_folder_train_and_resume_through_the_bucket_alone(s3, tmp_path, monkeypatch):
     """A real 2-node Ray cluster whose nodes have separate local folders (POLYFID_STAGE_DIR per raylet): 2 ranks
-    placed one per node write only to their own node and to the bucket. Then node B leaves, every local folder
-    is deleted, and the run resumes with 1 worker on node A from the bucket alone, and finishes there."""
+    placed one per node write only to their own node and to the bucket. Node B is killed mid-run: Ray Train
+    restarts the worker group on node A, which resumes from the bucket's checkpoint (no step lost or trained
+    twice). Then every local folder is deleted, and 1 worker resumes the run from the bucket alone."""
     import shutil
+    import threading
+    import time
 
     import ray
     from ray.cluster_utils import Cluster
@@ -380,28 +383,46 @@ def test_two_nodes_that_share_no_folder_train_and_resume_through_the_bucket_alon
     def cfg(workers: int, steps: int):
         return load_config("launch/recipes/demo.yaml", [
             f"data.train={train}", f"output={url}", f"cluster.address={cluster.address}", f"cluster.workers={workers}",
-            "cluster.placement=SPREAD", f"trainer.steps={steps}", "trainer.checkpoint_every=2",
+            "cluster.placement=SPREAD", f"trainer.steps={steps}", "trainer.checkpoint_every=4", "cluster.max_failures=1",
             f"trainer.trace_dir={url}/trace", "tracking.enabled=false", "model.width=16", "model.n_sensitivities=8",
             "data.atom_budget=64", "trainer.log_every=2"])
 
+    def trace(rank: int) -> list[dict]:
+        raw = _objects(s3, f"runs/two-nodes/trace/rank{rank}.jsonl").get(f"runs/two-nodes/trace/rank{rank}.jsonl", b"")
+        return [json.loads(line) for line in raw.decode().splitlines()]
+
     try:
         cluster.wait_for_nodes()
-        run_training(cfg(2, 4))
-        staged = {n: {p.name for p in d.glob("*/rank*")} for n, d in node_dir.items()}
-        assert staged["a"] | staged["b"] == {"rank0", "rank1"} and not staged["a"] & staged["b"], staged
-        keys = _objects(s3, "runs/two-nodes/")
-        traces = {k: [json.loads(line) for line in v.decode().splitlines()] for k, v in keys.items() if "/trace/" in k}
-        assert len({rows[0]["node"] for rows in traces.values()}) == 2  # one rank on each node, both uploaded
-        assert json.loads(keys["runs/two-nodes/checkpoints/step_00000004/manifest.json"])["world_size"] == 2
+        seen: dict = {}
 
-        cluster.remove_node(node_b)
+        def kill_node_b_after_the_first_checkpoint() -> None:  # run_training needs the main thread (SIGTERM)
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and not ("Contents" in s3.list_objects_v2(
+                    Bucket=BUCKET, Prefix="runs/two-nodes/checkpoints/step_00000004/manifest.json")
+                    and trace(0) and trace(1)):  # the manifest, then each rank's trace upload
+                time.sleep(0.2)
+            seen["staged"] = {n: {p.name for p in d.glob("*/rank*")} for n, d in node_dir.items()}
+            seen["nodes"] = {trace(r)[0]["node"] for r in (0, 1) if trace(r)}
+            cluster.remove_node(node_b, allow_graceful=False)  # node B dies mid-run
+
+        killer = threading.Thread(target=kill_node_b_after_the_first_checkpoint)
+        killer.start()
+        result = run_training(cfg(2, 40))
+        killer.join()
+        staged = seen["staged"]
+        assert staged["a"] | staged["b"] == {"rank0", "rank1"} and not staged["a"] & staged["b"], staged
+        assert len(seen["nodes"]) == 2  # one rank on each node, each trace uploaded
+        rank0 = trace(0)
+        assert [r["step"] for r in rank0] == list(range(1, 41))  # restarted from the bucket: no step lost or re-run
+        assert len({r["pid"] for r in rank0}) == 2  # by a new worker group, after the kill
+        assert result["package"] == f"{url}/package"
+
         for d in [*node_dir.values(), tmp_path / "driver"]:
             shutil.rmtree(d, ignore_errors=True)
-        summary = run_training(cfg(1, 6))
+        summary = run_training(cfg(1, 44))
         keys = _objects(s3, "runs/two-nodes/")
-        rank0 = [json.loads(line)["step"] for line in keys["runs/two-nodes/trace/rank0.jsonl"].decode().splitlines()]
-        assert rank0 == [1, 2, 3, 4, 5, 6]  # resumed at step 4 from the bucket: steps 5 and 6 added, none re-run
-        assert json.loads(keys["runs/two-nodes/checkpoints/step_00000006/manifest.json"])["world_size"] == 1
+        assert [r["step"] for r in trace(0)] == list(range(1, 45))  # resumed at step 40 from the bucket alone
+        assert json.loads(keys["runs/two-nodes/checkpoints/step_00000044/manifest.json"])["world_size"] == 1
         assert summary["package"] == f"{url}/package" and "runs/two-nodes/package/model.safetensors" in keys
         assert not (node_dir["b"]).exists()  # node B was gone: nothing was written there
     finally:
