@@ -7,9 +7,8 @@ without touching old ones, and refits the reference energies over all shards.
 
 from __future__ import annotations
 
-import logging
-
 import dataclasses
+import logging
 import os
 import re
 import shutil
@@ -19,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from polyfid._version import __version__
-from polyfid.data_shards.layout import (ENERGY_DTYPE, FORCES_DTYPE, SHARDS, Location, chunk_rows, compressor,
-                                        is_stale_tmp, shard_checksum, tmp_name)
+from polyfid.data_shards.layout import (ENERGY_DTYPE, FORCES_DTYPE, SHARDS, Location, checksum_matches, chunk_rows,
+                                        compressor, is_stale_tmp, shard_checksum, tmp_name)
 from polyfid.data_shards.refs import ReferenceAccumulator, shard_sums
 from polyfid.data_shards.schema import FORMAT_VERSION, Fidelity
 from polyfid.data_shards.store import ShardInfo, Store, read_manifest
@@ -164,7 +163,6 @@ class StoreWriter:
         self._tmps: list[str] = []
         self._added: list[str] = []  # label arrays added to old shards ("shard/energy/fid")
         self._closed = False
-        self.kept = 0  # shards of an interrupted write found equal and kept, not written again
         self._root = self._loc.open_group("a")
         self._shard_group = self._root.require_group(SHARDS)
 
@@ -266,14 +264,12 @@ class StoreWriter:
         self._leftover.discard(name)
         try:
             group = self._shard_group[name]
-            there = {k: group[k][...] for k in keys}
-            same = shard_checksum(there, info.checksum.split(":", 1)[0]) == info.checksum
+            same = checksum_matches({k: group[k][...] for k in keys}, info.checksum)[0]
         except (KeyError, ValueError, OSError):  # half written: rewritten
             same = False
         if not same:
             return None
         self._written.append(name)
-        self.kept += 1
         return name
 
     def new_tmp_name(self) -> str:

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import sys
 import threading
@@ -125,9 +124,6 @@ class RunStorage:
         except FileNotFoundError:
             return []
 
-    def clean_local(self) -> None:
-        shutil.rmtree(self.local, ignore_errors=True)
-
 
 class FolderInUse(RuntimeError):
     """Another live run holds the output folder."""
@@ -136,11 +132,11 @@ class FolderInUse(RuntimeError):
 class LeaseLock:
     """`with LeaseLock(url):` holds the run's folder on object storage; a second holder gets FolderInUse."""
 
-    def __init__(self, url: str, lease_s: float | None = None, orphan_wait: bool = True) -> None:
+    def __init__(self, url: str, lease_s: float | None = None) -> None:
         check_output_url(url)
         self.url = url.rstrip("/")
         self.lease_s = float(lease_s if lease_s is not None else os.environ.get(LEASE_ENV, 60))
-        self.orphan_wait = orphan_wait
+        self._me = holder_record()  # who holds it; each renewal moves only its expiry
         self._etag: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -154,11 +150,7 @@ class LeaseLock:
         return S3Store(bucket, prefix=prefix, client_options={"allow_http": endpoint.startswith("http://")})
 
     def _body(self) -> bytes:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:500],
-              "started": getattr(self, "_started", None) or datetime.datetime.now().isoformat(timespec="seconds"),
-              "expires": time.time() + self.lease_s, "lease_s": self.lease_s}
-        self._started = me["started"]
-        return json.dumps(me).encode()
+        return json.dumps({**self._me, "expires": time.time() + self.lease_s, "lease_s": self.lease_s}).encode()
 
     def acquire(self) -> "LeaseLock":
         import obstore
@@ -173,13 +165,10 @@ class LeaseLock:
             except AlreadyExistsError:
                 pass
             except Exception as err:  # no such bucket, no access, no endpoint: one line naming the output
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-                raise FileNotFoundError(
-                    f"output={self.url}: cannot write its lock {LOCK_KEY} there ({first}). Check that the bucket "
-                    "exists, AWS_ENDPOINT_URL, and the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
-                    "AWS_PROFILE)") from None
+                raise FileNotFoundError(f"output={self.url}: cannot write its lock {LOCK_KEY} there "
+                                        f"({_first_line(err, 300)}) ({CHECK})") from None
             got = obstore.get(self._s3, LOCK_KEY)
-            holder = _parse(bytes(got.bytes()))
+            holder = parse_holder(bytes(got.bytes()))
             left = holder.get("expires", 0) - time.time()
             if left <= 0:  # the holder stopped renewing: take over, unless another run does at this moment
                 try:
@@ -190,7 +179,7 @@ class LeaseLock:
                 log.warning("taking over %s/%s, left by pid %s on %s (started %s), whose lease expired", self.url,
                             LOCK_KEY, holder.get("pid"), holder.get("host"), holder.get("started"))
                 break
-            if not (self.orphan_wait and dead_here(holder)):
+            if not dead_here(holder):
                 raise FolderInUse(_in_use(self.url, holder, left))
             if not waited:  # a driver of this host that died: its workers may still write; its lease runs out
                 log.warning("the run of pid %s that held %s died; waiting %.0f s for its lease to expire",
@@ -245,14 +234,33 @@ def storage_error(err: BaseException) -> str | None:
         mod = type(seen).__module__ or ""
         if mod.startswith(("botocore", "aiobotocore", "obstore", "aiohttp")):
             endpoint = os.environ.get("AWS_ENDPOINT_URL") or "AWS's default endpoint"
-            first = str(seen).strip().splitlines()[0][:400] if str(seen).strip() else type(seen).__name__
-            return (f"object storage at {endpoint}: {first} (check AWS_ENDPOINT_URL, the bucket's name, and the "
-                    f"credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
+            return f"object storage at {endpoint}: {_first_line(seen, 400)} ({CHECK})"
         seen = seen.__cause__ or seen.__context__
     return None
 
 
-def _parse(raw: bytes) -> dict:
+CHECK = ("check AWS_ENDPOINT_URL, the bucket's name, and the credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+         "or AWS_PROFILE")
+
+
+def _first_line(err: BaseException, limit: int) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
+def holder_record() -> dict:
+    """Who holds a run's lock: this process, its host, when and by which command (the lock file or lease says it)."""
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)[:500]}
+
+
+def describe_holder(holder: dict) -> str:
+    return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')} "
+            f"({holder.get('command', '?')})")
+
+
+def parse_holder(raw: bytes) -> dict:
+    """A lock's holder record from its bytes ({} when empty or unreadable)."""
     try:
         return json.loads(raw) if raw.strip() else {}
     except ValueError:
@@ -273,7 +281,5 @@ def dead_here(holder: dict) -> bool:
 
 
 def _in_use(url: str, holder: dict, left: float) -> str:
-    who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')} "
-           f"({holder.get('command', '?')})")
-    return (f"the output {url} is in use by another run: {who}; its lease runs {left:.0f} s more unless renewed. "
+    return (f"the output {url} is in use by another run: {describe_holder(holder)}; its lease runs {left:.0f} s more unless renewed. "
             f"Wait for it to finish, stop it, or choose another output=.")

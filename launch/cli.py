@@ -361,20 +361,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"polyfid: config error: {e}", file=sys.stderr)
         return 2
-    except (IngestError, CorruptShardError, FileNotFoundError, FolderInUse) as e:
-        if os.environ.get("POLYFID_DEBUG"):
-            raise
-        from polyfid.infra.run_storage import storage_error
-
-        print(f"polyfid {args.command}: error: {storage_error(e) or e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a wrong endpoint, bucket or credentials: one line instead of a client's traceback
+    except Exception as e:  # ours, or a wrong endpoint, bucket or credentials: one line instead of a traceback
         from polyfid.infra.run_storage import storage_error
 
         why = storage_error(e)
-        if why is None or os.environ.get("POLYFID_DEBUG"):
+        known = isinstance(e, (IngestError, CorruptShardError, FileNotFoundError, FolderInUse))
+        if not (known or why) or os.environ.get("POLYFID_DEBUG"):
             raise
-        print(f"polyfid {args.command}: error: {why}", file=sys.stderr)
+        print(f"polyfid {args.command}: error: {why or e}", file=sys.stderr)
         return 2
 
 

@@ -158,15 +158,19 @@ def prepare(cfg: RunConfig) -> Prepared:
 
 def output_storage(output: str, role: str, trace_dir: str | None = None) -> RunStorage | None:
     """The RunStorage of an output on object storage (None for a local folder); a ConfigError names a bad URL."""
+    check_output(output, trace_dir)
+    return RunStorage(output, role) if is_remote(output) else None
+
+
+def check_output(output: str, trace_dir: str | None = None) -> None:
+    """A ConfigError for an output URL (or a trace_dir on object storage) that cannot hold a run."""
     if is_remote(trace_dir or "") and not is_remote(output):
         raise ConfigError(f"trainer.trace_dir={trace_dir} is on object storage: so must output be (it is {output})")
-    if not is_remote(output):
-        return None
-    try:
-        check_output_url(output)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    return RunStorage(output, role)
+    if is_remote(output):
+        try:
+            check_output_url(output)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _init_ray(cfg: RunConfig) -> None:
@@ -224,8 +228,7 @@ def run_training(cfg: RunConfig, shutdown_ray: bool = True) -> dict[str, Any]:
     """Run pretraining or fine-tuning (cfg.finetune.source set) on Ray Train workers; returns a summary.
     `cfg` is not changed (the run's resolved copy is its config.yaml)."""
     output = copy.deepcopy(cfg).resolve_paths().output
-    if is_remote(output):
-        output_storage(output, "driver")  # a bad URL fails here, before the lock
+    check_output(output)  # a bad URL fails here, before the lock
     with run_lock(output):  # one run per output folder; a lock (or lease) left by a dead driver is taken over
         run = prepare(cfg)
         tracker = track(run)
@@ -327,8 +330,10 @@ def finalize(run: Prepared, tracker: Tracker, wall: float) -> dict[str, Any]:
         return summary
     package = out / "package"
     if storage:  # rank 0 uploaded it from its node: register and evaluate the copy in the bucket
+        shutil.rmtree(package, ignore_errors=True)
+        for name in ("best.json", "step0_validation.json"):
+            (out / name).unlink(missing_ok=True)
         for name in ("package", "best.json", "step0_validation.json"):
-            shutil.rmtree(out / name, ignore_errors=True) if name == "package" else (out / name).unlink(missing_ok=True)
             storage.pull(name)
     if not (package / "polyfid.json").exists():
         tracker.end("FAILED")

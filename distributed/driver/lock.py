@@ -17,19 +17,17 @@ An output on object storage (`output=s3://...`) has no file to lock: `run_lock` 
 
 from __future__ import annotations
 
-import datetime
 import fcntl
 import json
 import logging
 import os
-import socket
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from polyfid.infra.run_storage import FolderInUse, LeaseLock, dead_here as _dead_here, is_remote
+from polyfid.infra.run_storage import (FolderInUse, LeaseLock, dead_here as _dead_here, describe_holder,
+                                       holder_record, is_remote, parse_holder)
 
 log = logging.getLogger("polyfid.lock")
 LOCK_FILE = ".polyfid.lock"
@@ -63,10 +61,8 @@ class RunLock:
         if previous:
             log.warning("taking over %s, left by pid %s on %s (started %s), which no longer runs", self.path,
                         previous.get("pid"), previous.get("host"), previous.get("started"))
-        me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)[:500]}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
+        os.pwrite(fd, json.dumps(holder_record()).encode(), 0)
         os.fsync(fd)
         try:  # downgrade, so that this run's workers can join (flock converts by release and re-take)
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -130,8 +126,7 @@ def worker_hold(output: str | os.PathLike) -> Iterator[None]:
 
 
 def _in_use(path: Path, holder: dict, orphans: bool) -> str:
-    who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')} "
-           f"({holder.get('command', '?')})")
+    who = describe_holder(holder)
     if orphans:
         return (f"the output folder {path.parent} is still held by the workers of a run that died ({who}). "
                 f"Stop them (`ray stop`, or kill the leftover ray::RayTrainWorker processes) and run again.")
@@ -141,7 +136,6 @@ def _in_use(path: Path, holder: dict, orphans: bool) -> str:
 
 def _read(fd: int) -> dict:
     try:
-        raw = os.pread(fd, 4096, 0)
-        return json.loads(raw) if raw.strip() else {}
-    except (OSError, ValueError):
+        return parse_holder(os.pread(fd, 4096, 0))
+    except OSError:
         return {}

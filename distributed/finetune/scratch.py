@@ -35,13 +35,17 @@ def scratch_config(cfg: RunConfig, parent_meta: dict) -> RunConfig:
             setattr(s.trainer, key, parent_trainer[key])
     s.finetune = type(cfg.finetune)()
     s.name = f"{cfg.name}-scratch"
-    s.output = f"{cfg.output.rstrip('/')}/scratch" if "://" in cfg.output else str(Path(cfg.output) / "scratch")
+    s.output = _child(cfg.output, "scratch")
     if cfg.trainer.trace_dir:
-        t = cfg.trainer.trace_dir
-        s.trainer.trace_dir = f"{t.rstrip('/')}/scratch" if "://" in t else str(Path(t) / "scratch")
+        s.trainer.trace_dir = _child(cfg.trainer.trace_dir, "scratch")
     s.tracking.run_name = f"{cfg.tracking.run_name or cfg.name}-scratch"
     s.tracking.register_as = None
     return s
+
+
+def _child(path: str, name: str) -> str:
+    """`name` inside a folder that is a local path or a URL (Path would fold s3:// into s3:/)."""
+    return f"{path.rstrip('/')}/{name}" if "://" in path else str(Path(path) / name)
 
 
 def compare_table(packages: dict[str, str], stores: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:

@@ -70,14 +70,21 @@ def verify_checkpoint(tag_dir: Path) -> str | None:
     except (ValueError, KeyError) as err:
         return f"its manifest is unreadable ({err})"
     for name, want in files.items():
-        p = tag_dir / name
-        if not p.is_file():
-            return f"{name} is missing"
-        if p.stat().st_size != want["bytes"]:
-            return f"{name} has {p.stat().st_size} bytes, the manifest says {want['bytes']} (truncated?)"
-        with p.open("rb") as fh:
-            if hashlib.file_digest(fh, "sha256").hexdigest() != want["sha256"]:
-                return f"{name} does not match its SHA-256 in the manifest"
+        why = _file_mismatch(tag_dir / name, want)
+        if why is not None:
+            return f"{name} {why}"
+    return None
+
+
+def _file_mismatch(p: Path, want: dict[str, Any]) -> str | None:
+    """None if the file has the manifest entry's size and SHA-256; else what is wrong with it."""
+    if not p.is_file():
+        return "is missing"
+    if p.stat().st_size != want["bytes"]:
+        return f"has {p.stat().st_size} bytes, the manifest says {want['bytes']} (truncated?)"
+    with p.open("rb") as fh:
+        if hashlib.file_digest(fh, "sha256").hexdigest() != want["sha256"]:
+            return "does not match its SHA-256 in the manifest"
     return None
 
 
@@ -164,12 +171,7 @@ def fetch_checkpoint(storage, ckpt_dir: Path, tag: str) -> str | None:
     except (ValueError, KeyError) as err:
         return f"its manifest is unreadable ({err})"
     for name, want in files.items():
-        p = local / name
-        if p.is_file() and p.stat().st_size == want["bytes"]:
-            with p.open("rb") as fh:
-                if hashlib.file_digest(fh, "sha256").hexdigest() == want["sha256"]:
-                    continue
-        if not storage.pull(f"checkpoints/{tag}/{name}", p):
+        if _file_mismatch(local / name, want) is not None and not storage.pull(f"checkpoints/{tag}/{name}", local / name):
             return f"{name} is missing in the bucket"
     return verify_checkpoint(local)
 

@@ -16,6 +16,11 @@ from polyfid.distributed.loop.engine import drain_comm_time
 from polyfid.distributed.modes.stream import ResumableStream, TaskBatches, batches_of
 
 
+def trace_name(rank: int) -> str:
+    """The file of a rank's trace inside trainer.trace_dir."""
+    return f"rank{rank}.jsonl"
+
+
 class Trace:
     """Optional per-rank JSON lines of what each step consumed: for exactness checks and debugging."""
 
@@ -25,7 +30,7 @@ class Trace:
             import ray
 
             Path(trace_dir).mkdir(parents=True, exist_ok=True)
-            self.file = open(Path(trace_dir) / f"rank{rank}.jsonl", "a")
+            self.file = open(Path(trace_dir) / trace_name(rank), "a")
             node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
             self.base = {"rank": rank, "pid": os.getpid(), "node": node}
 

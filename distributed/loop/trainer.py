@@ -36,7 +36,7 @@ from polyfid.distributed.loop.packaging import write_package
 from polyfid.distributed.loop.progress import make_progress, quiet_libraries
 from polyfid.distributed.modes.multifidelity import StepContext, StreamSpec, collate
 from polyfid.distributed.modes.stream import Collated
-from polyfid.distributed.loop.telemetry import Telemetry
+from polyfid.distributed.loop.telemetry import Telemetry, trace_name
 from polyfid.infra.comm import all_reduce_host
 from polyfid.infra.run_storage import RunStorage, is_remote
 from polyfid.infra.tracking import Tracker
@@ -159,9 +159,8 @@ class Trainer:
                                  cfg.data.atom_budget, dtype, self.device, self.rank, self.world,
                                  cfg.trainer.energy_refit_structures)
         if self.trace_url:  # this rank's trace so far (a resumed run appends to it)
-            trace = Path(cfg.trainer.trace_dir) / f"rank{self.rank}.jsonl"
+            trace, saved = self.trace_files()
             trace.unlink(missing_ok=True)
-            saved = f"{self.trace_url.rstrip('/')}/{trace.name}"
             self.storage.fs.invalidate_cache()
             if self.storage.fs.exists(saved):
                 trace.parent.mkdir(parents=True, exist_ok=True)
@@ -217,13 +216,18 @@ class Trainer:
         if self.storage is None:
             return
         if self.trace_url:
-            trace = Path(self.cfg.trainer.trace_dir) / f"rank{self.rank}.jsonl"
+            trace, saved = self.trace_files()
             if trace.exists():
-                self.storage.fs.put_file(str(trace), f"{self.trace_url.rstrip('/')}/{trace.name}")
+                self.storage.fs.put_file(str(trace), saved)
         if self.rank != 0:
             return
         for name in ("validation.jsonl", "best.json", "step0_validation.json") + (("package",) if package else ()):
             self.storage.push(name)
+
+    def trace_files(self) -> tuple[Path, str]:
+        """This rank's trace file: in its staging folder, and its place on object storage (trainer.trace_dir)."""
+        name = trace_name(self.rank)
+        return Path(self.cfg.trainer.trace_dir) / name, f"{self.trace_url.rstrip('/')}/{name}"
 
     def time_up(self, validated: bool) -> bool:
         """Whether trainer.max_wall_s has passed, checked at each validation (every log window without validation
