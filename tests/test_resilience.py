@@ -22,7 +22,8 @@ from polyfid.data_shards.ingest import ingest
 from polyfid.distributed.config import load_config
 from polyfid.distributed.driver.launcher import one_ray_cluster, run_training
 
-pytestmark = pytest.mark.timeout(900)
+# the in-process trainings share one local Ray cluster; the 2-node test stops it and starts its own
+pytestmark = [pytest.mark.timeout(900), pytest.mark.usefixtures("shared_ray")]
 RECIPE = Path(__file__).resolve().parents[1] / "launch" / "recipes" / "demo.yaml"
 N_STRUCTURES = 48
 
@@ -178,6 +179,7 @@ def test_two_node_cluster_places_a_worker_on_each_node(store, tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
+    ray.shutdown()  # the module's shared local cluster: this test's runs join the 2-node one
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     try:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from polyfid.data_shards.demo import HIGH, LOW, demo_files
+from polyfid.distributed.driver.launcher import one_ray_cluster
 from polyfid.launch.cli import main
 
 SECRET = "polyfid-test-secret-7f3a9c"
@@ -131,45 +132,6 @@ def test_moving_a_folder_on_object_storage_copies_every_object_and_removes_the_s
 
 
 @pytest.mark.timeout(900)
-def test_pretrain_reads_its_training_and_validation_stores_from_s3(s3, tmp_path):
-    """A real Ray + DeepSpeed training whose workers stream both stores from the S3 endpoint."""
-    train, valid = f"s3://{BUCKET}/train.zarr", f"s3://{BUCKET}/valid.zarr"
-    assert _ingest(train, ":40") == 0 and _ingest(valid, "40:48") == 0
-    out = tmp_path / "run"
-    assert main(["pretrain", "--config", "launch/recipes/demo.yaml", "--set", f"data.train={train}",
-                 "--set", f"data.valid={valid}", "--set", f"output={out}", "--set", "cluster.workers=2",
-                 "--set", "trainer.steps=4", "--set", "trainer.valid_every=4", "--set", "model.width=16",
-                 "--set", "model.n_sensitivities=8", "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
-                 "--set", "tracking.register_as=null", "--set", f"data.cache_dir={tmp_path / 'cache'}"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    best = json.loads((out / "best.json").read_text())
-    assert best["best_step"] == 4 and (out / "package" / "model.safetensors").exists()
-    # the workers kept what they read in data.cache_dir: every validation shard (both ranks validate their share)
-    from polyfid.data_shards.store import Store
-
-    cached = {f.stem for f in (tmp_path / "cache").glob("*.npz")}
-    assert {s.checksum.replace(":", "-") for s in Store.open(valid).shards} <= cached
-    meta = json.loads((out / "package" / "polyfid.json").read_text())
-    assert [s["path"] for s in meta["lineage"]["stores"]] == [train]  # the URL, as the user gave it
-    for text in [(out / "config.yaml").read_text(), json.dumps(summary), json.dumps(meta)]:
-        assert SECRET not in text and "polyfid-test-key" not in text
-    from mlflow.tracking import MlflowClient
-
-    run = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").get_run(summary["mlflow_run_id"])
-    assert run.data.params["data.train"] == str([train])
-    assert not any(SECRET in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
-    # `polyfid finetune --from s3://.../package`, on data from S3: the parent is fetched, and the lineage names its URL
-    import fsspec
-
-    fsspec.filesystem("s3").put(str(out / "package"), f"{BUCKET}/runs/pre/package", recursive=True)
-    parent = f"s3://{BUCKET}/runs/pre/package"
-    assert main(["finetune", "--from", parent, "--data", valid, "--out", str(tmp_path / "ft" / "package"),
-                 "--set", "trainer.steps=2", "--set", "cluster.workers=1", "--set", "tracking.enabled=false"]) == 0
-    ft = json.loads((tmp_path / "ft" / "package" / "polyfid.json").read_text())
-    assert ft["lineage"]["parent"] == parent
-    assert SECRET not in json.dumps(ft) and SECRET not in (tmp_path / "ft" / "config.yaml").read_text()
-
-
 def test_evaluate_a_package_on_s3_against_a_store_on_s3(s3, tmp_path):
     """`polyfid evaluate --model s3://.../package --data s3://...`: the package is fetched, and the errors equal
     those of the same package and store on local disk."""
@@ -304,11 +266,11 @@ def test_a_lease_on_the_bucket_refuses_a_second_run_and_is_taken_over_once_it_ex
 
 def test_a_run_whose_output_is_on_s3_resumes_from_the_bucket_alone_on_another_worker_count(s3, tmp_path,
                                                                                            monkeypatch, capsys):
-    """output=s3://...: 2 ranks write their checkpoint files from their own staging folders, rank 0 the manifest
-    last; the package, config and records land in the bucket. With every local folder deleted, the same
-    command with 1 worker and more steps resumes from the bucket's newest checkpoint and finishes there."""
-    import shutil
-
+    """A real Ray + DeepSpeed training whose workers stream both stores from the S3 endpoint (through a shard
+    cache) and whose output is s3://...: 2 ranks write their checkpoint files from their own staging folders,
+    rank 0 the manifest last; the package, config and records land in the bucket, and no secret anywhere. With
+    every local folder deleted, the same command with 1 worker and more steps resumes from the bucket's newest
+    checkpoint and finishes there. Then `polyfid finetune --from s3://.../package` on data from S3."""
     monkeypatch.setenv("POLYFID_STAGE_DIR", str(tmp_path / "stage"))
     monkeypatch.setenv("POLYFID_LOCK_LEASE_S", "10")
     train, valid = f"s3://{BUCKET}/out_train.zarr", f"s3://{BUCKET}/out_valid.zarr"
@@ -321,9 +283,22 @@ def test_a_run_whose_output_is_on_s3_resumes_from_the_bucket_alone_on_another_wo
                      "--set", f"data.valid={valid}", "--set", f"output={url}", "--set", f"cluster.workers={workers}",
                      "--set", f"trainer.steps={steps}", "--set", "trainer.valid_every=2",
                      "--set", "trainer.checkpoint_every=2", "--set", "model.width=16", "--set", "model.n_sensitivities=8",
-                     "--set", f"tracking.uri=sqlite:///{db}", "--set", "tracking.register_as=null"])
+                     "--set", f"tracking.uri=sqlite:///{db}", "--set", "tracking.register_as=null",
+                     "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+
+    with one_ray_cluster():  # the three runs share one local Ray cluster, started after the env above is set
+        _output_on_s3_resumes(s3, tmp_path, train, valid, url, db, pretrain, capsys)
+
+
+def _output_on_s3_resumes(s3, tmp_path, train, valid, url, db, pretrain, capsys):
+    import shutil
 
     assert pretrain(4, 2) == 0
+    # the workers kept what they read in data.cache_dir: every validation shard (both ranks validate their share)
+    from polyfid.data_shards.store import Store
+
+    cached = {f.stem for f in (tmp_path / "cache").glob("*.npz")}
+    assert {s.checksum.replace(":", "-") for s in Store.open(valid).shards} <= cached
     keys = _objects(s3, "runs/remote/")
     tags = sorted({k.split("/")[3] for k in keys if k.startswith("runs/remote/checkpoints/")})
     assert tags == ["step_00000002", "step_00000004"]
@@ -338,6 +313,13 @@ def test_a_run_whose_output_is_on_s3_resumes_from_the_bucket_alone_on_another_wo
     assert not any(SECRET.encode() in v for v in keys.values())
     first = json.loads(keys["runs/remote/summary.json"])
     assert first["package"] == f"{url}/package"
+    meta = json.loads(keys["runs/remote/package/polyfid.json"])
+    assert [s["path"] for s in meta["lineage"]["stores"]] == [train]  # the URL, as the user gave it
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{db}").get_run(first["mlflow_run_id"])
+    assert run.data.params["data.train"] == str([train])
+    assert not any(SECRET in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
 
     shutil.rmtree(tmp_path / "stage")  # nothing local carries state to the next command
     capsys.readouterr()
@@ -352,6 +334,13 @@ def test_a_run_whose_output_is_on_s3_resumes_from_the_bucket_alone_on_another_wo
     meta = json.loads(keys["runs/remote/package/polyfid.json"])
     assert meta["extra"]["config"]["output"] == url
     assert main(["evaluate", "--model", f"{url}/package", "--data", valid]) == 0
+    # `polyfid finetune --from s3://.../package`, on data from S3: the parent is fetched, and the lineage names its URL
+    parent = f"{url}/package"
+    assert main(["finetune", "--from", parent, "--data", valid, "--out", str(tmp_path / "ft" / "package"),
+                 "--set", "trainer.steps=2", "--set", "cluster.workers=1", "--set", "tracking.enabled=false"]) == 0
+    ft = json.loads((tmp_path / "ft" / "package" / "polyfid.json").read_text())
+    assert ft["lineage"]["parent"] == parent
+    assert SECRET not in json.dumps(ft) and SECRET not in (tmp_path / "ft" / "config.yaml").read_text()
 
 
 def test_two_nodes_that_share_no_folder_train_and_resume_through_the_bucket_alone(s3, tmp_path, monkeypatch):
