@@ -310,7 +310,8 @@ def _output_on_s3_resumes(s3, tmp_path, train, valid, url, db, pretrain, capsys)
     assert "runs/remote/package/polyfid.json" in keys and "runs/remote/config.yaml" in keys
     assert [json.loads(line)["step"] for line in keys["runs/remote/validation.jsonl"].decode().splitlines()] == [2, 4]
     assert "runs/remote/.polyfid.lock" not in keys  # released
-    assert not any(SECRET.encode() in v for v in keys.values())
+    assert not any(SECRET.encode() in v or b"polyfid-test-key" in v for v in keys.values())
+    assert json.loads(keys["runs/remote/best.json"])["best_step"] == 4
     first = json.loads(keys["runs/remote/summary.json"])
     assert first["package"] == f"{url}/package"
     meta = json.loads(keys["runs/remote/package/polyfid.json"])
